@@ -1,0 +1,47 @@
+"""tandem: serve compositions of ML models and business logic as one application.
+
+The API is Ray Serve's composition API: code written for Ray Serve runs on
+tandem after ``from ray import serve`` becomes ``import tandem as serve``.
+"""
+
+from tandem._private.api import (
+    delete,
+    get_app_handle,
+    get_deployment_handle,
+    run,
+    shutdown,
+    status,
+)
+from tandem._private.config import AutoscalingConfig
+from tandem._private.context import (
+    ReplicaContext,
+    get_multiplexed_model_id,
+    get_replica_context,
+)
+from tandem._private.deployment import Application, Deployment, deployment
+from tandem._private.multiplex import multiplexed
+from tandem._private.status import Status
+from tandem.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Application",
+    "AutoscalingConfig",
+    "Deployment",
+    "DeploymentHandle",
+    "DeploymentResponse",
+    "DeploymentResponseGenerator",
+    "ReplicaContext",
+    "Status",
+    "delete",
+    "deployment",
+    "get_app_handle",
+    "get_deployment_handle",
+    "get_multiplexed_model_id",
+    "get_replica_context",
+    "multiplexed",
+    "run",
+    "shutdown",
+    "status",
+]

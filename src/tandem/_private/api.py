@@ -1,0 +1,202 @@
+"""The module-level API: run, delete, shutdown, status and handle lookups.
+
+These are the only functions that start or stop tandem's runtime in this
+process; they run the controller's coroutines on the runtime's loop and wait.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+from typing import Any
+
+from tandem._private.backends import create_backend, resolve_backend_name
+from tandem._private.context import DeploymentID, current_replica_context
+from tandem._private.controller import Controller
+from tandem._private.deployment import Application, Deployment
+from tandem._private.graph import build_application
+from tandem._private.runtime import Runtime, current_runtime, set_runtime
+from tandem._private.status import Status
+from tandem.exceptions import DeploymentUnavailableError
+from tandem.handle import DeploymentHandle
+
+_lock = threading.RLock()
+_DEFAULT_PREFIX = "/"
+
+
+def _normalize_route_prefix(route_prefix: str | None) -> str | None:
+    if route_prefix is None:
+        return None
+    if not isinstance(route_prefix, str) or not route_prefix.startswith("/"):
+        raise ValueError(f"route_prefix must start with '/', got {route_prefix!r}.")
+    if any(c in route_prefix for c in "{}?# "):
+        raise ValueError(
+            f"route_prefix must be a plain path without '{{', '}}', '?', '#' or spaces, "
+            f"got {route_prefix!r}."
+        )
+    return route_prefix.rstrip("/") or "/"
+
+
+def _controller(runtime: Runtime) -> Controller:
+    if runtime.controller is None:
+        raise RuntimeError(
+            "This process does not run tandem's controller; call this from the driver."
+        )
+    return runtime.controller
+
+
+def _start(backend_name: str) -> Runtime:
+    with _lock:
+        runtime = current_runtime()
+        if runtime is not None and runtime.is_open:
+            if runtime.backend_name != backend_name:
+                raise ValueError(
+                    f"tandem already runs here with the {runtime.backend_name!r} backend; "
+                    f"call tandem.shutdown() before using the {backend_name!r} backend."
+                )
+            return runtime
+        backend = create_backend(backend_name)
+        runtime = Runtime(backend.connect)
+        runtime.backend_name = backend_name
+        runtime.open()
+
+        async def open_controller() -> Controller:
+            controller = Controller(backend, runtime.publish)
+            await controller.open()
+            return controller
+
+        try:
+            runtime.controller = runtime.run_sync(open_controller())
+        except BaseException:
+            runtime.close()
+            raise
+        set_runtime(runtime)
+        return runtime
+
+
+def run(
+    target: Application,
+    *,
+    blocking: bool = False,
+    name: str = "default",
+    route_prefix: str | None = _DEFAULT_PREFIX,
+    logging_config: Any = None,
+    backend: str | None = None,
+    _local_testing_mode: bool = False,
+) -> DeploymentHandle:
+    """Deploy an application (or update it in place) and return its ingress handle.
+
+    Returns once every replica has been constructed. A constructor that raises
+    makes ``run`` raise DeploymentFailedError with the original traceback, and
+    leaves no part of the new version running.
+    """
+    if isinstance(target, Deployment):
+        raise TypeError(
+            f"tandem.run() takes an application; call {target.name}.bind(...) first."
+        )
+    if not isinstance(target, Application):
+        raise TypeError(
+            "tandem.run() takes an application built with Deployment.bind(), "
+            f"got {type(target).__name__}."
+        )
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"The application name must be a non-empty string, got {name!r}.")
+    prefix = _normalize_route_prefix(route_prefix)
+    backend_name = resolve_backend_name("local" if _local_testing_mode else backend)
+    spec = build_application(target, name, prefix)
+    runtime = _start(backend_name)
+    runtime.run_sync(_controller(runtime).deploy(spec))
+    handle = DeploymentHandle(spec.ingress, name)
+    if blocking:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            shutdown()
+    return handle
+
+
+def delete(name: str, _blocking: bool = True) -> None:
+    """Delete an application: its replicas drain and stop. Unknown names are ignored."""
+    runtime = current_runtime()
+    if runtime is None or not runtime.is_open:
+        return
+    runtime.run_sync(_controller(runtime).delete(name))
+
+
+def shutdown() -> None:
+    """Stop every application and tandem's runtime in this process."""
+    with _lock:
+        runtime = current_runtime()
+        if runtime is None:
+            return
+        if runtime.on_loop_thread():
+            raise RuntimeError("tandem.shutdown() cannot be called from inside a deployment.")
+        set_runtime(None)
+        try:
+            if runtime.is_open and runtime.controller is not None:
+                runtime.run_sync(runtime.controller.close(), timeout=120)
+        finally:
+            runtime.close()
+
+
+atexit.register(shutdown)
+
+
+def status() -> Status:
+    """Applications → deployments → state, replica counts and the last error message."""
+    runtime = current_runtime()
+    if runtime is None or not runtime.is_open or runtime.controller is None:
+        return Status(backend=resolve_backend_name(None), applications={})
+    controller = runtime.controller
+    if runtime.on_loop_thread():
+        return controller.status()
+
+    async def read() -> Status:
+        return controller.status()
+
+    return runtime.run_sync(read())
+
+
+def _running() -> Runtime:
+    runtime = current_runtime()
+    if runtime is None or not runtime.is_open:
+        raise DeploymentUnavailableError(
+            "tandem is not running in this process; start an application with tandem.run() first."
+        )
+    return runtime
+
+
+def get_app_handle(name: str) -> DeploymentHandle:
+    """A handle to the ingress deployment of the application ``name``."""
+    runtime = _running()
+    controller = _controller(runtime)
+    ingress = controller.ingress(name)
+    if ingress is None:
+        known = ", ".join(repr(n) for n in controller.app_names()) or "none"
+        raise DeploymentUnavailableError(
+            f"There is no application {name!r}; running applications: {known}."
+        )
+    return DeploymentHandle(ingress, name)
+
+
+def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> DeploymentHandle:
+    """A handle to a deployment; ``app_name`` defaults to the caller's own application."""
+    runtime = _running()
+    if app_name is None:
+        context = current_replica_context()
+        if context is not None:
+            app_name = context.app_name
+        elif runtime.controller is not None and len(runtime.controller.app_names()) == 1:
+            app_name = runtime.controller.app_names()[0]
+        else:
+            raise ValueError(
+                "Pass app_name= to get_deployment_handle(): it cannot be inferred outside a "
+                "deployment when zero or several applications run."
+            )
+    if not runtime.knows(DeploymentID(app_name, deployment_name)):
+        raise DeploymentUnavailableError(
+            f"There is no deployment {deployment_name!r} in application {app_name!r}."
+        )
+    return DeploymentHandle(deployment_name, app_name)

@@ -1,0 +1,37 @@
+"""Where replicas live. ``select_backend`` turns a backend name into an instance."""
+
+from __future__ import annotations
+
+import os
+
+from tandem._private.backends.base import Backend
+
+BACKEND_NAMES = ("local", "process", "ray")
+DEFAULT_BACKEND = "local"
+BACKEND_ENV_VAR = "TANDEM_BACKEND"
+
+
+def resolve_backend_name(requested: str | None) -> str:
+    """The backend to use: the argument, else $TANDEM_BACKEND (read now), else the default."""
+    name = requested if requested is not None else os.environ.get(BACKEND_ENV_VAR) or DEFAULT_BACKEND
+    name = name.strip().lower()
+    if name not in BACKEND_NAMES:
+        source = "backend" if requested is not None else BACKEND_ENV_VAR
+        raise ValueError(
+            f"Unknown {source} {name!r}; choose one of: {', '.join(BACKEND_NAMES)}."
+        )
+    return name
+
+
+def create_backend(name: str) -> Backend:
+    if name == "local":
+        from tandem._private.backends.local import LocalBackend
+
+        return LocalBackend()
+    raise ValueError(
+        f"The {name!r} backend is not available in this version of tandem yet; "
+        "use backend='local'."
+    )
+
+
+__all__ = ["BACKEND_NAMES", "Backend", "create_backend", "resolve_backend_name"]

@@ -1,0 +1,61 @@
+"""The backend seam: the one interface the controller uses to place replicas.
+
+A backend starts a replica from its :class:`ReplicaSpec`, stops it, checks it
+and reconfigures it, and gives callers a :class:`ReplicaConnection` to it from
+the :class:`ReplicaInfo` the controller publishes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from tandem._private.replica import ReplicaSpec
+from tandem._private.router import ReplicaConnection, ReplicaInfo
+
+
+class ReplicaStartError(Exception):
+    """A replica's constructor (or first reconfigure) raised; carries the original error."""
+
+    def __init__(self, replica_id: str, error: BaseException, traceback_text: str) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.replica_id = replica_id
+        self.error = error
+        self.traceback_text = traceback_text
+
+
+class Backend(ABC):
+    """Starts, stops and reaches replicas (see the module docstring)."""
+
+    name: ClassVar[str]
+
+    async def open(self, on_replica_exit: Callable[[str], None]) -> None:
+        """Prepare to host replicas; ``on_replica_exit(replica_id)`` reports a replica that died."""
+
+    async def close(self) -> None:
+        """Release whatever :meth:`open` took; every replica is stopped by then."""
+
+    @abstractmethod
+    async def start_replica(self, spec: ReplicaSpec) -> ReplicaInfo:
+        """Construct a replica; return once it serves. Raises ReplicaStartError."""
+
+    @abstractmethod
+    async def stop_replica(self, info: ReplicaInfo, timeout_s: float) -> None:
+        """Drain (up to ``timeout_s``) and destroy a replica."""
+
+    @abstractmethod
+    async def check_health(self, info: ReplicaInfo) -> None:
+        """Raise if the replica is dead or its check_health fails or times out."""
+
+    @abstractmethod
+    async def reconfigure(self, info: ReplicaInfo, user_config: Any) -> None:
+        """Pass a new user_config to the replica's reconfigure."""
+
+    @abstractmethod
+    def connect(self, info: ReplicaInfo) -> ReplicaConnection:
+        """A connection a router in this process can send requests over."""
+
+    def describe(self, info: ReplicaInfo) -> dict[str, Any]:
+        """Extra facts about a replica for status() (e.g. pid, in-flight count)."""
+        return {}

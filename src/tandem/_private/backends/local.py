@@ -1,0 +1,70 @@
+"""The local backend: every replica is an object on this process's tandem loop.
+
+A call is a coroutine hop (plus a thread-pool hop for sync methods), so this
+is the fastest backend and the one for tests, notebooks and I/O-bound apps.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tandem._private.backends.base import Backend, ReplicaStartError
+from tandem._private.context import RequestMetadata
+from tandem._private.replica import Replica, ReplicaSpec
+from tandem._private.router import ReplicaConnection, ReplicaInfo
+
+
+class LocalConnection:
+    """Calls a replica in this process directly."""
+
+    __slots__ = ("replica_id", "_replica")
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica_id = replica.replica_id
+        self._replica = replica
+
+    async def call(self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return await self._replica.call(meta, args, kwargs)
+
+    def stream(
+        self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        return self._replica.stream(meta, args, kwargs)
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    async def start_replica(self, spec: ReplicaSpec) -> ReplicaInfo:
+        replica = Replica(spec)
+        try:
+            await replica.start()
+        except Exception as exc:
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            await replica.stop(timeout_s=0)
+            raise ReplicaStartError(spec.replica_id, exc, text) from exc
+        return ReplicaInfo(spec.replica_id, replica, spec.options.max_ongoing_requests)
+
+    async def stop_replica(self, info: ReplicaInfo, timeout_s: float) -> None:
+        await _replica(info).stop(timeout_s)
+
+    async def check_health(self, info: ReplicaInfo) -> None:
+        await _replica(info).check_health()
+
+    async def reconfigure(self, info: ReplicaInfo, user_config: Any) -> None:
+        await _replica(info).reconfigure(user_config)
+
+    def connect(self, info: ReplicaInfo) -> ReplicaConnection:
+        return LocalConnection(_replica(info))
+
+    def describe(self, info: ReplicaInfo) -> dict[str, Any]:
+        return {"pid": os.getpid(), "in_flight": _replica(info).in_flight}
+
+
+def _replica(info: ReplicaInfo) -> Replica:
+    replica = info.address
+    assert isinstance(replica, Replica)
+    return replica

@@ -1,0 +1,212 @@
+"""Deployment options: validated once, at decoration or ``.options()`` time.
+
+The models here are the single source of truth for option names, defaults and
+limits; the decorator, ``.options()`` and (later) config files all go through
+:func:`validate_options`, so a bad value is reported the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MAX_ONGOING_REQUESTS = 5
+DEFAULT_MAX_QUEUED_REQUESTS = -1
+DEFAULT_HEALTH_CHECK_PERIOD_S = 10.0
+DEFAULT_HEALTH_CHECK_TIMEOUT_S = 30.0
+DEFAULT_GRACEFUL_SHUTDOWN_WAIT_LOOP_S = 2.0
+DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 20.0
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingConfig(_Strict):
+    """When and how far to scale a deployment (the names and defaults of Ray Serve)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    metrics_interval_s: float = Field(default=10.0, gt=0)
+    look_back_period_s: float = Field(default=30.0, gt=0)
+    smoothing_factor: float = Field(default=1.0, gt=0)
+    upscale_smoothing_factor: float | None = Field(default=None, gt=0)
+    downscale_smoothing_factor: float | None = Field(default=None, gt=0)
+    upscaling_factor: float | None = Field(default=None, gt=0)
+    downscaling_factor: float | None = Field(default=None, gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError(
+                f"initial_replicas ({self.initial_replicas}) must lie between min_replicas "
+                f"({self.min_replicas}) and max_replicas ({self.max_replicas})"
+            )
+        return self
+
+    @classmethod
+    def for_auto(cls) -> AutoscalingConfig:
+        """The configuration ``num_replicas="auto"`` stands for."""
+        return cls(min_replicas=1, max_replicas=100, target_ongoing_requests=2.0)
+
+
+class ActorOptions(_Strict):
+    """``ray_actor_options``: what one replica asks of the machine or cluster."""
+
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)
+    memory: float | None = Field(default=None, ge=0)
+    object_store_memory: float | None = Field(default=None, ge=0)
+    resources: dict[str, float] | None = None
+    accelerator_type: str | None = None
+    runtime_env: dict[str, Any] | None = None
+
+    @field_validator("resources")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, amount in (value or {}).items():
+            if amount < 0:
+                raise ValueError(f"resource {key!r} must not be negative, got {amount}")
+        return value
+
+
+class DeploymentOptions(_Strict):
+    """Every option ``@deployment`` and ``.options()`` accept."""
+
+    name: str | None = Field(default=None, min_length=1)
+    version: str | None = None
+    num_replicas: Union[int, Literal["auto"], None] = None
+    max_ongoing_requests: int = Field(default=DEFAULT_MAX_ONGOING_REQUESTS, ge=1)
+    max_queued_requests: int = Field(default=DEFAULT_MAX_QUEUED_REQUESTS, ge=-1)
+    autoscaling_config: AutoscalingConfig | None = None
+    user_config: Any = None
+    ray_actor_options: ActorOptions | None = None
+    placement_group_bundles: list[dict[str, float]] | None = None
+    placement_group_strategy: str | None = None
+    max_replicas_per_node: int | None = Field(default=None, ge=1)
+    health_check_period_s: float = Field(default=DEFAULT_HEALTH_CHECK_PERIOD_S, gt=0)
+    health_check_timeout_s: float = Field(default=DEFAULT_HEALTH_CHECK_TIMEOUT_S, gt=0)
+    graceful_shutdown_wait_loop_s: float = Field(
+        default=DEFAULT_GRACEFUL_SHUTDOWN_WAIT_LOOP_S, ge=0
+    )
+    graceful_shutdown_timeout_s: float = Field(default=DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S, ge=0)
+    logging_config: dict[str, Any] | None = None
+
+    @field_validator("num_replicas", mode="before")
+    @classmethod
+    def _replicas(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, int) and value < 1):
+            raise ValueError(f"must be an integer >= 1 or 'auto', got {value!r}")
+        if isinstance(value, str) and value != "auto":
+            raise ValueError(f"must be an integer >= 1 or 'auto', got {value!r}")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and ("#" in value or "/" in value):
+            raise ValueError(f"must not contain '#' or '/', got {value!r}")
+        return value
+
+    @field_validator("user_config")
+    @classmethod
+    def _json(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must be JSON-serializable ({exc})") from None
+        return value
+
+    @field_validator(
+        "health_check_period_s",
+        "health_check_timeout_s",
+        "graceful_shutdown_wait_loop_s",
+        "graceful_shutdown_timeout_s",
+    )
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number of seconds, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _replicas_xor_autoscaling(self) -> DeploymentOptions:
+        if isinstance(self.num_replicas, int) and self.autoscaling_config is not None:
+            raise ValueError(
+                "num_replicas and autoscaling_config cannot both be set; "
+                "use num_replicas='auto' or leave num_replicas out"
+            )
+        return self
+
+    # -- derived -----------------------------------------------------------
+
+    @property
+    def autoscaling(self) -> AutoscalingConfig | None:
+        if self.autoscaling_config is not None:
+            return self.autoscaling_config
+        if self.num_replicas == "auto":
+            return AutoscalingConfig.for_auto()
+        return None
+
+    def initial_replicas(self) -> int:
+        """How many replicas a deployment starts with."""
+        auto = self.autoscaling
+        if auto is None:
+            return self.num_replicas if isinstance(self.num_replicas, int) else 1
+        if auto.initial_replicas is not None:
+            return auto.initial_replicas
+        return auto.min_replicas
+
+    def set_options(self) -> dict[str, Any]:
+        """The options the user gave explicitly, as plain values."""
+        return {key: getattr(self, key) for key in self.model_fields_set}
+
+
+OPTION_NAMES = frozenset(DeploymentOptions.model_fields)
+
+
+def validate_options(
+    options: dict[str, Any], *, base: DeploymentOptions | None = None, owner: str = "deployment"
+) -> DeploymentOptions:
+    """Merge ``options`` over ``base`` and validate; raise ValueError naming the bad option."""
+    unknown = sorted(set(options) - OPTION_NAMES)
+    if unknown:
+        raise ValueError(
+            f"Unknown option {unknown[0]!r} for {owner}; valid options are: "
+            + ", ".join(sorted(OPTION_NAMES))
+            + "."
+        )
+    merged = dict(base.set_options()) if base is not None else {}
+    merged.update(options)
+    try:
+        return DeploymentOptions.model_validate(merged)
+    except ValidationError as exc:
+        raise ValueError(describe_validation_error(exc, owner)) from None
+
+
+def describe_validation_error(exc: ValidationError, owner: str) -> str:
+    """One readable line per problem: which option, what was wrong, what was given."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+        what = error["msg"].removeprefix("Value error, ")
+        if where:
+            lines.append(f"Invalid option {where!r} for {owner}: {what} (got {error.get('input')!r}).")
+        else:
+            lines.append(f"Invalid options for {owner}: {what}.")
+    return " ".join(dict.fromkeys(lines))

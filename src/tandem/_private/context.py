@@ -1,0 +1,94 @@
+"""Who is running and for which request: contextvars read by user code.
+
+``get_replica_context()`` and ``get_multiplexed_model_id()`` read these; the
+replica sets them around every constructor and method call it makes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DeploymentID:
+    """A deployment's identity: its name within its application."""
+
+    app_name: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.app_name}#{self.name}"
+
+
+@dataclass(frozen=True)
+class ReplicaContext:
+    """What a replica knows about itself (``tandem.get_replica_context()``)."""
+
+    app_name: str
+    deployment: str
+    replica_id: str
+    rank: int
+    world_size: int
+    _servable: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def replica_tag(self) -> str:
+        return self.replica_id
+
+    @property
+    def servable_object(self) -> Any:
+        holder = self._servable
+        return holder() if callable(holder) else holder
+
+
+@dataclass(frozen=True)
+class RequestMetadata:
+    """Travels with every call: identifies it and carries its routing hints."""
+
+    request_id: str
+    app_name: str
+    deployment: str
+    method_name: str = "__call__"
+    stream: bool = False
+    multiplexed_model_id: str = ""
+    route: str = ""
+
+    @staticmethod
+    def new_request_id() -> str:
+        return uuid.uuid4().hex
+
+
+_replica_context: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
+    "tandem_replica_context", default=None
+)
+_request: contextvars.ContextVar[RequestMetadata | None] = contextvars.ContextVar(
+    "tandem_request", default=None
+)
+
+
+def get_replica_context() -> ReplicaContext:
+    """The context of the replica this code runs in; RuntimeError outside a replica."""
+    ctx = _replica_context.get()
+    if ctx is None:
+        raise RuntimeError(
+            "get_replica_context() was called outside a deployment; "
+            "call it from a deployment's constructor or methods."
+        )
+    return ctx
+
+
+def current_replica_context() -> ReplicaContext | None:
+    return _replica_context.get()
+
+
+def current_request() -> RequestMetadata | None:
+    return _request.get()
+
+
+def get_multiplexed_model_id() -> str:
+    """The multiplexed model id of the request being served ("" when none was given)."""
+    request = _request.get()
+    return request.multiplexed_model_id if request is not None else ""

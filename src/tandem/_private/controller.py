@@ -1,0 +1,515 @@
+"""The controller: target state versus running state, for every deployment.
+
+It deploys applications (starting replicas in dependency order, so a parent's
+constructor can already call its children), updates them in place, deletes
+them, replaces replicas that die or fail health checks, and publishes each
+deployment's replica set to the routers. It runs on the runtime's event loop;
+its one background task (the watch loop) is started by :meth:`open` and
+awaited by :meth:`close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tandem._private.backends.base import Backend, ReplicaStartError
+from tandem._private.context import DeploymentID
+from tandem._private.graph import ApplicationSpec, DeploymentSpec
+from tandem._private.replica import ReplicaSpec
+from tandem._private.router import ReplicaInfo, ReplicaSet
+from tandem._private.status import (
+    ApplicationState,
+    ApplicationStatus,
+    DeploymentState,
+    DeploymentStatus,
+    ReplicaState,
+    ReplicaStatus,
+    Status,
+)
+from tandem.exceptions import DeploymentFailedError
+
+logger = logging.getLogger("tandem")
+
+# A deployment whose replicas keep failing to start is marked failed after this many tries.
+MAX_START_ATTEMPTS = 3
+
+
+@dataclass
+class ReplicaRecord:
+    replica_id: str
+    rank: int
+    info: ReplicaInfo
+    graceful_shutdown_timeout_s: float
+    state: str = ReplicaState.RUNNING
+    next_health_check: float = 0.0
+    checking: bool = False
+
+
+@dataclass
+class DeploymentRecord:
+    id: DeploymentID
+    spec: DeploymentSpec
+    replicas: list[ReplicaRecord] = field(default_factory=list)
+    status: str = DeploymentState.UPDATING
+    message: str = ""
+    restarts: int = 0
+    failed_starts: int = 0
+
+    @property
+    def target(self) -> int:
+        return max(1, self.spec.options.initial_replicas())
+
+
+@dataclass
+class ApplicationRecord:
+    spec: ApplicationSpec
+    deployments: dict[str, DeploymentRecord]
+    status: str = ApplicationState.DEPLOYING
+    message: str = ""
+    deployed_at: float = field(default_factory=time.time)
+
+
+class _StartFailed(Exception):
+    def __init__(self, deployment: DeploymentID, error: ReplicaStartError) -> None:
+        super().__init__(str(error))
+        self.deployment = deployment
+        self.error = error
+
+
+class Controller:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        publish: Callable[[ReplicaSet], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self._publish_set = publish
+        self._clock = clock
+        self._apps: dict[str, ApplicationRecord] = {}
+        self._lock = asyncio.Lock()
+        self._versions = itertools.count(1)
+        self._wakeup = asyncio.Event()
+        self._exited: set[str] = set()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        await self.backend.open(self._on_replica_exit)
+        self._watch_task = asyncio.create_task(self._watch(), name="tandem-controller-watch")
+
+    async def close(self) -> None:
+        """Stop every application and the watch loop."""
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+            self._watch_task = None
+        async with self._lock:
+            await asyncio.gather(*(self._remove_app(name) for name in list(self._apps)))
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.backend.close()
+
+    # -- applications ------------------------------------------------------
+
+    def app_names(self) -> list[str]:
+        return list(self._apps)
+
+    def ingress(self, app_name: str) -> str | None:
+        app = self._apps.get(app_name)
+        return None if app is None else app.spec.ingress
+
+    def route_prefixes(self) -> dict[str, str]:
+        return {
+            app.spec.route_prefix: name
+            for name, app in self._apps.items()
+            if app.spec.route_prefix is not None
+        }
+
+    async def deploy(self, spec: ApplicationSpec) -> None:
+        """Deploy or update one application; return once all its replicas serve."""
+        async with self._lock:
+            self._check_route_prefix(spec)
+            old = self._apps.get(spec.name)
+            app = ApplicationRecord(spec, {})
+            fresh: list[DeploymentRecord] = []
+            kept: list[tuple[DeploymentRecord, DeploymentSpec]] = []
+            for dspec in spec.deployments:
+                prev = old.deployments.get(dspec.name) if old else None
+                if (
+                    prev is not None
+                    and prev.status != DeploymentState.DEPLOY_FAILED
+                    and prev.spec.same_code(dspec)
+                ):
+                    kept.append((prev, dspec))
+                    app.deployments[dspec.name] = prev
+                    continue
+                record = DeploymentRecord(DeploymentID(spec.name, dspec.name), dspec)
+                fresh.append(record)
+                app.deployments[dspec.name] = record
+                if prev is None:
+                    # Callers may resolve it now; they wait until replicas are published.
+                    self._publish(record, replicas=())
+            self._apps[spec.name] = app
+            started: dict[str, list[ReplicaRecord]] = {}
+            try:
+                brand_new = {
+                    r.spec.name for r in fresh if old is None or r.spec.name not in old.deployments
+                }
+                await self._start_all(fresh, kept, started, brand_new)
+            except BaseException as exc:
+                await self._stop_replicas(
+                    [r for rs in started.values() for r in rs], timeout_s=0
+                )
+                for record in fresh:
+                    if old is None or record.spec.name not in old.deployments:
+                        self._publish(record, replicas=(), state="deleted")
+                if old is None:
+                    del self._apps[spec.name]
+                else:
+                    self._apps[spec.name] = old
+                if isinstance(exc, _StartFailed):
+                    raise _failure_error(exc) from exc.error.error
+                raise
+            await self._commit(app, old, fresh, kept, started)
+
+    async def _start_all(
+        self,
+        fresh: list[DeploymentRecord],
+        kept: list[tuple[DeploymentRecord, DeploymentSpec]],
+        started: dict[str, list[ReplicaRecord]],
+        brand_new: set[str],
+    ) -> None:
+        """Start new replicas, children before parents, siblings at once."""
+        ready = {record.spec.name: asyncio.Event() for record in fresh}
+
+        async def start(record: DeploymentRecord, count: int, first_rank: int, new: bool) -> None:
+            for dependency in record.spec.dependencies:
+                if dependency in ready:
+                    await ready[dependency].wait()
+            bucket = started.setdefault(record.spec.name, [])
+
+            async def one(rank: int) -> None:
+                bucket.append(await self._start_replica(record, rank))
+
+            await asyncio.gather(*(one(first_rank + i) for i in range(count)))
+            if new:
+                if record.spec.name in brand_new:
+                    # Routable at once, so the constructors of its parents can call it.
+                    record.replicas = sorted(bucket, key=lambda r: r.rank)
+                    self._publish(record)
+                ready[record.spec.name].set()
+
+        jobs = [start(record, record.target, 0, True) for record in fresh]
+        for prev, dspec in kept:
+            wanted = max(1, dspec.options.initial_replicas())
+            if wanted > len(prev.replicas):
+                record = DeploymentRecord(prev.id, dspec)
+                jobs.append(start(record, wanted - len(prev.replicas), len(prev.replicas), False))
+        tasks = [asyncio.ensure_future(job) for job in jobs]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def _commit(
+        self,
+        app: ApplicationRecord,
+        old: ApplicationRecord | None,
+        fresh: list[DeploymentRecord],
+        kept: list[tuple[DeploymentRecord, DeploymentSpec]],
+        started: dict[str, list[ReplicaRecord]],
+    ) -> None:
+        retired: list[ReplicaRecord] = []
+        for record in fresh:
+            record.replicas = sorted(started.get(record.spec.name, []), key=lambda r: r.rank)
+            record.status = DeploymentState.HEALTHY
+            self._publish(record)
+            prev = old.deployments.get(record.spec.name) if old else None
+            if prev is not None:
+                retired.extend(prev.replicas)
+        problems: list[str] = []
+        for prev, dspec in kept:
+            old_config = prev.spec.options.user_config
+            prev.spec = dspec
+            prev.replicas.extend(sorted(started.get(dspec.name, []), key=lambda r: r.rank))
+            if len(prev.replicas) > prev.target:
+                retired.extend(prev.replicas[prev.target :])
+                del prev.replicas[prev.target :]
+            if dspec.options.user_config != old_config and dspec.options.user_config is not None:
+                results = await asyncio.gather(
+                    *(self.backend.reconfigure(r.info, dspec.options.user_config) for r in prev.replicas),
+                    return_exceptions=True,
+                )
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if errors:
+                    prev.status = DeploymentState.UNHEALTHY
+                    prev.message = f"reconfigure raised {type(errors[0]).__name__}: {errors[0]}"
+                    problems.append(f"Deployment {dspec.name!r}: {prev.message}")
+            self._publish(prev)
+        if old is not None:
+            for name, record in old.deployments.items():
+                if name not in app.deployments:
+                    self._publish(record, replicas=(), state="deleted")
+                    retired.extend(record.replicas)
+        app.status = ApplicationState.UNHEALTHY if problems else ApplicationState.RUNNING
+        app.message = " ".join(problems)
+        self._in_background(self._stop_replicas(retired))
+        if problems:
+            raise DeploymentFailedError(
+                f"Application {app.spec.name!r} was updated, but: " + " ".join(problems)
+            )
+
+    async def delete(self, name: str) -> bool:
+        async with self._lock:
+            if name not in self._apps:
+                return False
+            await self._remove_app(name)
+            return True
+
+    async def _remove_app(self, name: str) -> None:
+        app = self._apps[name]
+        app.status = ApplicationState.DELETING
+        replicas: list[ReplicaRecord] = []
+        for record in app.deployments.values():
+            self._publish(record, replicas=(), state="deleted")
+            replicas.extend(record.replicas)
+        await self._stop_replicas(replicas)
+        del self._apps[name]
+
+    def _check_route_prefix(self, spec: ApplicationSpec) -> None:
+        if spec.route_prefix is None:
+            return
+        for name, app in self._apps.items():
+            if name != spec.name and app.spec.route_prefix == spec.route_prefix:
+                raise ValueError(
+                    f"Route prefix {spec.route_prefix!r} is already used by application "
+                    f"{name!r}; choose another route_prefix or delete that application first."
+                )
+
+    # -- replicas ----------------------------------------------------------
+
+    async def _start_replica(self, record: DeploymentRecord, rank: int) -> ReplicaRecord:
+        replica_id = f"{record.id.app_name}#{record.id.name}#{secrets.token_hex(3)}"
+        spec = ReplicaSpec(
+            replica_id=replica_id,
+            deployment_id=record.id,
+            target=record.spec.target,
+            init_args=record.spec.init_args,
+            init_kwargs=record.spec.init_kwargs,
+            options=record.spec.options,
+            rank=rank,
+            world_size=record.target,
+        )
+        try:
+            info = await self.backend.start_replica(spec)
+        except ReplicaStartError as exc:
+            raise _StartFailed(record.id, exc) from None
+        options = record.spec.options
+        return ReplicaRecord(
+            replica_id,
+            rank,
+            info,
+            graceful_shutdown_timeout_s=options.graceful_shutdown_timeout_s,
+            next_health_check=self._clock() + options.health_check_period_s,
+        )
+
+    async def _stop_replicas(self, replicas: list[ReplicaRecord], timeout_s: float | None = None) -> None:
+        async def stop(replica: ReplicaRecord) -> None:
+            replica.state = ReplicaState.STOPPING
+            timeout = replica.graceful_shutdown_timeout_s if timeout_s is None else timeout_s
+            try:
+                await self.backend.stop_replica(replica.info, timeout)
+            except Exception:  # noqa: BLE001 - a replica that fails to stop is gone anyway
+                logger.exception("Stopping replica %s failed", replica.replica_id)
+
+        await asyncio.gather(*(stop(r) for r in replicas))
+
+    def _publish(
+        self,
+        record: DeploymentRecord,
+        replicas: tuple[ReplicaInfo, ...] | None = None,
+        state: str = "running",
+    ) -> None:
+        infos = (
+            tuple(r.info for r in record.replicas if r.state == ReplicaState.RUNNING)
+            if replicas is None
+            else replicas
+        )
+        failed = record.status == DeploymentState.DEPLOY_FAILED
+        self._publish_set(
+            ReplicaSet(
+                deployment_id=record.id,
+                replicas=infos,
+                max_queued_requests=record.spec.options.max_queued_requests,
+                state="failed" if failed and state == "running" else state,
+                message=record.message if failed else "",
+                version=next(self._versions),
+            )
+        )
+
+    def _in_background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- watching: health checks and replacement ---------------------------
+
+    def _on_replica_exit(self, replica_id: str) -> None:
+        self._exited.add(replica_id)
+        self._wakeup.set()
+
+    async def _watch(self) -> None:
+        while True:
+            now = self._clock()
+            next_due = now + 1.0
+            for app in list(self._apps.values()):
+                if app.status == ApplicationState.DEPLOYING:
+                    continue
+                for record in list(app.deployments.values()):
+                    for replica in list(record.replicas):
+                        if replica.replica_id in self._exited:
+                            self._exited.discard(replica.replica_id)
+                            self._in_background(self._replace(record, replica, "the replica exited"))
+                            continue
+                        if replica.checking or replica.state != ReplicaState.RUNNING:
+                            continue
+                        if replica.next_health_check <= now:
+                            replica.checking = True
+                            self._in_background(self._check(record, replica))
+                        else:
+                            next_due = min(next_due, replica.next_health_check)
+                    if (
+                        len(record.replicas) < record.target
+                        and record.status == DeploymentState.UNHEALTHY
+                    ):
+                        self._in_background(self._refill(record))
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.005, next_due - now))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _check(self, record: DeploymentRecord, replica: ReplicaRecord) -> None:
+        options = record.spec.options
+        try:
+            await asyncio.wait_for(
+                self.backend.check_health(replica.info), timeout=options.health_check_timeout_s
+            )
+        except asyncio.TimeoutError:
+            await self._replace(
+                record, replica, f"check_health took longer than {options.health_check_timeout_s} s"
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+            await self._replace(record, replica, f"check_health raised {type(exc).__name__}: {exc}")
+        finally:
+            replica.checking = False
+            replica.next_health_check = self._clock() + options.health_check_period_s
+            self._wakeup.set()
+
+    async def _replace(self, record: DeploymentRecord, replica: ReplicaRecord, reason: str) -> None:
+        async with self._lock:
+            if replica not in record.replicas:
+                return
+            logger.warning("Replacing replica %s: %s", replica.replica_id, reason)
+            record.replicas.remove(replica)
+            record.restarts += 1
+            self._publish(record)
+            self._in_background(self._stop_replicas([replica], timeout_s=0))
+            await self._start_missing(record, reason)
+
+    async def _refill(self, record: DeploymentRecord) -> None:
+        async with self._lock:
+            await self._start_missing(record, record.message)
+
+    async def _start_missing(self, record: DeploymentRecord, reason: str) -> None:
+        if record.status == DeploymentState.DEPLOY_FAILED:
+            return
+        taken = {r.rank for r in record.replicas}
+        missing = [rank for rank in range(record.target) if rank not in taken]
+        for rank in missing:
+            try:
+                replica = await self._start_replica(record, rank)
+            except _StartFailed as failure:
+                record.failed_starts += 1
+                record.message = f"{reason}; restarting failed: {failure.error.traceback_text}"
+                if record.failed_starts >= MAX_START_ATTEMPTS:
+                    record.status = DeploymentState.DEPLOY_FAILED
+                    self._publish(record)
+                else:
+                    record.status = DeploymentState.UNHEALTHY
+                return
+            record.failed_starts = 0
+            record.replicas.append(replica)
+            record.replicas.sort(key=lambda r: r.rank)
+        record.status = DeploymentState.HEALTHY
+        record.message = ""
+        self._publish(record)
+
+    # -- status ------------------------------------------------------------
+
+    def status(self) -> Status:
+        apps = {}
+        for name, app in self._apps.items():
+            deployments = {}
+            for dname, record in app.deployments.items():
+                replicas = tuple(
+                    ReplicaStatus(
+                        replica_id=r.replica_id,
+                        state=r.state,
+                        rank=r.rank,
+                        pid=self.backend.describe(r.info).get("pid"),
+                        in_flight=self.backend.describe(r.info).get("in_flight", 0),
+                    )
+                    for r in record.replicas
+                )
+                states: dict[str, int] = {}
+                for r in record.replicas:
+                    states[r.state] = states.get(r.state, 0) + 1
+                deployments[dname] = DeploymentStatus(
+                    name=dname,
+                    status=record.status,
+                    message=record.message,
+                    target_replicas=record.target,
+                    running_replicas=states.get(ReplicaState.RUNNING, 0),
+                    replica_states=states,
+                    restarts=record.restarts,
+                    replicas=replicas,
+                )
+            app_status = app.status
+            if app_status == ApplicationState.RUNNING and any(
+                d.status != DeploymentState.HEALTHY for d in deployments.values()
+            ):
+                app_status = ApplicationState.UNHEALTHY
+            apps[name] = ApplicationStatus(
+                name=name,
+                status=app_status,
+                message=app.message,
+                route_prefix=app.spec.route_prefix,
+                ingress=app.spec.ingress,
+                last_deployed_time_s=app.deployed_at,
+                deployments=deployments,
+            )
+        return Status(backend=self.backend.name, applications=apps)
+
+
+def _failure_error(failure: _StartFailed) -> DeploymentFailedError:
+    return DeploymentFailedError(
+        f"Deployment {failure.deployment.name!r} of application "
+        f"{failure.deployment.app_name!r} failed to start: its constructor raised "
+        f"{failure.error}.\n\nOriginal traceback:\n{failure.error.traceback_text}"
+    )

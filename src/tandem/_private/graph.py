@@ -1,0 +1,116 @@
+"""From a bound :class:`Application` to the list of deployments to run.
+
+Walks the graph once: each node (by identity) becomes one deployment, nested
+nodes in constructor arguments become handles, and name clashes are reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tandem._private.config import DeploymentOptions
+from tandem._private.deployment import Application, Deployment
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """One deployment of an application, ready for the controller."""
+
+    name: str
+    target: Any
+    init_args: tuple[Any, ...]
+    init_kwargs: dict[str, Any]
+    options: DeploymentOptions
+    dependencies: tuple[str, ...]
+
+    def same_code(self, other: DeploymentSpec) -> bool:
+        """Whether ``other`` can keep this one's replicas (only lightweight options differ)."""
+        if self.target is not other.target:
+            return False
+        if self.options.ray_actor_options != other.options.ray_actor_options:
+            return False
+        if self.options.max_ongoing_requests != other.options.max_ongoing_requests:
+            return False
+        try:
+            return bool(self.init_args == other.init_args and self.init_kwargs == other.init_kwargs)
+        except Exception:  # noqa: BLE001 - e.g. arrays with no single truth value
+            return False
+
+
+@dataclass(frozen=True)
+class ApplicationSpec:
+    name: str
+    route_prefix: str | None
+    ingress: str
+    deployments: tuple[DeploymentSpec, ...]  # dependencies before dependents
+
+    def deployment(self, name: str) -> DeploymentSpec:
+        for spec in self.deployments:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+def build_application(root: Application, app_name: str, route_prefix: str | None) -> ApplicationSpec:
+    """Flatten the graph under ``root`` into deployment specs (see the module docstring)."""
+    from tandem.handle import DeploymentHandle
+
+    if not isinstance(root, Application):
+        raise TypeError(
+            f"Expected an application (the result of Deployment.bind()), got {type(root).__name__}."
+        )
+    names: dict[int, str] = {}
+    by_name: dict[str, Deployment[Any]] = {}
+    specs: list[DeploymentSpec] = []
+
+    def visit(node: Application, path: tuple[int, ...]) -> str:
+        if id(node) in names:
+            return names[id(node)]
+        if id(node) in path:
+            raise ValueError(f"The application graph has a cycle through {node.deployment.name!r}.")
+        deps: list[str] = []
+
+        def substitute(value: Any) -> Any:
+            if isinstance(value, Application):
+                child = visit(value, (*path, id(node)))
+                if child not in deps:
+                    deps.append(child)
+                return DeploymentHandle(child, app_name)
+            if isinstance(value, Deployment):
+                raise TypeError(
+                    f"Deployment {value.name!r} was passed to {node.deployment.name!r} without "
+                    f".bind(); pass {value.name}.bind(...) instead."
+                )
+            if isinstance(value, list):
+                return [substitute(v) for v in value]
+            if isinstance(value, tuple) and not hasattr(value, "_fields"):
+                return tuple(substitute(v) for v in value)
+            if isinstance(value, dict):
+                return {k: substitute(v) for k, v in value.items()}
+            return value
+
+        args = tuple(substitute(a) for a in node.args)
+        kwargs = {k: substitute(v) for k, v in node.kwargs.items()}
+        name = node.deployment.name
+        if name in by_name:
+            raise ValueError(
+                f"Application {app_name!r} has two different deployments named {name!r}; "
+                f"give one a distinct name with {name}.options(name=...)."
+            )
+        by_name[name] = node.deployment
+        names[id(node)] = name
+        specs.append(
+            DeploymentSpec(
+                name=name,
+                target=node.deployment.func_or_class,
+                init_args=args,
+                init_kwargs=kwargs,
+                options=node.deployment.deployment_options,
+                dependencies=tuple(deps),
+            )
+        )
+        return name
+
+    ingress = visit(root, ())
+    return ApplicationSpec(app_name, route_prefix, ingress, tuple(specs))

@@ -1,0 +1,126 @@
+"""``@multiplexed``: a per-replica LRU cache of models, keyed by model id.
+
+Concurrent requests for a model that is being loaded wait for that one load;
+a load that raises is not cached; the least recently used model is evicted
+(its ``aclose()`` awaited, if it has one) to make room for a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from tandem._private.replica import current_replica
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+class ModelCache:
+    """The loaded models of one loader in one replica."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._models: OrderedDict[str, Any] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[Any]] = {}
+
+    def model_ids(self) -> list[str]:
+        return list(self._models)
+
+    async def get(self, model_id: str, load: Callable[[], Awaitable[Any]]) -> Any:
+        if model_id in self._models:
+            self._models.move_to_end(model_id)
+            return self._models[model_id]
+        pending = self._loading.get(model_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieve)
+        self._loading[model_id] = future
+        try:
+            while self.capacity > 0 and len(self._models) + 1 > self.capacity and self._models:
+                _, evicted = self._models.popitem(last=False)
+                await _unload(evicted)
+                del evicted
+            model = await load()
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(exc)
+            raise
+        finally:
+            del self._loading[model_id]
+        self._models[model_id] = model
+        future.set_result(model)
+        return model
+
+    async def clear(self) -> None:
+        while self._models:
+            _, model = self._models.popitem(last=False)
+            await _unload(model)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _unload(model: Any) -> None:
+    close = getattr(model, "aclose", None)
+    if close is not None and inspect.iscoroutinefunction(close):
+        await close()
+
+
+def multiplexed(
+    func: F | None = None, *, max_num_models_per_replica: int = 3
+) -> Any:
+    """Cache what an async loader returns, per replica, by model id (LRU).
+
+    Decorate an ``async def`` method ``(self, model_id)`` or function
+    ``(model_id)``; ``max_num_models_per_replica=-1`` means no limit.
+    """
+    if isinstance(max_num_models_per_replica, bool) or not isinstance(
+        max_num_models_per_replica, int
+    ) or (max_num_models_per_replica < 1 and max_num_models_per_replica != -1):
+        raise ValueError(
+            "max_num_models_per_replica must be an integer >= 1 (or -1 for no limit), "
+            f"got {max_num_models_per_replica!r}."
+        )
+
+    def decorate(loader: F) -> F:
+        if not inspect.iscoroutinefunction(loader):
+            raise TypeError(
+                f"@multiplexed needs an async function; make {loader.__name__!r} `async def`."
+            )
+        params = list(inspect.signature(loader).parameters)
+        is_method = bool(params) and params[0] == "self"
+        fallback: dict[Any, ModelCache] = {}
+
+        @functools.wraps(loader)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            owner = args[0] if is_method else None
+            rest = args[1:] if is_method else args
+            model_id = rest[0] if rest else kwargs.get("model_id", "")
+            if not isinstance(model_id, str) or not model_id:
+                raise ValueError(
+                    f"{loader.__name__}() needs a non-empty model id; send requests with "
+                    "handle.options(multiplexed_model_id=...) or the serve_multiplexed_model_id "
+                    "header and pass get_multiplexed_model_id()."
+                )
+            replica = current_replica()
+            caches = replica.multiplex_caches if replica is not None else fallback
+            key = (wrapper, id(owner))
+            cache = caches.get(key)
+            if cache is None:
+                cache = caches[key] = ModelCache(max_num_models_per_replica)
+            return await cache.get(model_id, lambda: loader(*args, **kwargs))
+
+        return wrapper  # type: ignore[return-value]
+
+    if func is not None:
+        return decorate(func)
+    return decorate

@@ -1,0 +1,185 @@
+"""Routing: which replica of a deployment serves the next request from this caller.
+
+One :class:`Router` per (caller process, deployment). It keeps its own count of
+requests in flight on each replica, sends a request only to a replica below
+``max_ongoing_requests``, queues up to ``max_queued_requests`` callers when all
+are busy (beyond that: ``BackPressureError``), and takes new replica sets as the
+controller publishes them, without dropping queued requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tandem._private.context import DeploymentID, RequestMetadata
+from tandem.exceptions import BackPressureError, DeploymentUnavailableError
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """How to reach one replica; ``address`` means something only to its backend."""
+
+    replica_id: str
+    address: Any
+    max_ongoing_requests: int
+    model_ids: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ReplicaSet:
+    """A deployment's replicas as the controller last published them."""
+
+    deployment_id: DeploymentID
+    replicas: tuple[ReplicaInfo, ...] = ()
+    max_queued_requests: int = -1
+    # "running" while the deployment exists; "deleted" or "failed" end every wait.
+    state: str = "running"
+    message: str = ""
+    version: int = 0
+
+
+class ReplicaConnection(Protocol):
+    """A caller's line to one replica: carries calls and streamed results."""
+
+    replica_id: str
+
+    async def call(self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
+
+    def stream(
+        self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]: ...
+
+
+@dataclass
+class RoutedReplica:
+    """A replica as one router sees it: its connection and this caller's load on it."""
+
+    info: ReplicaInfo
+    connection: ReplicaConnection
+    in_flight: int = 0
+
+    @property
+    def has_room(self) -> bool:
+        return self.in_flight < self.info.max_ongoing_requests
+
+
+@dataclass
+class PowerOfTwoChoices:
+    """Pick two replicas with room at random; send to the one with fewer in flight."""
+
+    rng: random.Random = field(default_factory=random.Random)
+
+    def choose(self, candidates: Sequence[RoutedReplica], meta: RequestMetadata) -> RoutedReplica:
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = self.rng.sample(range(len(candidates)), 2)
+        first, second = candidates[a], candidates[b]
+        return first if first.in_flight <= second.in_flight else second
+
+
+class Router:
+    """Assigns requests to replicas of one deployment (see the module docstring)."""
+
+    def __init__(
+        self,
+        deployment_id: DeploymentID,
+        connect: Callable[[ReplicaInfo], ReplicaConnection],
+        policy: PowerOfTwoChoices | None = None,
+    ) -> None:
+        self.deployment_id = deployment_id
+        self._connect = connect
+        self._policy = policy or PowerOfTwoChoices()
+        self._replicas: dict[str, RoutedReplica] = {}
+        self._replica_set = ReplicaSet(deployment_id)
+        self._known = False
+        self._queue: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(r.in_flight for r in self._replicas.values())
+
+    def update(self, replica_set: ReplicaSet) -> None:
+        """Take a newly published replica set; keeps counts for replicas that stay."""
+        if self._known and replica_set.version < self._replica_set.version:
+            return
+        self._known = True
+        self._replica_set = replica_set
+        current = {}
+        for info in replica_set.replicas:
+            routed = self._replicas.get(info.replica_id)
+            if routed is None:
+                routed = RoutedReplica(info, self._connect(info))
+            else:
+                routed.info = info
+            current[info.replica_id] = routed
+        self._replicas = current
+        self._wake(len(self._queue))
+
+    async def assign(self, meta: RequestMetadata) -> RoutedReplica:
+        """Wait for a replica with room and count the request against it.
+
+        The caller must call :meth:`release` with the result when the request ends.
+        """
+        while True:
+            self._raise_if_gone()
+            if not self._queue:
+                candidates = [r for r in self._replicas.values() if r.has_room]
+                if candidates:
+                    chosen = self._policy.choose(candidates, meta)
+                    chosen.in_flight += 1
+                    return chosen
+            limit = self._replica_set.max_queued_requests
+            if limit != -1 and len(self._queue) >= limit:
+                raise BackPressureError(
+                    f"Deployment {self.deployment_id.name!r} of application "
+                    f"{self.deployment_id.app_name!r} has {len(self._queue)} requests queued "
+                    f"(max_queued_requests={limit}); retry later or raise the limit."
+                )
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._queue.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self._queue.remove(waiter)
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(1)  # woken but leaving: pass the free place on
+                raise
+            self._queue.remove(waiter)
+            # Woken: the head of the queue gets the first free place.
+            self._raise_if_gone()
+            candidates = [r for r in self._replicas.values() if r.has_room]
+            if candidates:
+                chosen = self._policy.choose(candidates, meta)
+                chosen.in_flight += 1
+                self._wake(1)
+                return chosen
+            # Lost the race; go round and queue again at the back.
+
+    def release(self, routed: RoutedReplica) -> None:
+        routed.in_flight -= 1
+        self._wake(1)
+
+    def _wake(self, count: int) -> None:
+        for waiter in list(self._queue)[:count] if count else ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _raise_if_gone(self) -> None:
+        state = self._replica_set.state
+        if state == "running":
+            return
+        what = "was deleted" if state == "deleted" else "failed"
+        raise DeploymentUnavailableError(
+            f"Deployment {self.deployment_id.name!r} of application "
+            f"{self.deployment_id.app_name!r} {what}"
+            + (f": {self._replica_set.message}" if self._replica_set.message else ".")
+        )

@@ -1,0 +1,193 @@
+"""The per-process runtime: tandem's event loop thread and the routers on it.
+
+Every process that calls deployments (the driver, and later each replica
+process) has one runtime. It owns a dedicated event loop thread, the latest
+replica set of every deployment (as the controller publishes them), and one
+router per deployment; handles send their requests through it. In the driver
+it also holds the controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from tandem._private.context import DeploymentID, RequestMetadata
+from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet, Router
+from tandem.exceptions import DeploymentUnavailableError
+
+if TYPE_CHECKING:
+    from tandem._private.controller import Controller
+
+T = TypeVar("T")
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is optional
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()  # type: ignore[no-any-return]
+
+
+class Runtime:
+    """See the module docstring. Build with :meth:`open`; end with :meth:`close`."""
+
+    def __init__(self, connect: Callable[[ReplicaInfo], ReplicaConnection]) -> None:
+        self._connect = connect
+        self.loop = _new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._thread_id: int | None = None
+        self._directory: dict[DeploymentID, ReplicaSet] = {}
+        self._routers: dict[DeploymentID, Router] = {}
+        self.controller: Controller | None = None
+        self.backend_name = ""
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def open(self) -> None:
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self._thread_id = threading.get_ident()
+            self.loop.call_soon(ready.set)
+            self.loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="tandem-loop", daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def close(self) -> None:
+        """Cancel whatever still runs on the loop, then stop the loop thread."""
+        if self._thread is None:
+            return
+
+        async def cancel_all() -> None:
+            current = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not current]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(timeout=10)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+        if not self.loop.is_running():
+            self.loop.close()
+        self._thread = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._thread is not None and not self.loop.is_closed()
+
+    def on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._thread_id
+
+    def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop from another thread and wait for its result."""
+        if self.on_loop_thread():
+            coro.close()
+            raise RuntimeError(
+                "This blocking tandem call cannot run on tandem's event loop; "
+                "call it from ordinary (non-async) code."
+            )
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    # -- membership --------------------------------------------------------
+
+    def publish(self, replica_set: ReplicaSet) -> None:
+        """Record a deployment's replica set and hand it to its router (on the loop)."""
+        self._directory[replica_set.deployment_id] = replica_set
+        router = self._routers.get(replica_set.deployment_id)
+        if router is not None:
+            router.update(replica_set)
+        if replica_set.state == "deleted":
+            self._directory.pop(replica_set.deployment_id, None)
+            self._routers.pop(replica_set.deployment_id, None)
+
+    def knows(self, deployment_id: DeploymentID) -> bool:
+        return deployment_id in self._directory
+
+    def router(self, deployment_id: DeploymentID) -> Router:
+        router = self._routers.get(deployment_id)
+        if router is None:
+            replica_set = self._directory.get(deployment_id)
+            if replica_set is None:
+                raise DeploymentUnavailableError(
+                    f"There is no deployment {deployment_id.name!r} in application "
+                    f"{deployment_id.app_name!r}; check the names, or whether the "
+                    "application was deleted."
+                )
+            router = Router(deployment_id, self._connect)
+            router.update(replica_set)
+            self._routers[deployment_id] = router
+        return router
+
+    # -- requests (coroutines that run on the loop) ------------------------
+
+    async def call(
+        self, deployment_id: DeploymentID, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        args, kwargs = await resolve_arguments(args, kwargs)
+        router = self.router(deployment_id)
+        routed = await router.assign(meta)
+        try:
+            return await routed.connection.call(meta, args, kwargs)
+        finally:
+            router.release(routed)
+
+    async def stream(
+        self, deployment_id: DeploymentID, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        args, kwargs = await resolve_arguments(args, kwargs)
+        router = self.router(deployment_id)
+        routed = await router.assign(meta)
+        try:
+            async for item in routed.connection.stream(meta, args, kwargs):
+                yield item
+        finally:
+            router.release(routed)
+
+
+async def resolve_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Replace top-level DeploymentResponse arguments with their results (chaining)."""
+    from tandem.handle import DeploymentResponse
+
+    if any(isinstance(a, DeploymentResponse) for a in args):
+        args = tuple([await a if isinstance(a, DeploymentResponse) else a for a in args])
+    if any(isinstance(v, DeploymentResponse) for v in kwargs.values()):
+        kwargs = {k: await v if isinstance(v, DeploymentResponse) else v for k, v in kwargs.items()}
+    return args, kwargs
+
+
+# The runtime of this process, set while tandem runs here.
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    runtime = _runtime
+    if runtime is None or not runtime.is_open:
+        raise DeploymentUnavailableError(
+            "tandem is not running in this process; start an application with tandem.run() first."
+        )
+    return runtime
+
+
+def current_runtime() -> Runtime | None:
+    return _runtime
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    global _runtime
+    _runtime = runtime

@@ -1,0 +1,375 @@
+"""Handles to deployments and the responses their calls return.
+
+``handle.remote(...)`` never blocks: it starts the request on tandem's event
+loop and returns a :class:`DeploymentResponse` (or, with ``stream=True``, a
+:class:`DeploymentResponseGenerator`) at once. Responses work from async code
+(``await``) on any event loop and from sync code (``.result()``, ``for``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import AsyncIterator, Generator, Iterator
+from typing import Any
+
+from tandem._private.context import DeploymentID, RequestMetadata, current_request
+from tandem._private.runtime import Runtime, get_runtime
+from tandem.exceptions import RequestCancelledError
+
+__all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"]
+
+_UNSET: Any = object()
+
+
+class DeploymentHandle:
+    """Calls the replicas of one deployment: ``handle.remote(...)``, ``handle.method.remote(...)``."""
+
+    __slots__ = ("_id", "_method", "_stream", "_model_id")
+
+    def __init__(
+        self,
+        deployment_name: str,
+        app_name: str = "default",
+        *,
+        method_name: str = "__call__",
+        stream: bool = False,
+        multiplexed_model_id: str = "",
+    ) -> None:
+        self._id = DeploymentID(app_name, deployment_name)
+        self._method = method_name
+        self._stream = stream
+        self._model_id = multiplexed_model_id
+
+    @property
+    def deployment_name(self) -> str:
+        return self._id.name
+
+    @property
+    def app_name(self) -> str:
+        return self._id.app_name
+
+    def options(
+        self,
+        *,
+        method_name: str = _UNSET,
+        stream: bool = _UNSET,
+        multiplexed_model_id: str = _UNSET,
+        use_new_handle_api: bool = _UNSET,
+    ) -> DeploymentHandle:
+        """A new handle with some call options changed; this one is left as it is."""
+        if method_name is not _UNSET and not isinstance(method_name, str):
+            raise TypeError(f"method_name must be a str, got {type(method_name).__name__}.")
+        if multiplexed_model_id is not _UNSET and not isinstance(multiplexed_model_id, str):
+            raise TypeError(
+                f"multiplexed_model_id must be a str, got {type(multiplexed_model_id).__name__}."
+            )
+        return DeploymentHandle(
+            self._id.name,
+            self._id.app_name,
+            method_name=self._method if method_name is _UNSET else method_name,
+            stream=self._stream if stream is _UNSET else bool(stream),
+            multiplexed_model_id=self._model_id
+            if multiplexed_model_id is _UNSET
+            else multiplexed_model_id,
+        )
+
+    def __getattr__(self, name: str) -> DeploymentHandle:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.options(method_name=name)
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Start a call; returns a DeploymentResponse (a DeploymentResponseGenerator if stream=True)."""
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, DeploymentResponseGenerator):
+                raise TypeError(
+                    "A DeploymentResponseGenerator cannot be passed to another call; "
+                    "iterate over it and pass the items instead."
+                )
+        runtime = get_runtime()
+        parent = current_request()
+        meta = RequestMetadata(
+            # A request keeps its id across hops so logs and cancellation can follow it.
+            request_id=parent.request_id if parent is not None else RequestMetadata.new_request_id(),
+            app_name=self._id.app_name,
+            deployment=self._id.name,
+            method_name=self._method,
+            stream=self._stream,
+            multiplexed_model_id=self._model_id,
+        )
+        if self._stream:
+            return DeploymentResponseGenerator(runtime, runtime.stream(self._id, meta, args, kwargs))
+        coro = runtime.call(self._id, meta, args, kwargs)
+        if runtime.on_loop_thread():
+            return DeploymentResponse(runtime, task=runtime.loop.create_task(coro))
+        return DeploymentResponse(
+            runtime, future=asyncio.run_coroutine_threadsafe(coro, runtime.loop)
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_handle,
+            (self._id.name, self._id.app_name, self._method, self._stream, self._model_id),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DeploymentHandle) and (
+            self._id, self._method, self._stream, self._model_id
+        ) == (other._id, other._method, other._stream, other._model_id)
+
+    def __hash__(self) -> int:
+        return hash((self._id, self._method, self._stream, self._model_id))
+
+    def __repr__(self) -> str:
+        extra = "" if self._method == "__call__" else f", method_name={self._method!r}"
+        return (
+            f"DeploymentHandle(deployment={self._id.name!r}, app={self._id.app_name!r}{extra})"
+        )
+
+
+def _rebuild_handle(
+    name: str, app: str, method: str, stream: bool, model_id: str
+) -> DeploymentHandle:
+    return DeploymentHandle(
+        name, app, method_name=method, stream=stream, multiplexed_model_id=model_id
+    )
+
+
+def _refuse_blocking_on_loop(what: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"{what} blocks, and this thread runs an event loop; use `await` (or `async for`) "
+        "on the response instead."
+    )
+
+
+class DeploymentResponse:
+    """The future result of a unary call: ``await`` it, or ``.result()`` in sync code.
+
+    Passed as an argument of another ``.remote()`` call, it is replaced by its
+    result before the downstream method runs.
+    """
+
+    __slots__ = ("_runtime", "_task", "_future", "_cancelled", "__weakref__")
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        task: asyncio.Task[Any] | None = None,
+        future: concurrent.futures.Future[Any] | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self._task = task
+        self._future = future
+        self._cancelled = False
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._task is not None and loop is self._runtime.loop:
+            waitable: Any = self._task
+        else:
+            waitable = asyncio.wrap_future(self._concurrent_future())
+        try:
+            return await waitable
+        except asyncio.CancelledError:
+            if self._cancelled:
+                raise self._cancelled_error() from None
+            raise
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        """Block until the result is there (TimeoutError after ``timeout_s``)."""
+        _refuse_blocking_on_loop("DeploymentResponse.result()")
+        future = self._concurrent_future()
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.CancelledError:
+            raise self._cancelled_error() from None
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(
+                f"The response did not arrive within timeout_s={timeout_s}."
+            ) from None
+
+    def cancel(self) -> None:
+        """Cancel the request, here and in every call it made; waiters get RequestCancelledError."""
+        self._cancelled = True
+        if self._future is not None:
+            self._future.cancel()
+        elif self._task is not None:
+            if self._runtime.on_loop_thread():
+                self._task.cancel()
+            else:
+                self._runtime.loop.call_soon_threadsafe(self._task.cancel)
+
+    def _concurrent_future(self) -> concurrent.futures.Future[Any]:
+        if self._future is None:
+            assert self._task is not None
+            task = self._task
+
+            async def wait_task() -> Any:
+                return await task
+
+            self._future = asyncio.run_coroutine_threadsafe(wait_task(), self._runtime.loop)
+        return self._future
+
+    def _cancelled_error(self) -> RequestCancelledError:
+        return RequestCancelledError("The request was cancelled.")
+
+    async def _to_object_ref(self) -> Any:
+        """The result as a Ray ObjectRef (``ray.put``); needs the ``ray`` extra."""
+        ray = _import_ray()
+        return ray.put(await self)
+
+    def _to_object_ref_sync(self) -> Any:
+        ray = _import_ray()
+        return ray.put(self.result())
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(
+            "Converting a response to a Ray ObjectRef needs Ray: "
+            'pip install "tandem-serve[ray]".'
+        ) from None
+    return ray
+
+
+_END = object()
+
+
+class DeploymentResponseGenerator:
+    """The results of a streaming call, as the replica yields them.
+
+    ``async for`` in async code, ``for`` in sync code. Closing it early (or
+    ``.cancel()``) stops the generator in the replica.
+    """
+
+    def __init__(self, runtime: Runtime, source: AsyncIterator[Any]) -> None:
+        self._runtime = runtime
+        self._source = source
+        self._pump: _Pump | None = None
+        self._closed = False
+        if runtime.on_loop_thread():
+            self._pump = _Pump(source)
+        else:
+            pump = self._pump = _Pump(source, start=False)
+            runtime.loop.call_soon_threadsafe(pump.start)
+
+    # async iteration ------------------------------------------------------
+
+    def __aiter__(self) -> DeploymentResponseGenerator:
+        return self
+
+    async def __anext__(self) -> Any:
+        assert self._pump is not None
+        if asyncio.get_running_loop() is self._runtime.loop:
+            item = await self._pump.next()
+        else:
+            item = await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(self._pump.next(), self._runtime.loop)
+            )
+        if item is _END:
+            raise StopAsyncIteration
+        return item
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    # sync iteration -------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        _refuse_blocking_on_loop("Iterating a DeploymentResponseGenerator with `for`")
+        assert self._pump is not None
+        item = asyncio.run_coroutine_threadsafe(self._pump.next(), self._runtime.loop).result()
+        if item is _END:
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the stream in the replica; the next read raises RequestCancelledError."""
+        if self._closed or self._pump is None:
+            return
+        self._closed = True
+        if self._runtime.on_loop_thread():
+            self._pump.cancel()
+        elif not self._runtime.loop.is_closed():
+            self._runtime.loop.call_soon_threadsafe(self._pump.cancel)
+
+    def __del__(self) -> None:
+        pump = self._pump
+        if pump is not None and not self._closed and not pump.finished:
+            try:
+                self.cancel()
+            except RuntimeError:  # the loop is already closed
+                pass
+
+
+class _Pump:
+    """Runs a stream on the loop as a task, buffering items until the reader takes them."""
+
+    def __init__(self, source: AsyncIterator[Any], start: bool = True) -> None:
+        self._source = source
+        self._items: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._cancelled = False
+        self.finished = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        if self._cancelled:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for item in self._source:
+                self._items.put_nowait((True, item))
+            self._items.put_nowait((True, _END))
+        except asyncio.CancelledError:
+            self._items.put_nowait(
+                (False, RequestCancelledError("The streaming request was cancelled."))
+            )
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+            self._items.put_nowait((False, exc))
+        finally:
+            self.finished = True
+
+    async def next(self) -> Any:
+        if self.finished and self._items.empty():
+            if self._cancelled:
+                raise RequestCancelledError("The streaming request was cancelled.")
+            return _END
+        ok, value = await self._items.get()
+        if not ok:
+            self._items.put_nowait((ok, value))  # later reads fail the same way
+            raise value
+        if value is _END:
+            self._items.put_nowait((True, _END))
+        return value
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        elif self._task is None:
+            self.finished = True
+            self._items.put_nowait(
+                (False, RequestCancelledError("The streaming request was cancelled."))
+            )
