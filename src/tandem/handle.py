@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import AsyncIterator, Generator, Iterator
+import threading
+from collections.abc import AsyncIterator, Coroutine, Generator, Iterator
 from typing import Any
 
 from tandem._private.context import DeploymentID, RequestMetadata, current_request
@@ -81,8 +82,11 @@ class DeploymentHandle:
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Start a call; returns a DeploymentResponse (a DeploymentResponseGenerator if stream=True)."""
-        for value in (*args, *kwargs.values()):
-            if isinstance(value, DeploymentResponseGenerator):
+        pending = None
+        for value in (*args, *kwargs.values()) if (args or kwargs) else ():
+            if isinstance(value, DeploymentResponse):
+                pending = DeploymentResponse
+            elif isinstance(value, DeploymentResponseGenerator):
                 raise TypeError(
                     "A DeploymentResponseGenerator cannot be passed to another call; "
                     "iterate over it and pass the items instead."
@@ -91,21 +95,18 @@ class DeploymentHandle:
         parent = current_request()
         meta = RequestMetadata(
             # A request keeps its id across hops so logs and cancellation can follow it.
-            request_id=parent.request_id if parent is not None else RequestMetadata.new_request_id(),
-            app_name=self._id.app_name,
-            deployment=self._id.name,
-            method_name=self._method,
-            stream=self._stream,
-            multiplexed_model_id=self._model_id,
+            parent.request_id if parent is not None else RequestMetadata.new_request_id(),
+            self._id.app_name,
+            self._id.name,
+            self._method,
+            self._stream,
+            self._model_id,
         )
         if self._stream:
-            return DeploymentResponseGenerator(runtime, runtime.stream(self._id, meta, args, kwargs))
-        coro = runtime.call(self._id, meta, args, kwargs)
-        if runtime.on_loop_thread():
-            return DeploymentResponse(runtime, task=runtime.loop.create_task(coro))
-        return DeploymentResponse(
-            runtime, future=asyncio.run_coroutine_threadsafe(coro, runtime.loop)
-        )
+            return DeploymentResponseGenerator(
+                runtime, runtime.stream(self._id, meta, args, kwargs, pending)
+            )
+        return DeploymentResponse(runtime, runtime.call(self._id, meta, args, kwargs, pending))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
@@ -154,31 +155,46 @@ class DeploymentResponse:
     result before the downstream method runs.
     """
 
-    __slots__ = ("_runtime", "_task", "_future", "_cancelled", "__weakref__")
+    __slots__ = ("_runtime", "_task", "_latch", "_cancelled", "__weakref__")
 
-    def __init__(
-        self,
-        runtime: Runtime,
-        *,
-        task: asyncio.Task[Any] | None = None,
-        future: concurrent.futures.Future[Any] | None = None,
-    ) -> None:
+    def __init__(self, runtime: Runtime, coro: Coroutine[Any, Any, Any]) -> None:
         self._runtime = runtime
-        self._task = task
-        self._future = future
+        self._task: asyncio.Task[Any] | None = None
         self._cancelled = False
+        if runtime.on_loop_thread():
+            self._latch: threading.Lock | None = None
+            self._start(coro)
+        else:
+            # Released when the task ends: the cheapest way to wake a waiting thread.
+            self._latch = threading.Lock()
+            self._latch.acquire()
+            runtime.loop.call_soon_threadsafe(self._start, coro)
+
+    def _start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = self._task = self._runtime.loop.create_task(coro)
+        task.add_done_callback(self._on_done)
+        if self._cancelled:
+            task.cancel()
+
+    def _on_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled():
+            task.exception()  # a result nobody asks for is not an error worth logging
+        if self._latch is not None:
+            self._latch.release()
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self._wait().__await__()
 
     async def _wait(self) -> Any:
         loop = asyncio.get_running_loop()
-        if self._task is not None and loop is self._runtime.loop:
-            waitable: Any = self._task
-        else:
-            waitable = asyncio.wrap_future(self._concurrent_future())
+        if loop is not self._runtime.loop:
+            # Awaited on another event loop (e.g. the user's own asyncio program).
+            future = asyncio.run_coroutine_threadsafe(self._wait(), self._runtime.loop)
+            return await asyncio.wrap_future(future)
+        while self._task is None:  # made off the loop; its start is already queued
+            await asyncio.sleep(0)
         try:
-            return await waitable
+            return await self._task
         except asyncio.CancelledError:
             if self._cancelled:
                 raise self._cancelled_error() from None
@@ -187,37 +203,39 @@ class DeploymentResponse:
     def result(self, timeout_s: float | None = None) -> Any:
         """Block until the result is there (TimeoutError after ``timeout_s``)."""
         _refuse_blocking_on_loop("DeploymentResponse.result()")
-        future = self._concurrent_future()
-        try:
-            return future.result(timeout_s)
-        except concurrent.futures.CancelledError:
-            raise self._cancelled_error() from None
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(
-                f"The response did not arrive within timeout_s={timeout_s}."
-            ) from None
+        latch = self._latch
+        if latch is None:
+            # Made on the loop and read from a thread: wait through the loop.
+            future = asyncio.run_coroutine_threadsafe(self._wait(), self._runtime.loop)
+            try:
+                return future.result(timeout_s)
+            except concurrent.futures.TimeoutError:
+                raise self._timeout_error(timeout_s) from None
+        if not latch.acquire(timeout=-1 if timeout_s is None else max(timeout_s, 0)):
+            raise self._timeout_error(timeout_s)
+        latch.release()  # let every other waiter through as well
+        task = self._task
+        assert task is not None
+        if task.cancelled():
+            raise self._cancelled_error()
+        error = task.exception()
+        if error is not None:
+            raise error
+        return task.result()
 
     def cancel(self) -> None:
         """Cancel the request, here and in every call it made; waiters get RequestCancelledError."""
         self._cancelled = True
-        if self._future is not None:
-            self._future.cancel()
-        elif self._task is not None:
-            if self._runtime.on_loop_thread():
-                self._task.cancel()
-            else:
-                self._runtime.loop.call_soon_threadsafe(self._task.cancel)
+        task = self._task
+        if task is None:
+            return  # _start sees the flag and cancels at once
+        if self._runtime.on_loop_thread():
+            task.cancel()
+        elif not self._runtime.loop.is_closed():
+            self._runtime.loop.call_soon_threadsafe(task.cancel)
 
-    def _concurrent_future(self) -> concurrent.futures.Future[Any]:
-        if self._future is None:
-            assert self._task is not None
-            task = self._task
-
-            async def wait_task() -> Any:
-                return await task
-
-            self._future = asyncio.run_coroutine_threadsafe(wait_task(), self._runtime.loop)
-        return self._future
+    def _timeout_error(self, timeout_s: float | None) -> TimeoutError:
+        return TimeoutError(f"The response did not arrive within timeout_s={timeout_s}.")
 
     def _cancelled_error(self) -> RequestCancelledError:
         return RequestCancelledError("The request was cancelled.")

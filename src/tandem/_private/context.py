@@ -7,6 +7,7 @@ replica sets them around every constructor and method call it makes.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ class ReplicaContext:
     replica_id: str
     rank: int
     world_size: int
-    _servable: Any = field(default=None, repr=False, compare=False)
+    _replica: Any = field(default=None, repr=False, compare=False)
 
     @property
     def replica_tag(self) -> str:
@@ -40,11 +41,11 @@ class ReplicaContext:
 
     @property
     def servable_object(self) -> Any:
-        holder = self._servable
-        return holder() if callable(holder) else holder
+        """The user's instance this replica serves (None once it stopped)."""
+        return None if self._replica is None else self._replica.servable
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestMetadata:
     """Travels with every call: identifies it and carries its routing hints."""
 
@@ -58,7 +59,12 @@ class RequestMetadata:
 
     @staticmethod
     def new_request_id() -> str:
-        return uuid.uuid4().hex
+        return f"{_ID_PREFIX}{next(_id_counter):x}"
+
+
+# Unique across processes (random prefix) and cheap per request (a counter).
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_id_counter = itertools.count(1)
 
 
 _replica_context: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(

@@ -16,8 +16,6 @@ import gc
 import inspect
 import weakref
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future as ConcurrentFuture
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,16 +27,15 @@ from tandem._private.context import (
     _replica_context,
     _request,
 )
+from tandem._private.workers import WorkerThreads
 from tandem.exceptions import ReplicaUnavailableError
 
-_current_replica: contextvars.ContextVar[Replica | None] = contextvars.ContextVar(
-    "tandem_current_replica", default=None
-)
 _DONE = object()
 
 
 def current_replica() -> Replica | None:
-    return _current_replica.get()
+    context = _replica_context.get()
+    return None if context is None else context._replica  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -53,6 +50,25 @@ class ReplicaSpec:
     options: DeploymentOptions
     rank: int = 0
     world_size: int = 1
+
+
+@dataclass(frozen=True)
+class _Method:
+    """A user method and how to run it."""
+
+    fn: Callable[..., Any]
+    is_async: bool  # a coroutine function or an async generator function
+    is_generator: bool
+
+    @staticmethod
+    def of(fn: Callable[..., Any]) -> _Method:
+        call = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)
+        is_asyncgen = inspect.isasyncgenfunction(call)
+        return _Method(
+            fn,
+            is_async=inspect.iscoroutinefunction(call) or is_asyncgen,
+            is_generator=is_asyncgen or inspect.isgeneratorfunction(call),
+        )
 
 
 class _Slot:
@@ -81,7 +97,7 @@ class Replica:
         self._options = spec.options
         self._is_function = not inspect.isclass(spec.target)
         self._obj: Any = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._workers: WorkerThreads | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._capacity = spec.options.max_ongoing_requests
         self._in_flight = 0
@@ -95,12 +111,14 @@ class Replica:
             replica_id=spec.replica_id,
             rank=spec.rank,
             world_size=spec.world_size,
-            _servable=self._servable,
+            _replica=self,
         )
+        self._methods: dict[str, _Method] = {}
         # Per-replica state of @multiplexed loaders, keyed by the loader.
         self.multiplex_caches: dict[Any, Any] = {}
 
-    def _servable(self) -> Any:
+    @property
+    def servable(self) -> Any:
         return self._obj
 
     @property
@@ -124,15 +142,17 @@ class Replica:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._pool = ThreadPoolExecutor(
-            max_workers=self._capacity + 1, thread_name_prefix=f"tandem-{self.name}"
-        )
+        self._workers = WorkerThreads(self._capacity + 1, f"tandem-{self.name}")
         if self._is_function:
             self._obj = self.spec.target
         else:
-            self._obj = await self._run_in_thread(
-                self.spec.target, self.spec.init_args, self.spec.init_kwargs
-            )
+            token = _replica_context.set(self.context)
+            try:
+                self._obj = await self._run_in_thread(
+                    self.spec.target, self.spec.init_args, self.spec.init_kwargs
+                )
+            finally:
+                _replica_context.reset(token)
         if self._options.user_config is not None:
             await self.reconfigure(self._options.user_config)
         self._accepting = True
@@ -174,13 +194,14 @@ class Replica:
             if not waiter.done():
                 waiter.set_exception(self._unavailable())
         self._waiters.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._workers is not None:
+            self._workers.shutdown()
         self.multiplex_caches.clear()
         self._destroy()
 
     def _destroy(self) -> None:
         obj, self._obj = self._obj, None
+        self._methods.clear()
         if obj is None or self._is_function:
             return
         ref = _weakref_or_none(obj)
@@ -192,8 +213,8 @@ class Replica:
 
     async def call(self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Serve one unary call."""
-        method = self._method(meta.method_name)
-        if inspect.isgeneratorfunction(method) or inspect.isasyncgenfunction(method):
+        method = self._methods.get(meta.method_name) or self._method(meta.method_name)
+        if method.is_generator:
             raise TypeError(
                 f"Method {meta.method_name!r} of deployment {self.name!r} is a generator; "
                 "call it through a handle with .options(stream=True)."
@@ -201,9 +222,11 @@ class Replica:
         slot = await self._acquire()
         req_token = _request.set(meta)
         ctx_token = _replica_context.set(self.context)
-        rep_token = _current_replica.set(self)
         try:
-            result = await self._invoke(method, args, kwargs, slot)
+            if method.is_async:
+                result = await method.fn(*args, **kwargs)
+            else:
+                result = await self._run_in_thread(method.fn, args, kwargs, slot)
             if inspect.isgenerator(result) or inspect.isasyncgen(result):
                 _close_quietly(result)
                 raise TypeError(
@@ -212,7 +235,6 @@ class Replica:
                 )
             return result
         finally:
-            _current_replica.reset(rep_token)
             _replica_context.reset(ctx_token)
             _request.reset(req_token)
             if not slot.held_by_thread:
@@ -222,35 +244,34 @@ class Replica:
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]:
         """Serve one streaming call: yield what the user's generator yields, as it yields it."""
-        method = self._method(meta.method_name)
+        method = self._methods.get(meta.method_name) or self._method(meta.method_name)
+        if not method.is_generator:
+            raise TypeError(
+                f"Method {meta.method_name!r} of deployment {self.name!r} is not a "
+                "generator; call it without stream=True."
+            )
         slot = await self._acquire()
         req_token = _request.set(meta)
         ctx_token = _replica_context.set(self.context)
-        rep_token = _current_replica.set(self)
         try:
-            if inspect.isasyncgenfunction(method):
-                agen = method(*args, **kwargs)
+            if method.is_async:
+                agen = method.fn(*args, **kwargs)
                 try:
                     async for item in agen:
                         yield item
                 finally:
                     await agen.aclose()
-            elif inspect.isgeneratorfunction(method):
-                async for item in self._iterate_in_thread(method(*args, **kwargs), slot):
-                    yield item
             else:
-                raise TypeError(
-                    f"Method {meta.method_name!r} of deployment {self.name!r} is not a "
-                    "generator; call it without stream=True."
-                )
+                async for item in self._iterate_in_thread(method.fn(*args, **kwargs), slot):
+                    yield item
         finally:
-            _current_replica.reset(rep_token)
             _replica_context.reset(ctx_token)
             _request.reset(req_token)
             if not slot.held_by_thread:
                 slot.release()
 
-    def _method(self, name: str) -> Callable[..., Any]:
+    def _method(self, name: str) -> _Method:
+        """Look a method up once; later calls find it in ``self._methods``."""
         if self._stopped or self._obj is None:
             raise self._unavailable()
         if self._is_function:
@@ -259,24 +280,20 @@ class Replica:
                     f"Deployment {self.name!r} is a function and has no method {name!r}; "
                     "call the handle itself: handle.remote(...)."
                 )
-            return self._obj  # type: ignore[no-any-return]
-        method = getattr(self._obj, name, None) if not name.startswith("__") or name == "__call__" else None
-        if method is None or not callable(method):
-            raise AttributeError(f"Deployment {self.name!r} has no method {name!r}.")
-        return method  # type: ignore[no-any-return]
+            fn = self._obj
+        else:
+            private = name.startswith("__") and name != "__call__"
+            fn = None if private else getattr(self._obj, name, None)
+            if fn is None or not callable(fn):
+                raise AttributeError(f"Deployment {self.name!r} has no method {name!r}.")
+        method = _Method.of(fn)
+        self._methods[name] = method
+        return method
 
-    async def _invoke(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        slot: _Slot | None = None,
-    ) -> Any:
-        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None)
-        ):
+    async def _invoke(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if _Method.of(fn).is_async:
             return await fn(*args, **kwargs)
-        return await self._run_in_thread(fn, args, kwargs, slot)
+        return await self._run_in_thread(fn, args, kwargs)
 
     async def _run_in_thread(
         self,
@@ -285,47 +302,40 @@ class Replica:
         kwargs: dict[str, Any],
         slot: _Slot | None = None,
     ) -> Any:
-        assert self._pool is not None
-        ctx = contextvars.copy_context()
-        ctx.run(_replica_context.set, self.context)
-        ctx.run(_current_replica.set, self)
-        call = functools.partial(fn, *args, **kwargs) if kwargs else fn
-        future = self._pool.submit(ctx.run, call, *(() if kwargs else args))
+        assert self._workers is not None and self._loop is not None
+        if kwargs:
+            fn, args = functools.partial(fn, *args, **kwargs), ()
+        job = self._workers.run(self._loop, contextvars.copy_context(), fn, args)
         try:
-            return await asyncio.wrap_future(future)
+            return await job.future
         except asyncio.CancelledError:
             # The thread cannot be interrupted: keep its slot until it really ends.
-            if slot is not None and not future.done():
+            if slot is not None and not job.future.done():
                 slot.held_by_thread = True
-                loop = self._loop
-                assert loop is not None
-                future.add_done_callback(
-                    lambda _: loop.call_soon_threadsafe(slot.release)
-                )
+                job.on_finished = slot.release
             raise
 
     async def _iterate_in_thread(self, gen: Any, slot: _Slot) -> AsyncIterator[Any]:
-        assert self._pool is not None
-        ctx = contextvars.copy_context()
-        pending: ConcurrentFuture[Any] | None = None
+        assert self._workers is not None and self._loop is not None
+        context = contextvars.copy_context()
+        job = None
         try:
             while True:
-                pending = self._pool.submit(ctx.run, next, gen, _DONE)
-                item = await asyncio.wrap_future(pending)
+                job = self._workers.run(self._loop, context, next, (gen, _DONE))
+                item = await job.future
                 if item is _DONE:
                     return
                 yield item
         finally:
-            if pending is not None and not pending.done():
+            if job is not None and not job.future.done():
+                # Still inside next(): close the generator once the thread leaves it.
                 slot.held_by_thread = True
-                loop = self._loop
-                assert loop is not None
 
-                def close_after(_: Any) -> None:
+                def close_then_release() -> None:
                     gen.close()
-                    loop.call_soon_threadsafe(slot.release)
+                    slot.release()
 
-                pending.add_done_callback(close_after)
+                job.on_finished = close_then_release
             else:
                 gen.close()
 

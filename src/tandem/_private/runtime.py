@@ -134,9 +134,16 @@ class Runtime:
     # -- requests (coroutines that run on the loop) ------------------------
 
     async def call(
-        self, deployment_id: DeploymentID, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        deployment_id: DeploymentID,
+        meta: RequestMetadata,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        pending: type | None = None,
     ) -> Any:
-        args, kwargs = await resolve_arguments(args, kwargs)
+        """One unary request; ``pending`` is the type of arguments to await first, if any."""
+        if pending is not None:
+            args, kwargs = await resolve_arguments(args, kwargs, pending)
         router = self.router(deployment_id)
         routed = await router.assign(meta)
         try:
@@ -145,9 +152,16 @@ class Runtime:
             router.release(routed)
 
     async def stream(
-        self, deployment_id: DeploymentID, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        deployment_id: DeploymentID,
+        meta: RequestMetadata,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        pending: type | None = None,
     ) -> AsyncIterator[Any]:
-        args, kwargs = await resolve_arguments(args, kwargs)
+        """One streaming request; see :meth:`call`."""
+        if pending is not None:
+            args, kwargs = await resolve_arguments(args, kwargs, pending)
         router = self.router(deployment_id)
         routed = await router.assign(meta)
         try:
@@ -158,15 +172,11 @@ class Runtime:
 
 
 async def resolve_arguments(
-    args: tuple[Any, ...], kwargs: dict[str, Any]
+    args: tuple[Any, ...], kwargs: dict[str, Any], pending: type
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Replace top-level DeploymentResponse arguments with their results (chaining)."""
-    from tandem.handle import DeploymentResponse
-
-    if any(isinstance(a, DeploymentResponse) for a in args):
-        args = tuple([await a if isinstance(a, DeploymentResponse) else a for a in args])
-    if any(isinstance(v, DeploymentResponse) for v in kwargs.values()):
-        kwargs = {k: await v if isinstance(v, DeploymentResponse) else v for k, v in kwargs.items()}
+    """Replace top-level arguments of type ``pending`` (responses) with their results."""
+    args = tuple([await a if isinstance(a, pending) else a for a in args])
+    kwargs = {k: await v if isinstance(v, pending) else v for k, v in kwargs.items()}
     return args, kwargs
 
 

@@ -1,0 +1,116 @@
+"""The seed's chain app (Ingress -> Adder -> Multiplier) called from the driver.
+
+Prints run()-to-first-answer time, sequential latency (p50/p99) and throughput
+with 16 caller threads. Usage: python benchmarks/handle.py [--backend local] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+import tandem as serve
+from tandem.handle import DeploymentHandle, DeploymentResponse
+
+# Ray Serve 2.60 on the reference 2-core machine (DESIGN.md).
+RAY_SERVE_P50_MS = 11.4
+RAY_SERVE_THREADS_CALLS_S = 41.0
+RAY_SERVE_RUN_S = 3.5
+
+
+@serve.deployment
+class Adder:
+    def __init__(self, increment: int):
+        self._increment = increment
+
+    def __call__(self, val: int) -> int:
+        return val + self._increment
+
+
+@serve.deployment
+class Multiplier:
+    def __init__(self, multiple: int):
+        self._multiple = multiple
+
+    def __call__(self, val: int) -> int:
+        return val * self._multiple
+
+
+@serve.deployment
+class Ingress:
+    def __init__(self, adder: DeploymentHandle, multiplier: DeploymentHandle):
+        self._adder = adder
+        self._multiplier = multiplier
+
+    async def __call__(self, input: int) -> int:
+        adder_response: DeploymentResponse = self._adder.remote(input)
+        multiplier_response: DeploymentResponse = self._multiplier.remote(adder_response)
+        return await multiplier_response
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--backend", default="local")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=16)
+    args = parser.parse_args()
+
+    app = Ingress.bind(Adder.bind(increment=1), Multiplier.bind(multiple=2))
+    start = time.perf_counter()
+    handle = serve.run(app, backend=args.backend)
+    assert handle.remote(5).result() == 12
+    first_answer = time.perf_counter() - start
+
+    for i in range(200):  # warm up
+        handle.remote(i).result()
+    latencies = []
+    deadline = time.perf_counter() + args.seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        handle.remote(1).result()
+        latencies.append(time.perf_counter() - t0)
+
+    counts = [0] * args.threads
+    stop = threading.Event()
+
+    def caller(slot: int) -> None:
+        while not stop.is_set():
+            handle.remote(slot).result()
+            counts[slot] += 1
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(args.threads)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(args.seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    throughput = sum(counts) / (time.perf_counter() - t0)
+    serve.shutdown()
+
+    p50 = percentile(latencies, 0.50) * 1e3
+    p99 = percentile(latencies, 0.99) * 1e3
+    print(f"backend: {args.backend}")
+    print(f"run() to first answer: {first_answer:.3f} s  (Ray Serve 2.60: {RAY_SERVE_RUN_S} s)")
+    print(
+        f"sequential: {len(latencies)} calls, p50 {p50:.3f} ms, p99 {p99:.3f} ms, "
+        f"mean {statistics.mean(latencies) * 1e3:.3f} ms  (Ray Serve 2.60 p50: {RAY_SERVE_P50_MS} ms, "
+        f"{RAY_SERVE_P50_MS / p50:.0f}x faster)"
+    )
+    print(
+        f"{args.threads} caller threads: {throughput:,.0f} calls/s  "
+        f"(Ray Serve 2.60: {RAY_SERVE_THREADS_CALLS_S:.0f} calls/s, "
+        f"{throughput / RAY_SERVE_THREADS_CALLS_S:.0f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
