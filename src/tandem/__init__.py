@@ -5,6 +5,7 @@ tandem after ``from ray import serve`` becomes ``import tandem as serve``.
 """
 
 from tandem._private.api import (
+    start,
     delete,
     get_app_handle,
     get_deployment_handle,
@@ -43,5 +44,6 @@ __all__ = [
     "multiplexed",
     "run",
     "shutdown",
+    "start",
     "status",
 ]

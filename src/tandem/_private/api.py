@@ -7,11 +7,16 @@ process; they run the controller's coroutines on the runtime's loop and wait.
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
 from tandem._private.backends import create_backend, resolve_backend_name
+from tandem._private.config import describe_validation_error
+from tandem._private.http.options import HTTPOptions
 from tandem._private.context import DeploymentID, current_replica_context
 from tandem._private.controller import Controller
 from tandem._private.deployment import Application, Deployment
@@ -23,6 +28,79 @@ from tandem.handle import DeploymentHandle
 
 _lock = threading.RLock()
 _DEFAULT_PREFIX = "/"
+logger = logging.getLogger("tandem")
+
+
+class _Settings:
+    """What start() configured for the next runtime of this process."""
+
+    http_options: HTTPOptions = HTTPOptions()
+    serve_http: bool = True
+
+
+_settings = _Settings()
+
+
+def start(
+    *,
+    http_options: HTTPOptions | dict[str, Any] | None = None,
+    proxy_location: str | None = None,
+    **_ignored: Any,
+) -> None:
+    """Configure HTTP before applications run (Ray Serve's ``serve.start``).
+
+    ``http_options``: host, port (0 picks a free one), request_timeout_s, ...;
+    ``proxy_location="Disabled"`` serves no HTTP. If an HTTP server already
+    runs with other options, it is restarted with these.
+    """
+    with _lock:
+        if http_options is not None:
+            try:
+                _settings.http_options = (
+                    http_options
+                    if isinstance(http_options, HTTPOptions)
+                    else HTTPOptions.model_validate(http_options)
+                )
+            except ValidationError as exc:
+                raise ValueError(describe_validation_error(exc, "http_options")) from None
+        if proxy_location is not None:
+            if proxy_location not in ("Disabled", "HeadOnly", "EveryNode"):
+                raise ValueError(
+                    f"proxy_location must be 'Disabled', 'HeadOnly' or 'EveryNode', "
+                    f"got {proxy_location!r}."
+                )
+            _settings.serve_http = proxy_location != "Disabled"
+        runtime = current_runtime()
+        if runtime is not None and runtime.is_open and runtime.http is not None:
+            runtime.run_sync(_stop_http(runtime))
+            if _settings.serve_http:
+                _ensure_http(runtime)
+
+
+def http_url() -> str | None:
+    """The base URL of this process's HTTP proxy, if one is running."""
+    runtime = current_runtime()
+    if runtime is None or runtime.http is None:
+        return None
+    return str(runtime.http.url)
+
+
+def _ensure_http(runtime: Runtime) -> None:
+    """Start the proxy once, on the runtime's loop; a taken port is a warning, not a failure."""
+    if runtime.http is not None or not _settings.serve_http:
+        return
+    from tandem._private.http.app import open_http
+
+    try:
+        runtime.http = runtime.run_sync(open_http(runtime, _settings.http_options))
+    except OSError as exc:
+        logger.warning("%s Handles still work; HTTP is not served.", exc.strerror or exc)
+
+
+async def _stop_http(runtime: Runtime, timeout_s: float = 20.0) -> None:
+    http, runtime.http = runtime.http, None
+    if http is not None:
+        await http.stop(timeout_s)
 
 
 def _normalize_route_prefix(route_prefix: str | None) -> str | None:
@@ -107,6 +185,8 @@ def run(
     spec = build_application(target, name, prefix)
     runtime = _start(backend_name)
     runtime.run_sync(_controller(runtime).deploy(spec))
+    if prefix is not None:
+        _ensure_http(runtime)
     handle = DeploymentHandle(spec.ingress, name)
     if blocking:
         try:
@@ -135,6 +215,8 @@ def shutdown() -> None:
             raise RuntimeError("tandem.shutdown() cannot be called from inside a deployment.")
         set_runtime(None)
         try:
+            if runtime.is_open:
+                runtime.run_sync(_stop_http(runtime), timeout=60)
             if runtime.is_open and runtime.controller is not None:
                 runtime.run_sync(runtime.controller.close(), timeout=120)
         finally:

@@ -102,6 +102,7 @@ class Controller:
         self._exited: set[str] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self.route_table: tuple[tuple[str, str, str], ...] = ()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -131,11 +132,20 @@ class Controller:
         return None if app is None else app.spec.ingress
 
     def route_prefixes(self) -> dict[str, str]:
-        return {
-            app.spec.route_prefix: name
+        return {prefix: app for prefix, app, _ in self.route_table}
+
+    def routes(self) -> tuple[tuple[str, str, str], ...]:
+        """(prefix, application, ingress) of every running application, longest prefix first."""
+        return self.route_table
+
+    def _refresh_routes(self) -> None:
+        table = [
+            (app.spec.route_prefix, name, app.spec.ingress)
             for name, app in self._apps.items()
-            if app.spec.route_prefix is not None
-        }
+            if app.spec.route_prefix is not None and app.status != ApplicationState.DELETING
+        ]
+        table.sort(key=lambda route: len(route[0]), reverse=True)
+        self.route_table = tuple(table)
 
     async def deploy(self, spec: ApplicationSpec) -> None:
         """Deploy or update one application; return once all its replicas serve."""
@@ -179,6 +189,7 @@ class Controller:
                     del self._apps[spec.name]
                 else:
                     self._apps[spec.name] = old
+                self._refresh_routes()
                 if isinstance(exc, _StartFailed):
                     raise _failure_error(exc) from exc.error.error
                 raise
@@ -268,6 +279,7 @@ class Controller:
                     retired.extend(record.replicas)
         app.status = ApplicationState.UNHEALTHY if problems else ApplicationState.RUNNING
         app.message = " ".join(problems)
+        self._refresh_routes()
         self._in_background(self._stop_replicas(retired))
         if problems:
             raise DeploymentFailedError(
@@ -284,12 +296,14 @@ class Controller:
     async def _remove_app(self, name: str) -> None:
         app = self._apps[name]
         app.status = ApplicationState.DELETING
+        self._refresh_routes()
         replicas: list[ReplicaRecord] = []
         for record in app.deployments.values():
             self._publish(record, replicas=(), state="deleted")
             replicas.extend(record.replicas)
         await self._stop_replicas(replicas)
         del self._apps[name]
+        self._refresh_routes()
 
     def _check_route_prefix(self, spec: ApplicationSpec) -> None:
         if spec.route_prefix is None:

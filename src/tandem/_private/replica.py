@@ -28,6 +28,9 @@ from tandem._private.context import (
     _request,
 )
 from tandem._private.workers import WorkerThreads
+
+# The method name the HTTP proxy calls (kept here so replicas need no HTTP import).
+HTTP_METHOD = "__tandem_http__"
 from tandem.exceptions import ReplicaUnavailableError
 
 _DONE = object()
@@ -243,9 +246,14 @@ class Replica:
     async def stream(
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]:
-        """Serve one streaming call: yield what the user's generator yields, as it yields it."""
-        method = self._methods.get(meta.method_name) or self._method(meta.method_name)
-        if not method.is_generator:
+        """Serve one streaming call: yield what the user's generator yields, as it yields it.
+
+        An HTTP request (method ``HTTP_METHOD``) is a streaming call too: it
+        yields the ASGI messages of the response.
+        """
+        http = meta.method_name == HTTP_METHOD
+        method = None if http else self._methods.get(meta.method_name) or self._method(meta.method_name)
+        if method is not None and not method.is_generator:
             raise TypeError(
                 f"Method {meta.method_name!r} of deployment {self.name!r} is not a "
                 "generator; call it without stream=True."
@@ -254,21 +262,46 @@ class Replica:
         req_token = _request.set(meta)
         ctx_token = _replica_context.set(self.context)
         try:
-            if method.is_async:
-                agen = method.fn(*args, **kwargs)
-                try:
-                    async for item in agen:
-                        yield item
-                finally:
-                    await agen.aclose()
+            if method is None:
+                source = self._serve_http(args[0], slot)
+            elif method.is_async:
+                source = method.fn(*args, **kwargs)
             else:
-                async for item in self._iterate_in_thread(method.fn(*args, **kwargs), slot):
+                source = self._iterate_in_thread(method.fn(*args, **kwargs), slot)
+            try:
+                async for item in source:
                     yield item
+            finally:
+                await source.aclose()
         finally:
             _replica_context.reset(ctx_token)
             _request.reset(req_token)
             if not slot.held_by_thread:
                 slot.release()
+
+    def _serve_http(self, data: Any, slot: _Slot) -> AsyncIterator[Any]:
+        from tandem._private.http.bridge import serve_http
+
+        if self._obj is None:
+            raise self._unavailable()
+        asgi_app = getattr(self._obj, "__tandem_asgi_app__", None)
+        if asgi_app is not None:
+            return serve_http(data, None, asgi_app)
+        method = self._methods.get("__call__") or self._method("__call__")
+
+        async def call(request: Any) -> Any:
+            if method.is_generator:
+                from starlette.responses import StreamingResponse
+
+                items = method.fn(request)
+                if not method.is_async:
+                    items = self._iterate_in_thread(items, slot)
+                return StreamingResponse(items)
+            if method.is_async:
+                return await method.fn(request)
+            return await self._run_in_thread(method.fn, (request,), {}, slot)
+
+        return serve_http(data, call, None)
 
     def _method(self, name: str) -> _Method:
         """Look a method up once; later calls find it in ``self._methods``."""

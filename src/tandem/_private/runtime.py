@@ -45,6 +45,7 @@ class Runtime:
         self._routers: dict[DeploymentID, Router] = {}
         self.controller: Controller | None = None
         self.backend_name = ""
+        self.http: Any = None  # the HTTP server, in the process that serves HTTP
 
     # -- lifecycle ---------------------------------------------------------
 

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Project tasks that work on a fresh machine with only Python and pip.
+
+    python3 dev.py serve   serve examples/hello.py on http://127.0.0.1:8000
+    python3 dev.py test    run the whole test suite
+
+Each task first makes sure ``.venv`` exists and has tandem installed (editable,
+with its development extras); it reinstalls only when pyproject.toml changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".dev-stamp"
+
+
+def ensure_venv() -> None:
+    if sys.version_info < (3, 10):
+        sys.exit(f"tandem needs Python >= 3.10; this is {sys.version.split()[0]}.")
+    if not PYTHON.exists():
+        print("Creating .venv ...", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    print("Installing tandem and its development dependencies into .venv ...", flush=True)
+    pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
+    STAMP.write_text(wanted)
+
+
+def main() -> int:
+    task = sys.argv[1] if len(sys.argv) > 1 else ""
+    rest = sys.argv[2:]
+    if task not in ("serve", "test"):
+        print(__doc__)
+        return 2
+    ensure_venv()
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if task == "serve":
+        command = [str(BIN / "tandem"), "run", "hello:language_classifier", *rest]
+        return subprocess.call(command, cwd=ROOT / "examples", env=env)
+    return subprocess.call([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

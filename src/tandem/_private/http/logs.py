@@ -1,0 +1,69 @@
+"""The access log: one line per HTTP request, as text or JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+access_logger = logging.getLogger("tandem.access")
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
+
+    _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in self._STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "INFO", json_format: bool = False) -> None:
+    """Set up tandem's loggers for a server process (the CLI calls this once)."""
+    handler = logging.StreamHandler()
+    if json_format:
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    logger = logging.getLogger("tandem")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+def log_access(
+    method: str, path: str, status: int, seconds: float, request_id: str, app: str | None
+) -> None:
+    if not access_logger.isEnabledFor(logging.INFO):
+        return
+    access_logger.info(
+        "%s %s %d %.1fms %s",
+        method,
+        path,
+        status,
+        seconds * 1e3,
+        request_id,
+        extra={
+            "method": method,
+            "path": path,
+            "status": status,
+            "latency_ms": round(seconds * 1e3, 3),
+            "request_id": request_id,
+            "application": app,
+        },
+    )

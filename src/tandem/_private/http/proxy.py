@@ -1,0 +1,284 @@
+"""The proxy: an ASGI app that sends each HTTP request to its application's ingress.
+
+It picks the application by the longest matching ``route_prefix``, reads the
+body, and streams the ingress replica's ASGI messages back to the client. A
+client that disconnects, or a request past ``request_timeout_s``, cancels the
+request in the ingress and in every call it made. Errors in user code become a
+500 carrying a request id (also in the ``X-Request-Id`` header and the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tandem._private.context import DeploymentID, RequestMetadata
+from tandem._private.http.admin import Admin
+from tandem._private.http.bridge import HTTP_METHOD, HTTPRequestData
+from tandem._private.http.logs import log_access
+from tandem._private.http.metrics import ProxyMetrics
+from tandem._private.http.options import HTTPOptions
+from tandem._private.runtime import Runtime
+from tandem.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    RequestCancelledError,
+)
+
+logger = logging.getLogger("tandem.proxy")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+RouteTable = Callable[[], tuple[tuple[str, str, str], ...]]
+
+_MODEL_ID_HEADERS = (b"serve_multiplexed_model_id", b"serve-multiplexed-model-id")
+
+
+class _Stop(Exception):
+    """Why the proxy cancelled a request: the client left, or time ran out."""
+
+
+def match_route(routes: tuple[tuple[str, str, str], ...], path: str) -> tuple[str, str, str] | None:
+    """The (prefix, app, ingress) whose prefix is the longest match of ``path``.
+
+    ``routes`` is sorted longest prefix first; "/api" matches "/api" and
+    "/api/x" but not "/apix".
+    """
+    for route in routes:
+        prefix = route[0]
+        if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+            return route
+    return None
+
+
+class Proxy:
+    """See the module docstring. ``routes()`` returns the current route table."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        routes: RouteTable,
+        admin: Admin,
+        options: HTTPOptions,
+        metrics: ProxyMetrics,
+    ) -> None:
+        self._runtime = runtime
+        self._routes = routes
+        self._admin = admin
+        self._options = options
+        self.metrics = metrics
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+        else:  # websockets are not served (yet): refuse politely
+            if kind == "websocket":
+                await send({"type": "websocket.close", "code": 1003})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        if path.startswith("/-/") or path == "/metrics":
+            await self._admin(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _header(scope, b"x-request-id") or RequestMetadata.new_request_id()
+        route = match_route(self._routes(), path)
+        if route is None:
+            await _plain(send, 404, f"Not Found: no application serves {path!r}.\n", request_id)
+            log_access(scope["method"], path, 404, time.perf_counter() - started, request_id, None)
+            return
+        prefix, app, ingress = route
+        status, error = await self._forward(scope, receive, send, request_id, prefix, app, ingress)
+        seconds = time.perf_counter() - started
+        self.metrics.observe(app, ingress, scope["method"], status, seconds, error)
+        if self._options.access_log:
+            log_access(scope["method"], path, status, seconds, request_id, app)
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request_id: str,
+        prefix: str,
+        app: str,
+        ingress: str,
+    ) -> tuple[int, str | None]:
+        """Send one request to the ingress; return (status, error kind or None)."""
+        body = await _read_body(receive)
+        if body is None:
+            return 499, "disconnected"
+        meta = RequestMetadata(
+            request_id,
+            app,
+            ingress,
+            HTTP_METHOD,
+            True,
+            _model_id(scope),
+            prefix,
+        )
+        data = HTTPRequestData.from_scope(scope, body, prefix)
+        task = asyncio.current_task()
+        assert task is not None
+        stop: list[str] = []
+        complete = False
+
+        def cancel(reason: str) -> None:
+            # Once the last body message is on its way, the client leaving is normal.
+            if not stop and not complete:
+                stop.append(reason)
+                task.cancel()
+
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, cancel))
+        timer = (
+            asyncio.get_running_loop().call_later(
+                self._options.request_timeout_s, cancel, "timeout"
+            )
+            if self._options.request_timeout_s
+            else None
+        )
+        status = 500
+        response_started = False
+        self.metrics.in_flight.labels(app).inc()
+        try:
+            stream = self._runtime.stream(DeploymentID(app, ingress), meta, (data,), {})
+            try:
+                async for message in stream:
+                    if message["type"] == "http.response.start":
+                        status = message["status"]
+                        message = dict(message)
+                        message["headers"] = [
+                            *message.get("headers", ()),
+                            (b"x-request-id", request_id.encode()),
+                        ]
+                        response_started = True
+                    elif not message.get("more_body", False):
+                        complete = True
+                    await send(message)
+            finally:
+                await stream.aclose()
+            return status, ("server_error" if status >= 500 else None)
+        except asyncio.CancelledError:
+            if not stop:
+                raise  # the server itself is shutting down
+            if stop[0] == "timeout":
+                if not response_started:
+                    await _plain(
+                        send,
+                        408,
+                        f"Request timed out after {self._options.request_timeout_s} s "
+                        f"(request id {request_id}).\n",
+                        request_id,
+                    )
+                return 408, "timeout"
+            return 499, "disconnected"
+        except Exception as exc:  # noqa: BLE001 - every failure gets an answer
+            status, kind = _classify(exc)
+            if status == 500:
+                logger.error(
+                    "Request %s to application %r failed", request_id, app,
+                    exc_info=exc, extra={"request_id": request_id},
+                )
+                text = f"Internal Server Error (request id {request_id}).\n"
+            else:
+                logger.warning("Request %s to application %r: %s", request_id, app, exc)
+                text = f"{exc} (request id {request_id}).\n"
+            if response_started:
+                return status, kind  # too late to change the status: the stream just ends
+            await _plain(send, status, text, request_id)
+            return status, kind
+        finally:
+            self.metrics.in_flight.labels(app).dec()
+            if timer is not None:
+                timer.cancel()
+            watcher.cancel()
+            if stop:
+                # Swallow the cancellation we caused, so the server's task ends cleanly.
+                _uncancel(task)
+
+
+def _classify(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, BackPressureError):
+        return 503, "backpressure"
+    if isinstance(exc, DeploymentUnavailableError):
+        return 503, "unavailable"
+    if isinstance(exc, ReplicaUnavailableError):
+        return 502, "replica_unavailable"
+    if isinstance(exc, RequestCancelledError):
+        return 503, "cancelled"
+    return 500, "server_error"
+
+
+def _uncancel(task: asyncio.Task[Any]) -> None:
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        while task.cancelling():
+            uncancel()
+
+
+async def _watch_disconnect(receive: Receive, cancel: Callable[[str], None]) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            cancel("disconnect")
+            return
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _model_id(scope: Scope) -> str:
+    for key, value in scope["headers"]:
+        if key in _MODEL_ID_HEADERS:
+            return str(value.decode("latin-1"))
+    return ""
+
+
+async def _plain(send: Send, status: int, text: str, request_id: str) -> None:
+    body = text.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", request_id.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,90 @@
+"""uvicorn serving the proxy on tandem's event loop (no extra thread, no extra hop)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+import uvicorn
+
+from tandem._private.http.options import HTTPOptions
+
+logger = logging.getLogger("tandem.proxy")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the listening socket ourselves, so a taken port is a clear OSError, not an exit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno,
+            f"Cannot serve HTTP on {host}:{port}: {exc.strerror}. Choose another port "
+            "(tandem run --port N, or tandem.start(http_options={'port': N})).",
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class HTTPServer:
+    """Start with :meth:`start` (on the loop), stop with :meth:`stop`."""
+
+    def __init__(self, app: Any, options: HTTPOptions) -> None:
+        self._app = app
+        self._options = options
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._socket is not None
+        host, port = self._socket.getsockname()[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    async def start(self) -> None:
+        self._socket = bind_socket(self._options.host, self._options.port)
+        config = uvicorn.Config(
+            self._app,
+            loop="none",
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=int(self._options.keep_alive_timeout_s),
+            server_header=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
+        while not self._server.started:
+            if self._task.done():
+                await self._task  # raises what stopped it
+                raise RuntimeError("The HTTP server stopped while starting.")
+            await asyncio.sleep(0.005)
+
+    async def stop(self, timeout_s: float = 20.0) -> None:
+        """Stop accepting connections; let in-flight requests finish (up to ``timeout_s``)."""
+        if self._server is None or self._task is None:
+            return
+        self._server.config.timeout_graceful_shutdown = max(int(timeout_s), 1)
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s + 5)
+        except asyncio.TimeoutError:
+            self._server.force_exit = True
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._server = None
+        self._task = None
+        if self._socket is not None:
+            self._socket.close()

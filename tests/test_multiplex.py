@@ -1,0 +1,229 @@
+"""``@serve.multiplexed`` and ``serve.get_multiplexed_model_id()``.
+
+A per-replica LRU cache of models keyed by the request's model id: models load
+once, the least recently used one is evicted (its ``aclose()`` awaited),
+concurrent requests for a model being loaded share one load, failed loads are
+not cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+import tandem as serve
+
+
+class _Model:
+    def __init__(self, model_id: str, closed: list[str]) -> None:
+        self.model_id = model_id
+        self._closed = closed
+
+    def predict(self, x: Any) -> str:
+        return f"{self.model_id}:{x}"
+
+    async def aclose(self) -> None:
+        await asyncio.sleep(0)
+        self._closed.append(self.model_id)
+
+
+@serve.deployment
+class _Multi:
+    def __init__(self) -> None:
+        self.loads: list[str] = []
+        self.closed: list[str] = []
+
+    @serve.multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str) -> _Model:
+        self.loads.append(model_id)
+        return _Model(model_id, self.closed)
+
+    async def __call__(self, x: Any) -> str:
+        model = await self.get_model(serve.get_multiplexed_model_id())
+        return model.predict(x)
+
+    def stats(self) -> dict[str, list[str]]:
+        return {"loads": list(self.loads), "closed": list(self.closed)}
+
+
+def _call(handle: Any, model_id: str, *args: Any) -> Any:
+    return handle.options(multiplexed_model_id=model_id).remote(*args).result(timeout_s=5)
+
+
+def test_models_load_once_and_are_reused(backend: str) -> None:
+    handle = serve.run(_Multi.bind(), backend=backend)
+    for model_id in ["a", "b", "a", "b", "a"]:
+        assert _call(handle, model_id, 7) == f"{model_id}:7"
+    assert handle.stats.remote().result() == {"loads": ["a", "b"], "closed": []}
+
+
+def test_least_recently_used_model_is_evicted_and_closed(backend: str) -> None:
+    handle = serve.run(_Multi.bind(), backend=backend)
+    for model_id in ["a", "b", "a", "c"]:
+        assert _call(handle, model_id, 1) == f"{model_id}:1"
+    # b was the least recently used when c arrived
+    assert handle.stats.remote().result() == {"loads": ["a", "b", "c"], "closed": ["b"]}
+
+    assert _call(handle, "a", 1) == "a:1"  # still loaded
+    assert _call(handle, "c", 1) == "c:1"  # still loaded
+    assert handle.stats.remote().result()["loads"] == ["a", "b", "c"]
+
+    assert _call(handle, "b", 1) == "b:1"  # reloaded, evicting a (used before c)
+    assert handle.stats.remote().result() == {
+        "loads": ["a", "b", "c", "b"],
+        "closed": ["b", "a"],
+    }
+
+
+def test_get_multiplexed_model_id(backend: str) -> None:
+    @serve.deployment
+    class Echo:
+        def sync_id(self) -> str:
+            return serve.get_multiplexed_model_id()
+
+        async def async_id(self) -> str:
+            return serve.get_multiplexed_model_id()
+
+    handle = serve.run(Echo.bind(), backend=backend)
+    assert handle.sync_id.remote().result() == ""
+    assert handle.async_id.remote().result() == ""
+    with_id = handle.options(multiplexed_model_id="model-42")
+    assert with_id.sync_id.remote().result() == "model-42"
+    assert with_id.async_id.remote().result() == "model-42"
+    # options() returned a new handle; the original still sends no model id
+    assert handle.async_id.remote().result() == ""
+
+
+def test_get_multiplexed_model_id_outside_a_request_is_empty() -> None:
+    assert serve.get_multiplexed_model_id() == ""
+
+
+def test_model_id_travels_through_a_chain(backend: str) -> None:
+    @serve.deployment
+    class Downstream:
+        @serve.multiplexed(max_num_models_per_replica=2)
+        async def get_model(self, model_id: str) -> str:
+            return f"model {model_id}"
+
+        async def __call__(self) -> str:
+            return await self.get_model(serve.get_multiplexed_model_id())
+
+    @serve.deployment
+    class Upstream:
+        def __init__(self, down: Any) -> None:
+            self.down = down
+
+        async def __call__(self) -> str:
+            model_id = serve.get_multiplexed_model_id()
+            return await self.down.options(multiplexed_model_id=model_id).remote()
+
+    handle = serve.run(Upstream.bind(Downstream.bind()), backend=backend)
+    assert _call(handle, "x") == "model x"
+
+
+def test_concurrent_requests_for_a_loading_model_share_one_load(backend: str) -> None:
+    @serve.deployment(max_ongoing_requests=10)
+    class SlowLoad:
+        def __init__(self) -> None:
+            self.loads = 0
+
+        @serve.multiplexed(max_num_models_per_replica=2)
+        async def get_model(self, model_id: str) -> str:
+            self.loads += 1
+            await asyncio.sleep(0.2)
+            return f"loaded {model_id}"
+
+        async def __call__(self) -> str:
+            return await self.get_model(serve.get_multiplexed_model_id())
+
+        def load_count(self) -> int:
+            return self.loads
+
+    handle = serve.run(SlowLoad.bind(), backend=backend)
+    m = handle.options(multiplexed_model_id="m")
+    responses = [m.remote() for _ in range(5)]
+    assert [r.result(timeout_s=5) for r in responses] == ["loaded m"] * 5
+    assert handle.load_count.remote().result() == 1
+
+
+class _LoadFailed(Exception):
+    pass
+
+
+def test_failed_load_is_not_cached_and_reaches_caller(backend: str) -> None:
+    @serve.deployment
+    class Flaky:
+        def __init__(self) -> None:
+            self.attempts = 0
+
+        @serve.multiplexed(max_num_models_per_replica=2)
+        async def get_model(self, model_id: str) -> str:
+            self.attempts += 1
+            if self.attempts == 1:
+                raise _LoadFailed(f"download of {model_id} failed")
+            return f"model {model_id}"
+
+        async def __call__(self) -> str:
+            return await self.get_model(serve.get_multiplexed_model_id())
+
+        def attempt_count(self) -> int:
+            return self.attempts
+
+    handle = serve.run(Flaky.bind(), backend=backend)
+    with pytest.raises(_LoadFailed, match="download of m failed"):
+        _call(handle, "m")
+    assert _call(handle, "m") == "model m"
+    assert _call(handle, "m") == "model m"
+    assert handle.attempt_count.remote().result() == 2
+
+
+@serve.multiplexed(max_num_models_per_replica=2)
+async def _load_model(model_id: str) -> Any:
+    _module_loads.append(model_id)
+    return lambda x: f"{model_id}({x})"
+
+
+_module_loads: list[str] = []
+
+
+@serve.deployment
+class _MultiModel:
+    async def __call__(self, x: Any) -> str:
+        model = await _load_model(serve.get_multiplexed_model_id())
+        return model(x)
+
+
+def test_module_level_multiplexed_function() -> None:
+    # The seed's pattern; the load log lives in this process, so local backend only.
+    _module_loads.clear()
+    handle = serve.run(_MultiModel.bind(), backend="local")
+    for model_id in ["a", "b", "a", "b"]:
+        assert _call(handle, model_id, 3) == f"{model_id}(3)"
+    assert _module_loads == ["a", "b"]
+    assert _call(handle, "c", 1) == "c(1)"  # evicts a
+    assert _call(handle, "b", 1) == "b(1)"
+    assert _call(handle, "a", 1) == "a(1)"
+    assert _module_loads == ["a", "b", "c", "a"]
+
+
+@pytest.mark.parametrize("bad", [0, -2, "2", 1.5, True])
+def test_invalid_max_num_models_raises_value_error(bad: Any) -> None:
+    with pytest.raises(ValueError, match="max_num_models_per_replica"):
+        serve.multiplexed(max_num_models_per_replica=bad)
+
+
+def test_non_async_loader_raises_type_error() -> None:
+    with pytest.raises(TypeError, match="async"):
+
+        @serve.multiplexed(max_num_models_per_replica=2)
+        def load(model_id: str) -> str:
+            return model_id
+
+    with pytest.raises(TypeError, match="async"):
+
+        class Model:
+            @serve.multiplexed
+            def get_model(self, model_id: str) -> str:
+                return model_id
