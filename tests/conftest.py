@@ -22,6 +22,12 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _http_on_a_free_port() -> None:
+    """Applications with a route prefix serve HTTP; tests take a free port, never 8000."""
+    tandem.start(http_options={"port": 0})
+
+
 @pytest.fixture(autouse=True)
 def _clean_tandem() -> Iterator[None]:
     """No test sees applications from another, and none leaks a runtime."""

@@ -571,6 +571,96 @@ def test_cancel_outer_request_cancels_awaited_downstream_call(backend: str) -> N
     assert handle.report.remote().result(timeout_s=5) == (True, ["started", "cancelled"])
 
 
+def test_cancel_sync_method_call(backend: str) -> None:
+    @serve.deployment
+    class SyncWork:
+        def __init__(self) -> None:
+            self.finished = 0
+
+        def __call__(self) -> str:
+            time.sleep(0.3)
+            self.finished += 1
+            return "done"
+
+        def finished_count(self) -> int:
+            return self.finished
+
+    handle = serve.run(SyncWork.bind(), backend=backend)
+    response = handle.remote()
+    time.sleep(0.1)
+    start = time.perf_counter()
+    response.cancel()
+    with pytest.raises(RequestCancelledError):
+        response.result(timeout_s=5)
+    # The caller is released at once; the thread itself cannot be interrupted.
+    assert time.perf_counter() - start < 0.15
+    # Cancelling a finished response changes nothing.
+    done = handle.remote()
+    assert done.result(timeout_s=5) == "done"
+    done.cancel()
+    assert done.result(timeout_s=5) == "done"
+
+
+@pytest.mark.xfail(
+    reason="BUG: cancelling a call to a sync method frees its max_ongoing_requests slot while "
+    "the method's thread still runs, so more than max_ongoing_requests calls run at once",
+    strict=True,
+)
+def test_cancelled_sync_call_keeps_its_slot_until_thread_ends(backend: str) -> None:
+    @serve.deployment(max_ongoing_requests=1)
+    class OneAtATime:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.current = 0
+            self.peak = 0
+
+        def __call__(self) -> None:
+            with self.lock:
+                self.current += 1
+                self.peak = max(self.peak, self.current)
+            time.sleep(0.3)
+            with self.lock:
+                self.current -= 1
+
+        def peak_seen(self) -> int:
+            return self.peak
+
+    handle = serve.run(OneAtATime.bind(), backend=backend)
+    first = handle.remote()
+    time.sleep(0.1)
+    first.cancel()
+    handle.remote().result(timeout_s=5)
+    assert handle.peak_seen.remote().result(timeout_s=5) == 1
+
+
+def test_cancelled_queued_request_frees_its_queue_place(backend: str) -> None:
+    @serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
+    class Narrow:
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        async def __call__(self, i: int) -> int:
+            self.seen.append(i)
+            await asyncio.sleep(0.3)
+            return i
+
+        def seen_list(self) -> list[int]:
+            return list(self.seen)
+
+    handle = serve.run(Narrow.bind(), backend=backend)
+    running = handle.remote(1)
+    queued = handle.remote(2)
+    time.sleep(0.05)
+    queued.cancel()
+    with pytest.raises(RequestCancelledError):
+        queued.result(timeout_s=5)
+    # The cancelled request left the queue: another one fits, and the cancelled one never ran.
+    replacement = handle.remote(3)
+    assert running.result(timeout_s=5) == 1
+    assert replacement.result(timeout_s=5) == 3
+    assert handle.seen_list.remote().result(timeout_s=5) == [1, 3]
+
+
 # --------------------------------------------------------------------------
 # concurrency inside a replica
 # --------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from tandem.exceptions import RequestCancelledError
 from tandem.handle import DeploymentHandle, DeploymentResponseGenerator
 
 
-@serve.deployment
+# A short graceful shutdown keeps teardown fast even if a stream was left running.
+@serve.deployment(graceful_shutdown_timeout_s=0.2)
 class Counter:
     """Streams numbers; records how far each generator got and whether it was closed."""
 
@@ -268,9 +269,20 @@ def test_exception_mid_stream_async_consumer_and_across_hop(backend: str) -> Non
 # --------------------------------------------------------------------------
 
 
+SYNC_GEN_CLOSE_BUG = (
+    "BUG: closing/cancelling a stream of a sync generator while its worker thread is inside "
+    "next() never closes the generator (its finally does not run) and the reader gets "
+    "ValueError('generator already executing') instead of RequestCancelledError"
+)
+STOPPABLE_KINDS = [
+    "async",
+    pytest.param("sync", marks=pytest.mark.xfail(reason=SYNC_GEN_CLOSE_BUG, strict=True)),
+]
+
+
 def _wait_stopped(handle: DeploymentHandle) -> dict[str, int]:
     """The replica's state once its generator has stopped (finally ran), else the last seen."""
-    deadline = time.monotonic() + 1.5
+    deadline = time.monotonic() + 1.0
     state = handle.state.remote().result(timeout_s=5)
     while state["finally_ran"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -278,29 +290,29 @@ def _wait_stopped(handle: DeploymentHandle) -> dict[str, int]:
     return state
 
 
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", STOPPABLE_KINDS)
 def test_sync_close_stops_replica_generator(backend: str, kind: str) -> None:
     handle = serve.run(Counter.bind(), backend=backend)
-    gen = _stream(handle, f"count_{kind}").remote(1000, 0.02)
+    gen = _stream(handle, f"count_{kind}").remote(200, 0.05)
     assert next(gen) == 0
     assert next(gen) == 1
     gen.close()
     state = _wait_stopped(handle)
     assert state["finally_ran"] == 1
     produced = state["produced"]
-    assert produced < 50
+    assert produced < 30
     time.sleep(0.2)
     assert handle.state.remote().result(timeout_s=5)["produced"] == produced  # no longer producing
     if kind == "async":
         assert state["cancelled"] == 1
 
 
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", STOPPABLE_KINDS)
 def test_async_break_then_aclose_stops_replica_generator(backend: str, kind: str) -> None:
     handle = serve.run(Counter.bind(), backend=backend)
 
     async def main() -> list[int]:
-        gen = _stream(handle, f"count_{kind}").remote(1000, 0.02)
+        gen = _stream(handle, f"count_{kind}").remote(200, 0.05)
         taken = []
         async for i in gen:
             taken.append(i)
@@ -313,22 +325,22 @@ def test_async_break_then_aclose_stops_replica_generator(backend: str, kind: str
     state = _wait_stopped(handle)
     assert state["finally_ran"] == 1
     produced = state["produced"]
-    assert produced < 50
+    assert produced < 30
     time.sleep(0.2)
     assert handle.state.remote().result(timeout_s=5)["produced"] == produced
 
 
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", STOPPABLE_KINDS)
 def test_cancel_stops_replica_generator_and_reader_sees_cancelled(
     backend: str, kind: str
 ) -> None:
     handle = serve.run(Counter.bind(), backend=backend)
-    gen = _stream(handle, f"count_{kind}").remote(1000, 0.02)
+    gen = _stream(handle, f"count_{kind}").remote(200, 0.05)
     assert next(gen) == 0
     gen.cancel()
     state = _wait_stopped(handle)
     assert state["finally_ran"] == 1
-    assert state["produced"] < 50
+    assert state["produced"] < 30
     # Reading on after the cancel ends in RequestCancelledError, not a normal end or a hang.
     with pytest.raises(RequestCancelledError):
         for _ in gen:
@@ -342,7 +354,7 @@ def test_closing_early_inside_deployment_stops_downstream_generator(backend: str
             self.source = source
 
         async def take_two(self) -> list[int]:
-            gen = self.source.options(method_name="count_async", stream=True).remote(1000, 0.02)
+            gen = self.source.options(method_name="count_async", stream=True).remote(200, 0.05)
             taken = []
             async for i in gen:
                 taken.append(i)
@@ -359,18 +371,23 @@ def test_closing_early_inside_deployment_stops_downstream_generator(backend: str
     state = _wait_stopped(handle)
     assert state["finally_ran"] == 1
     assert state["cancelled"] == 1
-    assert state["produced"] < 50
+    assert state["produced"] < 30
 
 
+@pytest.mark.xfail(
+    reason="BUG: cancelling a streaming request does not cancel the downstream stream "
+    "its replica is iterating (the downstream generator keeps producing)",
+    strict=True,
+)
 def test_cancelling_outer_stream_stops_downstream_stream(backend: str) -> None:
-    @serve.deployment
+    @serve.deployment(graceful_shutdown_timeout_s=0.2)
     class Relay:
         def __init__(self, source: DeploymentHandle) -> None:
             self.source = source
 
         async def relay(self) -> AsyncIterator[int]:
             async for i in self.source.options(method_name="count_async", stream=True).remote(
-                1000, 0.02
+                200, 0.05
             ):
                 yield i
 
@@ -383,7 +400,7 @@ def test_cancelling_outer_stream_stops_downstream_stream(backend: str) -> None:
     gen.close()
     state = _wait_stopped(handle)
     assert state["finally_ran"] == 1
-    assert state["produced"] < 50
+    assert state["produced"] < 30
 
 
 # --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import atexit
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -36,6 +37,9 @@ class _Settings:
 
     http_options: HTTPOptions = HTTPOptions()
     serve_http: bool = True
+    # Admin actions, enabled by the process that owns the server (tandem run).
+    shutdown: Callable[[], None] | None = None
+    apply_config: Callable[[Any], Awaitable[None]] | None = None
 
 
 _settings = _Settings()
@@ -77,6 +81,26 @@ def start(
                 _ensure_http(runtime)
 
 
+def configure_admin(
+    shutdown: Callable[[], None] | None, apply_config: Callable[[Any], Awaitable[None]] | None
+) -> None:
+    """Enable POST /-/shutdown and PUT /-/applications on the next HTTP server."""
+    _settings.shutdown = shutdown
+    _settings.apply_config = apply_config
+
+
+def serve_http_now() -> str | None:
+    """Serve HTTP now, even if no application has a route prefix (for the admin endpoints).
+
+    Unlike run(), this raises OSError if the port is taken.
+    """
+    runtime = current_runtime()
+    if runtime is None or not runtime.is_open:
+        return None
+    _ensure_http(runtime, required=True)
+    return http_url()
+
+
 def http_url() -> str | None:
     """The base URL of this process's HTTP proxy, if one is running."""
     runtime = current_runtime()
@@ -85,15 +109,24 @@ def http_url() -> str | None:
     return str(runtime.http.url)
 
 
-def _ensure_http(runtime: Runtime) -> None:
-    """Start the proxy once, on the runtime's loop; a taken port is a warning, not a failure."""
+def _ensure_http(runtime: Runtime, required: bool = False) -> None:
+    """Start the proxy once, on the runtime's loop; a taken port is a warning unless required."""
     if runtime.http is not None or not _settings.serve_http:
         return
     from tandem._private.http.app import open_http
 
     try:
-        runtime.http = runtime.run_sync(open_http(runtime, _settings.http_options))
+        runtime.http = runtime.run_sync(
+            open_http(
+                runtime,
+                _settings.http_options,
+                shutdown=_settings.shutdown,
+                apply_config=_settings.apply_config,
+            )
+        )
     except OSError as exc:
+        if required:
+            raise
         logger.warning("%s Handles still work; HTTP is not served.", exc.strerror or exc)
 
 
@@ -103,7 +136,7 @@ async def _stop_http(runtime: Runtime, timeout_s: float = 20.0) -> None:
         await http.stop(timeout_s)
 
 
-def _normalize_route_prefix(route_prefix: str | None) -> str | None:
+def normalize_route_prefix(route_prefix: str | None) -> str | None:
     if route_prefix is None:
         return None
     if not isinstance(route_prefix, str) or not route_prefix.startswith("/"):
@@ -180,7 +213,7 @@ def run(
         )
     if not isinstance(name, str) or not name:
         raise ValueError(f"The application name must be a non-empty string, got {name!r}.")
-    prefix = _normalize_route_prefix(route_prefix)
+    prefix = normalize_route_prefix(route_prefix)
     backend_name = resolve_backend_name("local" if _local_testing_mode else backend)
     spec = build_application(target, name, prefix)
     runtime = _start(backend_name)

@@ -1,0 +1,262 @@
+"""The ``tandem`` command: run, status, shutdown, build, deploy.
+
+Thin by design: parse the command line, build a config, hand it to a
+:class:`ServeSession` (``run``) or to a running server's admin endpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8000"
+
+
+class _Failure(click.ClickException):
+    """An error the user can fix: printed without a traceback, exit code 1."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tandem-serve", prog_name="tandem")
+def cli() -> None:
+    """Serve compositions of models and business logic (Ray Serve's API, embedded)."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("import_path")
+@click.argument("arguments", nargs=-1)
+@click.option("--host", default=None, help="Interface to listen on [default: 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Port to listen on [default: 8000].")
+@click.option("--route-prefix", default=None, help="HTTP path prefix of the application [default: /].")
+@click.option("--name", default=None, help="Application name [default: default].")
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "process", "ray"]),
+    default=None,
+    help="Where replicas run [default: $TANDEM_BACKEND or local].",
+)
+@click.option("--reload", is_flag=True, help="Restart when files in the working directory change.")
+@click.option("--request-timeout-s", type=float, default=None, help="Answer 408 after this long.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@click.option("--log-level", default="INFO", show_default=True)
+def run(
+    import_path: str,
+    arguments: tuple[str, ...],
+    host: str | None,
+    port: int | None,
+    route_prefix: str | None,
+    name: str | None,
+    backend: str | None,
+    reload: bool,
+    request_timeout_s: float | None,
+    log_format: str,
+    log_level: str,
+) -> None:
+    """Serve IMPORT_PATH until Ctrl-C or SIGTERM.
+
+    IMPORT_PATH is module:app (a bound application), module:builder followed by
+    key=value ARGUMENTS for the builder, or a config file (.yaml/.json).
+    """
+    if reload:
+        _run_with_reload()
+        return
+    from tandem._private.config_file import (
+        ApplicationConfig,
+        ServeConfig,
+        is_config_path,
+        load_config,
+    )
+    from tandem._private.http.logs import configure_logging
+    from tandem._private.importing import parse_cli_args
+    from tandem._private.serving import ServeSession
+
+    configure_logging(log_level, json_format=log_format == "json")
+    try:
+        if is_config_path(import_path):
+            if arguments:
+                raise ValueError("A config file takes no key=value arguments; put them under args:.")
+            config = load_config(import_path)
+            if name or route_prefix:
+                raise ValueError("--name and --route-prefix apply to an import path, not a config file.")
+        else:
+            config = ServeConfig(
+                applications=[
+                    ApplicationConfig(
+                        name=name or "default",
+                        route_prefix=route_prefix or "/",
+                        import_path=import_path,
+                        args=parse_cli_args(arguments),
+                    )
+                ]
+            )
+        updates: dict[str, Any] = {"host": host, "port": port, "request_timeout_s": request_timeout_s}
+        http = config.http_options.model_copy(
+            update={k: v for k, v in updates.items() if v is not None}
+        )
+        config = config.model_copy(update={"http_options": http})
+    except ValueError as exc:
+        raise _Failure(str(exc)) from None
+
+    session = ServeSession(backend)
+    stops = 0
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stops
+        stops += 1
+        if stops > 1:
+            click.echo("tandem: stopping now.", err=True)
+            os._exit(130)
+        click.echo("tandem: shutting down (in-flight requests finish; Ctrl-C again to force).", err=True)
+        session.request_stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        url = session.deploy(config)
+    except Exception as exc:  # noqa: BLE001 - reported as one clear message
+        session.close()
+        raise _Failure(str(exc)) from None
+    names = ", ".join(repr(a.name) for a in config.applications)
+    click.echo(f"tandem: serving {names} at {url} (Ctrl-C to stop)", err=True)
+    try:
+        session.wait()
+    finally:
+        session.close()
+    click.echo("tandem: stopped.", err=True)
+
+
+def _run_with_reload() -> None:
+    import watchfiles
+
+    argv = [a for a in sys.argv[1:] if a != "--reload"]
+    command = shlex.join([sys.executable, "-m", "tandem", *argv])
+    click.echo(f"tandem: watching {os.getcwd()} for changes", err=True)
+    try:
+        watchfiles.run_process(".", target=command, target_type="command")
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+@click.option("--address", default=DEFAULT_ADDRESS, show_default=True, help="The server's HTTP address.")
+def status(address: str) -> None:
+    """Print the applications of a running server."""
+    data = _request(address, "GET", "/-/status")
+    click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+@cli.command()
+@click.option("--address", default=DEFAULT_ADDRESS, show_default=True, help="The server's HTTP address.")
+def shutdown(address: str) -> None:
+    """Stop a running server gracefully."""
+    _request(address, "POST", "/-/shutdown")
+    click.echo("tandem: the server is shutting down.")
+
+
+@cli.command()
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--address", default=DEFAULT_ADDRESS, show_default=True, help="The server's HTTP address.")
+def deploy(config_file: str, address: str) -> None:
+    """Apply CONFIG_FILE to a running server (it keeps its applications if the file is bad)."""
+    from tandem._private.config_file import load_config
+
+    try:
+        config = load_config(config_file)
+    except ValueError as exc:
+        raise _Failure(str(exc)) from None
+    _request(address, "PUT", "/-/applications", config.model_dump(mode="json", exclude_unset=True))
+    click.echo(f"tandem: applied {config_file}.")
+
+
+@cli.command()
+@click.argument("import_paths", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
+def build(import_paths: tuple[str, ...], output: str | None) -> None:
+    """Write a config file for one or more IMPORT_PATHS (module:app)."""
+    from tandem._private.importing import build_app, import_attribute
+
+    applications = []
+    for index, import_path in enumerate(import_paths):
+        try:
+            app = build_app(import_attribute(import_path), {}, import_path)
+        except ValueError as exc:
+            raise _Failure(str(exc)) from None
+        applications.append(
+            {
+                "name": "default" if len(import_paths) == 1 else f"app{index + 1}",
+                "route_prefix": "/" if len(import_paths) == 1 else f"/app{index + 1}",
+                "import_path": import_path,
+                "args": {},
+                "deployments": _deployment_entries(app),
+            }
+        )
+    config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "applications": applications,
+    }
+    text = yaml.safe_dump(config, sort_keys=False)
+    if output:
+        Path(output).write_text(text)
+        click.echo(f"tandem: wrote {output}.", err=True)
+    else:
+        click.echo(text.rstrip())
+
+
+def _deployment_entries(app: Any) -> list[dict[str, Any]]:
+    from tandem._private.graph import build_application
+
+    entries = []
+    for spec in build_application(app, "default", "/").deployments:
+        entry: dict[str, Any] = {"name": spec.name}
+        options = spec.options
+        entry["num_replicas"] = options.num_replicas if options.num_replicas is not None else 1
+        entry["max_ongoing_requests"] = options.max_ongoing_requests
+        if options.user_config is not None:
+            entry["user_config"] = options.user_config
+        if options.autoscaling_config is not None:
+            entry["autoscaling_config"] = options.autoscaling_config.model_dump(exclude_none=True)
+            entry.pop("num_replicas")
+        if options.ray_actor_options is not None:
+            entry["ray_actor_options"] = options.ray_actor_options.model_dump(exclude_none=True)
+        entries.append(entry)
+    return entries
+
+
+def _request(address: str, method: str, path: str, body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        address.rstrip("/") + path,
+        data=data,
+        method=method,
+        headers={"content-type": "application/json"} if data else {},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("error", "")
+        except ValueError:
+            detail = ""
+        raise _Failure(f"The server at {address} answered {exc.code}: {detail or exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _Failure(
+            f"No tandem server answers at {address} ({reason}); start one with `tandem run`, "
+            "or pass --address."
+        ) from None
+
+
+def main() -> None:
+    cli(prog_name="tandem")

@@ -1,0 +1,192 @@
+"""Config files in Ray Serve's schema, validated with pydantic.
+
+A file names applications by import path, with builder ``args`` and
+per-deployment overrides; :func:`load_config` reads and validates one, and
+:func:`build_applications` imports and builds every application before
+anything is deployed, so a bad file changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tandem._private.config import ActorOptions, AutoscalingConfig, validate_options
+from tandem._private.deployment import Application, Deployment
+from tandem._private.http.options import HTTPOptions
+from tandem._private.importing import build_app, import_attribute
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeploymentOverride(_Model):
+    """Options that replace those in the code, for one deployment (by name)."""
+
+    name: str = Field(min_length=1)
+    num_replicas: int | Literal["auto"] | None = None
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    max_queued_requests: int | None = Field(default=None, ge=-1)
+    user_config: Any = None
+    autoscaling_config: AutoscalingConfig | None = None
+    ray_actor_options: ActorOptions | None = None
+    health_check_period_s: float | None = Field(default=None, gt=0)
+    health_check_timeout_s: float | None = Field(default=None, gt=0)
+    graceful_shutdown_wait_loop_s: float | None = Field(default=None, ge=0)
+    graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
+    logging_config: dict[str, Any] | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.model_fields_set if k != "name"}
+
+
+class ApplicationConfig(_Model):
+    name: str = Field(default="default", min_length=1)
+    route_prefix: str | None = "/"
+    import_path: str = Field(min_length=1)
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    args: dict[str, Any] = Field(default_factory=dict)
+    deployments: list[DeploymentOverride] = Field(default_factory=list)
+    external_scaler_enabled: bool = False
+
+    @model_validator(mode="after")
+    def _unique_deployments(self) -> ApplicationConfig:
+        names = [d.name for d in self.deployments]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"deployment {name!r} is listed twice")
+        if self.route_prefix is not None and not self.route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+        return self
+
+
+class ServeConfig(_Model):
+    """A whole config file."""
+
+    proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
+    http_options: HTTPOptions = Field(default_factory=HTTPOptions)
+    grpc_options: dict[str, Any] | None = None
+    logging_config: dict[str, Any] | None = None
+    target_capacity: float | None = Field(default=None, ge=0, le=100)
+    applications: list[ApplicationConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_apps(self) -> ServeConfig:
+        seen: dict[str, str] = {}
+        prefixes: dict[str, str] = {}
+        for app in self.applications:
+            if app.name in seen:
+                raise ValueError(f"application name {app.name!r} is used twice")
+            seen[app.name] = app.name
+            if app.route_prefix is not None:
+                if app.route_prefix in prefixes:
+                    raise ValueError(
+                        f"route_prefix {app.route_prefix!r} is used by both "
+                        f"{prefixes[app.route_prefix]!r} and {app.name!r}"
+                    )
+                prefixes[app.route_prefix] = app.name
+        return self
+
+
+def validate_config(data: Any, source: str = "config") -> ServeConfig:
+    """Validate parsed config data; ValueError lists each bad field with its path."""
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            path = "".join(
+                f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]
+            ).lstrip(".")
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"  {path or '(top level)'}: {message}")
+        raise ValueError(f"Invalid {source}:\n" + "\n".join(problems)) from None
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    """Read and validate a YAML or JSON config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"Cannot read config file {str(path)!r}: {exc.strerror}.") from None
+    try:
+        data = yaml.safe_load(text) if path.suffix != ".json" else json.loads(text)
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ValueError(f"Config file {str(path)!r} is not valid YAML/JSON: {exc}") from None
+    return validate_config(data, f"config file {str(path)!r}")
+
+
+def is_config_path(target: str) -> bool:
+    return target.endswith((".yaml", ".yml", ".json"))
+
+
+def build_applications(config: ServeConfig, reload: bool = False) -> list[tuple[ApplicationConfig, Application]]:
+    """Import and build every application of ``config``, with its overrides applied."""
+    built = []
+    for app_config in config.applications:
+        target = import_attribute(app_config.import_path, reload=reload)
+        app = build_app(target, app_config.args, app_config.import_path)
+        overrides = {d.name: d.options() for d in app_config.deployments}
+        built.append((app_config, apply_overrides(app, overrides, app_config.name)))
+    return built
+
+
+def apply_overrides(root: Application, overrides: dict[str, dict[str, Any]], app_name: str) -> Application:
+    """A copy of the graph under ``root`` where named deployments get new options."""
+    if not overrides:
+        return root
+    found: set[str] = set()
+    copies: dict[int, Application] = {}
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, Application):
+            if id(value) not in copies:
+                deployment = value.deployment
+                if deployment.name in overrides:
+                    found.add(deployment.name)
+                    deployment = _with_overrides(deployment, overrides[deployment.name])
+                copies[id(value)] = deployment.bind(
+                    *copy(list(value.args)), **copy(dict(value.kwargs))
+                )
+            return copies[id(value)]
+        if isinstance(value, list):
+            return [copy(v) for v in value]
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(copy(v) for v in value)
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        return value
+
+    result = copy(root)
+    missing = sorted(set(overrides) - found)
+    if missing:
+        raise ValueError(
+            f"Application {app_name!r} has no deployment named {missing[0]!r} "
+            "(the config file overrides it)."
+        )
+    return result  # type: ignore[no-any-return]
+
+
+def _with_overrides(deployment: Deployment[Any], overrides: dict[str, Any]) -> Deployment[Any]:
+    """The deployment with config-file options laid over the code's.
+
+    A file that sets num_replicas drops the code's autoscaling_config, and the
+    other way round, as a user editing the file would expect.
+    """
+    options = deployment.deployment_options.set_options()
+    if isinstance(overrides.get("num_replicas"), int):
+        options.pop("autoscaling_config", None)
+    if overrides.get("autoscaling_config") is not None or overrides.get("num_replicas") == "auto":
+        if isinstance(options.get("num_replicas"), int):
+            options.pop("num_replicas")
+    options.update(overrides)
+    return Deployment(
+        deployment.func_or_class,
+        validate_options(options, owner=f"deployment {deployment.name!r}"),
+    )

@@ -1,0 +1,78 @@
+"""A serving session: what ``tandem run`` keeps running until it is told to stop.
+
+It deploys the applications of a config, serves HTTP (with the admin actions
+``POST /-/shutdown`` and ``PUT /-/applications`` enabled), and applies new
+configs in place: every application is imported and built before any is
+deployed, so a bad config changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from tandem._private import api
+from tandem._private.config_file import ServeConfig, build_applications, validate_config
+from tandem._private.graph import build_application
+from tandem._private.runtime import current_runtime
+
+logger = logging.getLogger("tandem")
+
+
+class ServeSession:
+    """Start with :meth:`deploy`; :meth:`wait` blocks until a stop is requested."""
+
+    def __init__(self, backend: str | None) -> None:
+        self._backend = backend
+        self.stop_requested = threading.Event()
+
+    def deploy(self, config: ServeConfig) -> str | None:
+        """Deploy every application of ``config`` and serve HTTP; return the URL."""
+        built = build_applications(config)
+        api.start(
+            http_options=config.http_options,
+            proxy_location=config.proxy_location,
+        )
+        api.configure_admin(shutdown=self.request_stop, apply_config=self.apply_config)
+        for app_config, app in built:
+            api.run(
+                app,
+                name=app_config.name,
+                route_prefix=app_config.route_prefix,
+                backend=self._backend,
+            )
+        return api.serve_http_now()
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    def wait(self) -> None:
+        while not self.stop_requested.wait(0.5):
+            pass
+
+    def close(self) -> None:
+        api.shutdown()
+
+    async def apply_config(self, data: Any) -> None:
+        """Apply a config sent to a running server (runs on the runtime's loop)."""
+        config = validate_config(data, "config")
+        loop = asyncio.get_running_loop()
+        # Importing user code may take a while: keep the loop serving meanwhile.
+        built = await loop.run_in_executor(None, build_applications, config, True)
+        runtime = current_runtime()
+        assert runtime is not None and runtime.controller is not None
+        controller = runtime.controller
+        specs = [
+            build_application(app, app_config.name, api.normalize_route_prefix(app_config.route_prefix))
+            for app_config, app in built
+        ]
+        wanted = {spec.name for spec in specs}
+        for name in controller.app_names():
+            if name not in wanted:
+                logger.info("Deleting application %r: it is not in the new config.", name)
+                await controller.delete(name)
+        for spec in specs:
+            logger.info("Deploying application %r.", spec.name)
+            await controller.deploy(spec)

@@ -1,0 +1,97 @@
+"""Pins tandem's public surface: adding or removing a public name is a deliberate change."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import tandem
+import tandem.exceptions
+import tandem.handle
+
+TANDEM_ALL = [
+    "Application",
+    "AutoscalingConfig",
+    "Deployment",
+    "DeploymentHandle",
+    "DeploymentResponse",
+    "DeploymentResponseGenerator",
+    "ReplicaContext",
+    "Status",
+    "delete",
+    "deployment",
+    "get_app_handle",
+    "get_deployment_handle",
+    "get_multiplexed_model_id",
+    "get_replica_context",
+    "multiplexed",
+    "run",
+    "shutdown",
+    "start",
+    "status",
+]
+
+HANDLE_ALL = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"]
+
+EXCEPTIONS_ALL = [
+    "BackPressureError",
+    "DeploymentFailedError",
+    "DeploymentUnavailableError",
+    "ReplicaUnavailableError",
+    "RequestCancelledError",
+    "TandemError",
+]
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        pytest.param(tandem, TANDEM_ALL, id="tandem"),
+        pytest.param(tandem.handle, HANDLE_ALL, id="tandem.handle"),
+        pytest.param(tandem.exceptions, EXCEPTIONS_ALL, id="tandem.exceptions"),
+    ],
+)
+def test_all_is_pinned_and_every_name_exists(module: object, expected: list[str]) -> None:
+    names = module.__all__  # type: ignore[attr-defined]
+    assert sorted(names) == expected
+    assert len(set(names)) == len(names)
+    for name in names:
+        assert hasattr(module, name), name
+
+
+def test_star_import_gives_exactly_all() -> None:
+    namespace: dict[str, object] = {}
+    exec("from tandem import *", namespace)
+    assert sorted(k for k in namespace if k != "__builtins__") == TANDEM_ALL
+
+
+def test_handle_types_are_the_same_objects_at_top_level() -> None:
+    assert tandem.DeploymentHandle is tandem.handle.DeploymentHandle
+    assert tandem.DeploymentResponse is tandem.handle.DeploymentResponse
+    assert tandem.DeploymentResponseGenerator is tandem.handle.DeploymentResponseGenerator
+
+
+def test_every_exception_derives_from_tandem_error() -> None:
+    classes = [
+        obj
+        for _, obj in inspect.getmembers(tandem.exceptions, inspect.isclass)
+        if issubclass(obj, BaseException) and obj.__module__ == tandem.exceptions.__name__
+    ]
+    assert sorted(c.__name__ for c in classes) == EXCEPTIONS_ALL
+    for cls in classes:
+        assert issubclass(cls, tandem.exceptions.TandemError), cls.__name__
+    assert issubclass(tandem.exceptions.TandemError, Exception)
+
+
+def test_ray_import_lines_map_to_tandem() -> None:
+    # `from ray.serve.handle import X` -> `from tandem.handle import X`
+    from tandem.handle import (  # noqa: F401
+        DeploymentHandle,
+        DeploymentResponse,
+        DeploymentResponseGenerator,
+    )
+
+    assert callable(tandem.deployment)
+    assert callable(tandem.run)
+    assert isinstance(tandem.__version__, str)
