@@ -5,6 +5,9 @@ and ``.result()`` from every kind of caller, chaining responses as arguments,
 exception types across hops, cancellation (here and downstream), concurrency
 and admission limits, several replicas, function deployments, backpressure and
 handle pickling.
+
+Applications run with ``route_prefix=None``: these tests are about handles,
+and no HTTP traffic from elsewhere should reach their replicas.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import pickle
 import threading
 import time
+import traceback
 from typing import Any
 
 import cloudpickle
@@ -48,7 +52,7 @@ def test_remote_returns_before_slow_method_ends(backend: str, kind: str) -> None
             time.sleep(0.5)
             return x + 1
 
-    handle = serve.run(Slow.bind(), backend=backend)
+    handle = serve.run(Slow.bind(), backend=backend, route_prefix=None)
     method = getattr(handle, f"slow_{kind}")
 
     start = time.perf_counter()
@@ -79,7 +83,7 @@ def test_method_access_and_call(backend: str) -> None:
         async def shout(self, name: str) -> str:
             return name.upper()
 
-    handle = serve.run(Greeter.bind(), backend=backend)
+    handle = serve.run(Greeter.bind(), backend=backend, route_prefix=None)
     assert handle.remote("a").result() == "call:a"
     assert handle.hello.remote("bob").result() == "hello bob!"
     assert handle.hello.remote("bob", punct="?").result() == "hello bob?"
@@ -95,7 +99,7 @@ def test_options_method_name_returns_new_handle_and_leaves_old(backend: str) -> 
         def other(self) -> str:
             return "other"
 
-    handle = serve.run(TwoMethods.bind(), backend=backend)
+    handle = serve.run(TwoMethods.bind(), backend=backend, route_prefix=None)
     other = handle.options(method_name="other")
 
     assert isinstance(other, DeploymentHandle)
@@ -131,7 +135,7 @@ def test_await_response_inside_async_deployment(backend: str) -> None:
             many = await asyncio.gather(*(self.doubler.remote(i) for i in range(3)))
             return [one, *many]
 
-    handle = serve.run(AwaitingIngress.bind(Doubler.bind()), backend=backend)
+    handle = serve.run(AwaitingIngress.bind(Doubler.bind()), backend=backend, route_prefix=None)
     assert handle.remote(10).result() == [20, 0, 2, 4]
 
 
@@ -145,7 +149,7 @@ def test_await_response_from_driver_asyncio_loop(backend: str) -> None:
         def sync_add(self, x: int) -> int:
             return x + 1000
 
-    handle = serve.run(Adder.bind(), backend=backend)
+    handle = serve.run(Adder.bind(), backend=backend, route_prefix=None)
 
     async def main() -> tuple[int, int, list[int], float]:
         single = await handle.remote(1)
@@ -174,7 +178,7 @@ def test_result_timeout_raises_timeout_error(backend: str) -> None:
             await asyncio.sleep(0.6)
             return "done"
 
-    handle = serve.run(Sleepy.bind(), backend=backend)
+    handle = serve.run(Sleepy.bind(), backend=backend, route_prefix=None)
     response = handle.remote()
     start = time.perf_counter()
     with pytest.raises(TimeoutError):
@@ -191,7 +195,7 @@ def test_result_on_running_event_loop_raises_runtime_error(backend: str) -> None
         def __call__(self, x: int) -> int:
             return x
 
-    handle = serve.run(Echo.bind(), backend=backend)
+    handle = serve.run(Echo.bind(), backend=backend, route_prefix=None)
 
     async def main() -> None:
         response = handle.remote(1)
@@ -223,7 +227,7 @@ def test_result_inside_async_deployment_raises_runtime_error(backend: str) -> No
                 return f"refused ({'await' in str(exc)}) then {value}"
             return "result() did not refuse"
 
-    handle = serve.run(BlockingIngress.bind(Leaf.bind()), backend=backend)
+    handle = serve.run(BlockingIngress.bind(Leaf.bind()), backend=backend, route_prefix=None)
     assert handle.remote().result(timeout_s=5) == "refused (True) then leaf"
 
 
@@ -242,7 +246,7 @@ def test_result_from_sync_method_inside_replica(backend: str) -> None:
             first = self.squarer.remote(x).result(timeout_s=5)
             return self.squarer.remote(first).result(timeout_s=5)
 
-    handle = serve.run(SyncIngress.bind(Squarer.bind()), backend=backend)
+    handle = serve.run(SyncIngress.bind(Squarer.bind()), backend=backend, route_prefix=None)
     assert handle.remote(3).result(timeout_s=5) == 81
 
 
@@ -288,7 +292,7 @@ def test_chained_responses_are_resolved_as_positional_and_keyword_args(backend: 
                 self.producer.remote(3), b=self.producer.remote(4)
             ).result(timeout_s=5)
 
-    handle = serve.run(ChainIngress.bind(Producer.bind(), Consumer.bind()), backend=backend)
+    handle = serve.run(ChainIngress.bind(Producer.bind(), Consumer.bind()), backend=backend, route_prefix=None)
     assert handle.remote().result(timeout_s=5) == {"a": 10, "b": 20, "types": ["int", "int"]}
     assert handle.sync_chain.remote().result(timeout_s=5) == {
         "a": 30,
@@ -303,7 +307,7 @@ def test_chaining_from_driver(backend: str) -> None:
         def __call__(self, x: int) -> int:
             return x + 1
 
-    handle = serve.run(Inc.bind(), backend=backend)
+    handle = serve.run(Inc.bind(), backend=backend, route_prefix=None)
     response = handle.remote(handle.remote(handle.remote(0)))
     assert response.result(timeout_s=5) == 3
     assert handle.remote(x=handle.remote(x=10)).result(timeout_s=5) == 12
@@ -342,7 +346,7 @@ def test_chaining_error_in_first_call_reaches_caller_of_last(backend: str) -> No
         async def downstream_calls(self) -> int:
             return await self.down.call_count.remote()
 
-    handle = serve.run(FailChainIngress.bind(Failing.bind(), Downstream.bind()), backend=backend)
+    handle = serve.run(FailChainIngress.bind(Failing.bind(), Downstream.bind()), backend=backend, route_prefix=None)
     for kw in (False, True):
         with pytest.raises(ValueError, match="bad input 7"):
             handle.remote(kw).result(timeout_s=5)
@@ -358,7 +362,7 @@ def test_chaining_error_in_first_call_reaches_caller_of_last(backend: str) -> No
 def test_exception_types_preserved_across_two_hops(backend: str) -> None:
     @serve.deployment
     class Bottom:
-        def value_error(self) -> None:
+        def explode_deep_down(self) -> None:
             raise ValueError("deep value error")
 
         async def custom(self, code: int) -> None:
@@ -370,7 +374,7 @@ def test_exception_types_preserved_across_two_hops(backend: str) -> None:
             self.bottom = bottom
 
         async def value_error(self) -> None:
-            await self.bottom.value_error.remote()
+            await self.bottom.explode_deep_down.remote()
 
         def custom(self, code: int) -> None:
             self.bottom.custom.remote(code).result(timeout_s=5)
@@ -393,10 +397,13 @@ def test_exception_types_preserved_across_two_hops(backend: str) -> None:
                 return f"caught {type(exc).__name__}"
             return "not caught"
 
-    handle = serve.run(Top.bind(Middle.bind(Bottom.bind())), backend=backend)
+    handle = serve.run(Top.bind(Middle.bind(Bottom.bind())), backend=backend, route_prefix=None)
 
-    with pytest.raises(ValueError, match="deep value error"):
+    with pytest.raises(ValueError, match="deep value error") as value_info:
         handle.value_error.remote().result(timeout_s=5)
+    # The remote traceback travels with it (in the traceback, message or __cause__).
+    text = "".join(traceback.format_exception(value_info.value))
+    assert "explode_deep_down" in text
 
     with pytest.raises(CustomError) as info:
         handle.custom.remote(17).result(timeout_s=5)
@@ -421,7 +428,7 @@ def test_missing_method_raises_attribute_error_naming_deployment_and_method(
         def present(self) -> str:
             return "here"
 
-    handle = serve.run(HasOneMethod.bind(), backend=backend)
+    handle = serve.run(HasOneMethod.bind(), backend=backend, route_prefix=None)
     with pytest.raises(AttributeError) as info:
         handle.absent_method.remote().result(timeout_s=5)
     message = str(info.value)
@@ -459,7 +466,7 @@ def test_cancel_raises_request_cancelled_and_method_sees_cancelled_error(backend
         def counts(self) -> tuple[int, int, int]:
             return self.started, self.cancelled, self.completed
 
-    handle = serve.run(Cancellable.bind(), backend=backend)
+    handle = serve.run(Cancellable.bind(), backend=backend, route_prefix=None)
     response = handle.remote()
     time.sleep(0.2)  # let the method start
     assert handle.counts.remote().result(timeout_s=5) == (1, 0, 0)
@@ -489,7 +496,7 @@ def test_cancel_from_driver_loop(backend: str) -> None:
         def was_cancelled(self) -> bool:
             return self.cancelled
 
-    handle = serve.run(CancelledOnLoop.bind(), backend=backend)
+    handle = serve.run(CancelledOnLoop.bind(), backend=backend, route_prefix=None)
 
     async def main() -> None:
         response = handle.remote()
@@ -516,7 +523,7 @@ def test_cancel_before_method_starts(backend: str) -> None:
         def started_count(self) -> int:
             return self.started
 
-    handle = serve.run(NeverStarted.bind(), backend=backend)
+    handle = serve.run(NeverStarted.bind(), backend=backend, route_prefix=None)
     response = handle.remote()
     response.cancel()  # at once, probably before the request reached the replica
     with pytest.raises(RequestCancelledError):
@@ -560,7 +567,7 @@ def test_cancel_outer_request_cancels_awaited_downstream_call(backend: str) -> N
         async def report(self) -> tuple[bool, list[str]]:
             return self.outer_cancelled, await self.inner.get_events.remote()
 
-    handle = serve.run(Outer.bind(Inner.bind()), backend=backend)
+    handle = serve.run(Outer.bind(Inner.bind()), backend=backend, route_prefix=None)
     response = handle.remote()
     time.sleep(0.2)
     assert handle.report.remote().result(timeout_s=5) == (False, ["started"])
@@ -585,7 +592,7 @@ def test_cancel_sync_method_call(backend: str) -> None:
         def finished_count(self) -> int:
             return self.finished
 
-    handle = serve.run(SyncWork.bind(), backend=backend)
+    handle = serve.run(SyncWork.bind(), backend=backend, route_prefix=None)
     response = handle.remote()
     time.sleep(0.1)
     start = time.perf_counter()
@@ -625,7 +632,7 @@ def test_cancelled_sync_call_keeps_its_slot_until_thread_ends(backend: str) -> N
         def peak_seen(self) -> int:
             return self.peak
 
-    handle = serve.run(OneAtATime.bind(), backend=backend)
+    handle = serve.run(OneAtATime.bind(), backend=backend, route_prefix=None)
     first = handle.remote()
     time.sleep(0.1)
     first.cancel()
@@ -647,7 +654,7 @@ def test_cancelled_queued_request_frees_its_queue_place(backend: str) -> None:
         def seen_list(self) -> list[int]:
             return list(self.seen)
 
-    handle = serve.run(Narrow.bind(), backend=backend)
+    handle = serve.run(Narrow.bind(), backend=backend, route_prefix=None)
     running = handle.remote(1)
     queued = handle.remote(2)
     time.sleep(0.05)
@@ -673,7 +680,7 @@ def test_slow_sync_methods_run_concurrently_in_threads(backend: str) -> None:
             time.sleep(0.5)
             return threading.current_thread().name
 
-    handle = serve.run(Blocking.bind(), backend=backend)
+    handle = serve.run(Blocking.bind(), backend=backend, route_prefix=None)
     handle.remote().result(timeout_s=5)  # warm up
     start = time.perf_counter()
     responses = [handle.remote() for _ in range(2)]
@@ -696,7 +703,7 @@ def test_slow_sync_method_does_not_block_other_requests(backend: str) -> None:
         def quick_sync(self) -> str:
             return "quick sync"
 
-    handle = serve.run(MixedWork.bind(), backend=backend)
+    handle = serve.run(MixedWork.bind(), backend=backend, route_prefix=None)
     slow = handle.block.remote()
     time.sleep(0.05)
     start = time.perf_counter()
@@ -743,7 +750,7 @@ def test_max_ongoing_requests_is_enforced(backend: str, kind: str) -> None:
         def stats(self) -> tuple[int, int]:
             return self.peak, self.total
 
-    handle = serve.run(Counted.bind(), backend=backend)
+    handle = serve.run(Counted.bind(), backend=backend, route_prefix=None)
     method = getattr(handle, f"work_{kind}")
     start = time.perf_counter()
     responses = [method.remote() for _ in range(6)]
@@ -766,7 +773,7 @@ def test_num_replicas_three_distinct_replicas_all_receive_requests(backend: str)
         def whoami(self) -> str:
             return serve.get_replica_context().replica_id
 
-    handle = serve.run(Replicated.bind(), backend=backend)
+    handle = serve.run(Replicated.bind(), backend=backend, route_prefix=None)
     # Three concurrent calls with room for one each: every replica must take one.
     ids = [r.result(timeout_s=5) for r in [handle.remote() for _ in range(3)]]
     assert len(set(ids)) == 3
@@ -801,7 +808,7 @@ def test_function_deployment_named_method_fails_clearly(backend: str) -> None:
     def plain_fn(x: int) -> int:
         return x
 
-    handle = serve.run(plain_fn.bind(), backend=backend)
+    handle = serve.run(plain_fn.bind(), backend=backend, route_prefix=None)
     with pytest.raises(AttributeError) as info:
         handle.some_method.remote(1).result(timeout_s=5)
     assert "plain_fn" in str(info.value)
@@ -828,7 +835,7 @@ def test_max_queued_requests_back_pressure(backend: str) -> None:
         def call_count(self) -> int:
             return self.calls
 
-    handle = serve.run(Bottleneck.bind(), backend=backend)
+    handle = serve.run(Bottleneck.bind(), backend=backend, route_prefix=None)
     responses = [handle.remote(i) for i in range(4)]
     outcomes: list[Any] = []
     for response in responses:

@@ -84,7 +84,7 @@ def _stream(handle: DeploymentHandle, method: str) -> DeploymentHandle:
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_stream_returns_generator_and_iterates_from_driver(backend: str, kind: str) -> None:
-    handle = serve.run(Counter.bind(), backend=backend)
+    handle = serve.run(Counter.bind(), backend=backend, route_prefix=None)
     gen = _stream(handle, f"count_{kind}").remote(5)
     assert isinstance(gen, DeploymentResponseGenerator)
     assert list(gen) == [0, 1, 2, 3, 4]
@@ -98,7 +98,7 @@ def test_stream_returns_generator_and_iterates_from_driver(backend: str, kind: s
 
 
 def test_stream_option_via_method_access_and_empty_stream(backend: str) -> None:
-    handle = serve.run(Counter.bind(), backend=backend)
+    handle = serve.run(Counter.bind(), backend=backend, route_prefix=None)
     streaming = handle.options(stream=True)
     gen = streaming.count_async.remote(3)
     assert isinstance(gen, DeploymentResponseGenerator)
@@ -113,12 +113,12 @@ def test_function_generator_deployment(backend: str) -> None:
     def letters(word: str) -> Iterator[str]:
         yield from word
 
-    handle = serve.run(letters.bind(), backend=backend)
+    handle = serve.run(letters.bind(), backend=backend, route_prefix=None)
     assert list(handle.options(stream=True).remote("abc")) == ["a", "b", "c"]
 
 
 def test_async_iteration_from_driver_asyncio_loop(backend: str) -> None:
-    handle = serve.run(Counter.bind(), backend=backend)
+    handle = serve.run(Counter.bind(), backend=backend, route_prefix=None)
 
     async def main() -> tuple[list[int], list[int]]:
         first = [i async for i in _stream(handle, "count_async").remote(4)]
@@ -129,7 +129,7 @@ def test_async_iteration_from_driver_asyncio_loop(backend: str) -> None:
 
 
 def test_sync_iteration_refused_on_running_loop(backend: str) -> None:
-    handle = serve.run(Counter.bind(), backend=backend)
+    handle = serve.run(Counter.bind(), backend=backend, route_prefix=None)
 
     async def main() -> list[int]:
         gen = _stream(handle, "count_async").remote(2)
@@ -158,7 +158,7 @@ def test_async_iteration_inside_deployment(backend: str) -> None:
             async for i in self.source.options(method_name="count_sync", stream=True).remote(n):
                 yield f"item-{i}"
 
-    handle = serve.run(Collector.bind(Counter.bind()), backend=backend)
+    handle = serve.run(Collector.bind(Counter.bind()), backend=backend, route_prefix=None)
     assert handle.collect.remote(3).result(timeout_s=5) == [0, 10, 20]
     assert handle.collect_sync.remote(3).result(timeout_s=5) == [0, 100, 200]
     assert list(_stream(handle, "relay").remote(2)) == ["item-0", "item-1"]
@@ -183,7 +183,7 @@ def test_items_arrive_as_they_are_yielded(backend: str, kind: str) -> None:
                 yield time.perf_counter()
                 await asyncio.sleep(0.3)
 
-    handle = serve.run(Ticker.bind(), backend=backend)
+    handle = serve.run(Ticker.bind(), backend=backend, route_prefix=None)
     start = time.perf_counter()
     gen = _stream(handle, f"ticks_{kind}").remote()
     received: list[tuple[float, float]] = []  # (produced at, received at)
@@ -199,7 +199,7 @@ def test_items_arrive_as_they_are_yielded(backend: str, kind: str) -> None:
 
 
 def test_items_arrive_as_yielded_in_driver_asyncio_loop(backend: str) -> None:
-    handle = serve.run(Counter.bind(), backend=backend)
+    handle = serve.run(Counter.bind(), backend=backend, route_prefix=None)
 
     async def main() -> list[float]:
         start = time.perf_counter()
@@ -223,7 +223,7 @@ def test_items_arrive_as_yielded_in_driver_asyncio_loop(backend: str) -> None:
 def test_exception_mid_stream_reaches_consumer_after_items(
     backend: str, kind: str, error: type[Exception]
 ) -> None:
-    handle = serve.run(Counter.bind(), backend=backend)
+    handle = serve.run(Counter.bind(), backend=backend, route_prefix=None)
     gen = _stream(handle, f"fail_{kind}").remote(2)
     items = []
     with pytest.raises(error, match="failed after 2"):
@@ -251,7 +251,7 @@ def test_exception_mid_stream_async_consumer_and_across_hop(backend: str) -> Non
                 return f"caught KeyError after {got}"
             return "no error"
 
-    handle = serve.run(Forwarder.bind(Counter.bind()), backend=backend)
+    handle = serve.run(Forwarder.bind(Counter.bind()), backend=backend, route_prefix=None)
 
     async def main() -> list[int]:
         items = []
@@ -292,7 +292,7 @@ def _wait_stopped(handle: DeploymentHandle) -> dict[str, int]:
 
 @pytest.mark.parametrize("kind", STOPPABLE_KINDS)
 def test_sync_close_stops_replica_generator(backend: str, kind: str) -> None:
-    handle = serve.run(Counter.bind(), backend=backend)
+    handle = serve.run(Counter.bind(), backend=backend, route_prefix=None)
     gen = _stream(handle, f"count_{kind}").remote(200, 0.05)
     assert next(gen) == 0
     assert next(gen) == 1
@@ -309,7 +309,7 @@ def test_sync_close_stops_replica_generator(backend: str, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", STOPPABLE_KINDS)
 def test_async_break_then_aclose_stops_replica_generator(backend: str, kind: str) -> None:
-    handle = serve.run(Counter.bind(), backend=backend)
+    handle = serve.run(Counter.bind(), backend=backend, route_prefix=None)
 
     async def main() -> list[int]:
         gen = _stream(handle, f"count_{kind}").remote(200, 0.05)
@@ -334,7 +334,7 @@ def test_async_break_then_aclose_stops_replica_generator(backend: str, kind: str
 def test_cancel_stops_replica_generator_and_reader_sees_cancelled(
     backend: str, kind: str
 ) -> None:
-    handle = serve.run(Counter.bind(), backend=backend)
+    handle = serve.run(Counter.bind(), backend=backend, route_prefix=None)
     gen = _stream(handle, f"count_{kind}").remote(200, 0.05)
     assert next(gen) == 0
     gen.cancel()
@@ -366,7 +366,7 @@ def test_closing_early_inside_deployment_stops_downstream_generator(backend: str
         async def state(self) -> dict[str, int]:
             return await self.source.state.remote()
 
-    handle = serve.run(TakeTwo.bind(Counter.bind()), backend=backend)
+    handle = serve.run(TakeTwo.bind(Counter.bind()), backend=backend, route_prefix=None)
     assert handle.take_two.remote().result(timeout_s=5) == [0, 1]
     state = _wait_stopped(handle)
     assert state["finally_ran"] == 1
@@ -394,7 +394,7 @@ def test_cancelling_outer_stream_stops_downstream_stream(backend: str) -> None:
         async def state(self) -> dict[str, int]:
             return await self.source.state.remote()
 
-    handle = serve.run(Relay.bind(Counter.bind()), backend=backend)
+    handle = serve.run(Relay.bind(Counter.bind()), backend=backend, route_prefix=None)
     gen = _stream(handle, "relay").remote()
     assert next(gen) == 0
     gen.close()
@@ -427,7 +427,7 @@ def test_passing_response_generator_to_remote_raises_type_error(backend: str) ->
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_generator_method_without_stream_raises_type_error(backend: str, kind: str) -> None:
-    handle = serve.run(Counter.bind(), backend=backend)
+    handle = serve.run(Counter.bind(), backend=backend, route_prefix=None)
     with pytest.raises(TypeError, match="stream=True"):
         getattr(handle, f"count_{kind}").remote(3).result(timeout_s=5)
     # Nothing was produced by the refused call.
@@ -439,13 +439,13 @@ def test_generator_function_deployment_without_stream_raises_type_error(backend:
     def gen_fn(n: int) -> Iterator[int]:
         yield from range(n)
 
-    handle = serve.run(gen_fn.bind(), backend=backend)
+    handle = serve.run(gen_fn.bind(), backend=backend, route_prefix=None)
     with pytest.raises(TypeError, match="stream=True"):
         handle.remote(2).result(timeout_s=5)
 
 
 def test_non_generator_with_stream_raises_type_error(backend: str) -> None:
-    handle = serve.run(Counter.bind(), backend=backend)
+    handle = serve.run(Counter.bind(), backend=backend, route_prefix=None)
     gen = _stream(handle, "not_a_generator").remote()
     with pytest.raises(TypeError, match="not a generator"):
         list(gen)

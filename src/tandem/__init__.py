@@ -20,6 +20,7 @@ from tandem._private.context import (
     get_replica_context,
 )
 from tandem._private.deployment import Application, Deployment, deployment
+from tandem._private.ingress import ingress
 from tandem._private.multiplex import multiplexed
 from tandem._private.status import Status
 from tandem.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
@@ -41,6 +42,7 @@ __all__ = [
     "get_deployment_handle",
     "get_multiplexed_model_id",
     "get_replica_context",
+    "ingress",
     "multiplexed",
     "run",
     "shutdown",

@@ -284,7 +284,9 @@ class Replica:
 
         if self._obj is None:
             raise self._unavailable()
-        asgi_app = getattr(self._obj, "__tandem_asgi_app__", None)
+        from tandem._private.ingress import asgi_app_for
+
+        asgi_app = asgi_app_for(self._obj)
         if asgi_app is not None:
             return serve_http(data, None, asgi_app)
         method = self._methods.get("__call__") or self._method("__call__")

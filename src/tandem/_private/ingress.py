@@ -1,0 +1,102 @@
+"""``@ingress(app)``: a deployment class that serves an ASGI app (FastAPI, Starlette...).
+
+Routes declared with the class's own methods as endpoints
+(``@app.get("/") def root(self): ...``) are rewritten once, when the class is
+decorated: ``self`` becomes a dependency that resolves to the instance of the
+replica serving the request. One app object thus serves every replica, in any
+process, without copying it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from tandem._private.context import current_replica_context
+
+C = TypeVar("C", bound=type)
+
+INGRESS_APP_ATTR = "__tandem_ingress_app__"
+
+
+def ingress(app: Any) -> Callable[[C], C]:
+    """Class decorator: the deployment serves ``app``'s routes under its route_prefix."""
+    if not callable(app):
+        raise TypeError(
+            f"@ingress takes an ASGI app (e.g. a FastAPI app), got {type(app).__name__}."
+        )
+
+    def decorate(cls: C) -> C:
+        if not inspect.isclass(cls):
+            raise TypeError("@ingress decorates a class; put it under @deployment, on the class.")
+        _bind_method_routes(app, cls)
+        setattr(cls, INGRESS_APP_ATTR, app)
+        return cls
+
+    return decorate
+
+
+def asgi_app_for(instance: Any) -> Any | None:
+    """The ASGI app an instance serves, or None if its class is not an ingress."""
+    return getattr(type(instance), INGRESS_APP_ATTR, None)
+
+
+async def _serving_instance() -> Any:
+    context = current_replica_context()
+    if context is None or context.servable_object is None:
+        raise RuntimeError("This route runs only inside a tandem replica.")
+    return context.servable_object
+
+
+def _bind_method_routes(app: Any, cls: type) -> None:
+    try:
+        from fastapi import Depends, FastAPI
+        from fastapi.routing import APIRoute
+    except ImportError:  # without FastAPI there are no method routes to bind
+        return
+    if not isinstance(app, FastAPI):
+        return
+    functions = {value for value in vars(cls).values() if inspect.isfunction(value)}
+    params = [
+        p for p in inspect.signature(APIRoute.__init__).parameters if p not in ("self", "path", "endpoint")
+    ]
+    routes = app.router.routes
+    changed = False
+    for index, route in enumerate(routes):
+        if isinstance(route, APIRoute) and route.endpoint in functions:
+            endpoint = _with_instance(route.endpoint, Depends(_serving_instance))
+            kwargs = {p: getattr(route, p) for p in params if hasattr(route, p)}
+            routes[index] = APIRoute(route.path, endpoint, **kwargs)
+            changed = True
+    if changed and hasattr(app.router, "_routes_version"):
+        app.router._routes_version += 1  # FastAPI caches derived route lists by version
+
+
+def _with_instance(method: Callable[..., Any], dependency: Any) -> Callable[..., Any]:
+    """``method(self, ...)`` as an endpoint whose ``self`` comes from ``dependency``."""
+    signature = inspect.signature(method)
+    parameters = list(signature.parameters.values())
+    if not parameters:
+        raise TypeError(f"Route method {method.__qualname__} must take self.")
+    first, rest = parameters[0], parameters[1:]
+    keyword_only = [
+        inspect.Parameter(first.name, inspect.Parameter.KEYWORD_ONLY, default=dependency),
+        *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in rest),
+    ]
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def endpoint(**kwargs: Any) -> Any:
+            return await method(kwargs.pop(first.name), **kwargs)
+
+    else:
+
+        @functools.wraps(method)
+        def endpoint(**kwargs: Any) -> Any:
+            return method(kwargs.pop(first.name), **kwargs)
+
+    del endpoint.__wrapped__  # FastAPI must read the signature below, not the method's
+    endpoint.__signature__ = signature.replace(parameters=keyword_only)  # type: ignore[attr-defined]
+    return endpoint
