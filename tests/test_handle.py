@@ -288,11 +288,13 @@ def test_chained_responses_are_resolved_as_positional_and_keyword_args(backend: 
             return await self.consumer.remote(self.producer.remote(1), b=self.producer.remote(2))
 
         def sync_chain(self) -> Any:
-            return self.consumer.remote(
-                self.producer.remote(3), b=self.producer.remote(4)
-            ).result(timeout_s=5)
+            return self.consumer.remote(self.producer.remote(3), b=self.producer.remote(4)).result(
+                timeout_s=5
+            )
 
-    handle = serve.run(ChainIngress.bind(Producer.bind(), Consumer.bind()), backend=backend, route_prefix=None)
+    handle = serve.run(
+        ChainIngress.bind(Producer.bind(), Consumer.bind()), backend=backend, route_prefix=None
+    )
     assert handle.remote().result(timeout_s=5) == {"a": 10, "b": 20, "types": ["int", "int"]}
     assert handle.sync_chain.remote().result(timeout_s=5) == {
         "a": 30,
@@ -346,7 +348,9 @@ def test_chaining_error_in_first_call_reaches_caller_of_last(backend: str) -> No
         async def downstream_calls(self) -> int:
             return await self.down.call_count.remote()
 
-    handle = serve.run(FailChainIngress.bind(Failing.bind(), Downstream.bind()), backend=backend, route_prefix=None)
+    handle = serve.run(
+        FailChainIngress.bind(Failing.bind(), Downstream.bind()), backend=backend, route_prefix=None
+    )
     for kw in (False, True):
         with pytest.raises(ValueError, match="bad input 7"):
             handle.remote(kw).result(timeout_s=5)
@@ -608,11 +612,6 @@ def test_cancel_sync_method_call(backend: str) -> None:
     assert done.result(timeout_s=5) == "done"
 
 
-@pytest.mark.xfail(
-    reason="BUG: cancelling a call to a sync method frees its max_ongoing_requests slot while "
-    "the method's thread still runs, so more than max_ongoing_requests calls run at once",
-    strict=True,
-)
 def test_cancelled_sync_call_keeps_its_slot_until_thread_ends(backend: str) -> None:
     @serve.deployment(max_ongoing_requests=1)
     class OneAtATime:

@@ -228,7 +228,7 @@ def test_exception_mid_stream_reaches_consumer_after_items(
     items = []
     with pytest.raises(error, match="failed after 2"):
         for item in gen:
-            items.append(item)
+            items.append(item)  # noqa: PERF402 - keep the items read before the error
     assert items == [0, 1]
 
 
@@ -269,14 +269,9 @@ def test_exception_mid_stream_async_consumer_and_across_hop(backend: str) -> Non
 # --------------------------------------------------------------------------
 
 
-SYNC_GEN_CLOSE_BUG = (
-    "BUG: closing/cancelling a stream of a sync generator while its worker thread is inside "
-    "next() never closes the generator (its finally does not run) and the reader gets "
-    "ValueError('generator already executing') instead of RequestCancelledError"
-)
 STOPPABLE_KINDS = [
     "async",
-    pytest.param("sync", marks=pytest.mark.xfail(reason=SYNC_GEN_CLOSE_BUG, strict=True)),
+    "sync",
 ]
 
 
@@ -331,9 +326,7 @@ def test_async_break_then_aclose_stops_replica_generator(backend: str, kind: str
 
 
 @pytest.mark.parametrize("kind", STOPPABLE_KINDS)
-def test_cancel_stops_replica_generator_and_reader_sees_cancelled(
-    backend: str, kind: str
-) -> None:
+def test_cancel_stops_replica_generator_and_reader_sees_cancelled(backend: str, kind: str) -> None:
     handle = serve.run(Counter.bind(), backend=backend, route_prefix=None)
     gen = _stream(handle, f"count_{kind}").remote(200, 0.05)
     assert next(gen) == 0
@@ -374,11 +367,6 @@ def test_closing_early_inside_deployment_stops_downstream_generator(backend: str
     assert state["produced"] < 30
 
 
-@pytest.mark.xfail(
-    reason="BUG: cancelling a streaming request does not cancel the downstream stream "
-    "its replica is iterating (the downstream generator keeps producing)",
-    strict=True,
-)
 def test_cancelling_outer_stream_stops_downstream_stream(backend: str) -> None:
     @serve.deployment(graceful_shutdown_timeout_s=0.2)
     class Relay:

@@ -289,12 +289,18 @@ class DeploymentResponseGenerator:
 
     async def __anext__(self) -> Any:
         assert self._pump is not None
-        if asyncio.get_running_loop() is self._runtime.loop:
-            item = await self._pump.next()
-        else:
-            item = await asyncio.wrap_future(
-                asyncio.run_coroutine_threadsafe(self._pump.next(), self._runtime.loop)
-            )
+        try:
+            if asyncio.get_running_loop() is self._runtime.loop:
+                item = await self._pump.next()
+            else:
+                item = await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(self._pump.next(), self._runtime.loop)
+                )
+        except asyncio.CancelledError:
+            # Whoever reads the stream is being cancelled: so is the stream, as a
+            # unary call awaited at that point would be.
+            self.cancel()
+            raise
         if item is _END:
             raise StopAsyncIteration
         return item

@@ -345,7 +345,7 @@ class Replica:
             return await job.future
         except asyncio.CancelledError:
             # The thread cannot be interrupted: keep its slot until it really ends.
-            if slot is not None and not job.future.done():
+            if slot is not None and not job.finished:
                 slot.held_by_thread = True
                 job.on_finished = slot.release
             raise
@@ -362,7 +362,7 @@ class Replica:
                     return
                 yield item
         finally:
-            if job is not None and not job.future.done():
+            if job is not None and not job.finished:
                 # Still inside next(): close the generator once the thread leaves it.
                 slot.held_by_thread = True
 

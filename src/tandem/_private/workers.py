@@ -19,7 +19,7 @@ from typing import Any
 class Job:
     """One function call on a worker thread; ``future`` settles on the loop."""
 
-    __slots__ = ("future", "context", "fn", "args", "on_finished")
+    __slots__ = ("future", "context", "fn", "args", "finished", "on_finished")
 
     def __init__(
         self,
@@ -32,11 +32,15 @@ class Job:
         self.context = context
         self.fn = fn
         self.args = args
+        # True once the thread is done with it (set on the loop; the future may be
+        # cancelled long before).
+        self.finished = False
         # Set (on the loop) by a caller that stopped waiting but must know when the thread ends.
         self.on_finished: Callable[[], None] | None = None
 
 
 def _finish(job: Job, ok: bool, value: Any) -> None:
+    job.finished = True
     future = job.future
     if not future.cancelled():
         if ok:
