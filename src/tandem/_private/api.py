@@ -246,13 +246,14 @@ def shutdown() -> None:
             return
         if runtime.on_loop_thread():
             raise RuntimeError("tandem.shutdown() cannot be called from inside a deployment.")
-        set_runtime(None)
         try:
+            # HTTP first: requests in flight finish while their deployments still run.
             if runtime.is_open:
                 runtime.run_sync(_stop_http(runtime), timeout=60)
             if runtime.is_open and runtime.controller is not None:
                 runtime.run_sync(runtime.controller.close(), timeout=120)
         finally:
+            set_runtime(None)
             runtime.close()
 
 

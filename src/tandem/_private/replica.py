@@ -117,6 +117,7 @@ class Replica:
             _replica=self,
         )
         self._methods: dict[str, _Method] = {}
+        self._is_ingress = hasattr(spec.target, "__tandem_ingress_app__")
         # Per-replica state of @multiplexed loaders, keyed by the loader.
         self.multiplex_caches: dict[Any, Any] = {}
 
@@ -280,13 +281,10 @@ class Replica:
                 slot.release()
 
     def _serve_http(self, data: Any, slot: _Slot) -> AsyncIterator[Any]:
-        from tandem._private.http.bridge import serve_http
-
         if self._obj is None:
             raise self._unavailable()
-        from tandem._private.ingress import asgi_app_for
-
-        asgi_app = asgi_app_for(self._obj)
+        serve_http, asgi_app_for = _http_bridge()
+        asgi_app = asgi_app_for(self._obj) if self._is_ingress else None
         if asgi_app is not None:
             return serve_http(data, None, asgi_app)
         method = self._methods.get("__call__") or self._method("__call__")
@@ -410,6 +408,15 @@ class Replica:
             f"Replica {self.replica_id} of deployment {self.name!r} is not serving requests "
             "(it is stopping or stopped)."
         )
+
+
+@functools.cache
+def _http_bridge() -> tuple[Any, Any]:
+    """The HTTP side, imported on the first HTTP request (replicas without HTTP skip it)."""
+    from tandem._private.http.bridge import serve_http
+    from tandem._private.ingress import asgi_app_for
+
+    return serve_http, asgi_app_for
 
 
 def _weakref_or_none(obj: Any) -> Any:

@@ -36,6 +36,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 RouteTable = Callable[[], tuple[tuple[str, str, str], ...]]
 
+# A request still running after this long starts listening for the client leaving.
+DISCONNECT_WATCH_DELAY_S = 0.05
+
 _MODEL_ID_HEADERS = (b"serve_multiplexed_model_id", b"serve-multiplexed-model-id")
 
 
@@ -138,28 +141,36 @@ class Proxy:
                 stop.append(reason)
                 task.cancel()
 
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, cancel))
+        loop = asyncio.get_running_loop()
+        watcher: list[asyncio.Future[None]] = []
+
+        def watch() -> None:
+            # Most requests end before this runs: they never pay for a watcher task.
+            if not complete and not stop:
+                watcher.append(asyncio.ensure_future(_watch_disconnect(receive, cancel)))
+
+        watch_timer = loop.call_later(DISCONNECT_WATCH_DELAY_S, watch)
         timer = (
-            asyncio.get_running_loop().call_later(
-                self._options.request_timeout_s, cancel, "timeout"
-            )
+            loop.call_later(self._options.request_timeout_s, cancel, "timeout")
             if self._options.request_timeout_s
             else None
         )
         status = 500
         response_started = False
-        self.metrics.in_flight.labels(app).inc()
+        self.metrics.started(app)
         try:
             stream = self._runtime.stream(DeploymentID(app, ingress), meta, (data,), {})
             try:
                 async for message in stream:
                     if message["type"] == "http.response.start":
                         status = message["status"]
-                        message = dict(message)
-                        message["headers"] = [
-                            *message.get("headers", ()),
-                            (b"x-request-id", request_id.encode()),
-                        ]
+                        message = {
+                            **message,
+                            "headers": [
+                                *message.get("headers", ()),
+                                (b"x-request-id", request_id.encode()),
+                            ],
+                        }
                         response_started = True
                     elif not message.get("more_body", False):
                         complete = True
@@ -197,10 +208,11 @@ class Proxy:
             await _plain(send, status, text, request_id)
             return status, kind
         finally:
-            self.metrics.in_flight.labels(app).dec()
             if timer is not None:
                 timer.cancel()
-            watcher.cancel()
+            watch_timer.cancel()
+            for task_ in watcher:
+                task_.cancel()
             if stop:
                 # Swallow the cancellation we caused, so the server's task ends cleanly.
                 _uncancel(task)
