@@ -7,6 +7,9 @@ tests observe them the same way whichever backend hosts the replicas.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -475,6 +478,46 @@ def test_failing_constructor_makes_run_raise_promptly(tmp_path: Path, backend: s
     with pytest.raises(DeploymentUnavailableError):
         serve.get_app_handle("bad")
     assert _wait_for(lambda: _lines(log) == ["sibling started", "sibling deleted"])
+
+
+_SYSTEM_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import tandem as serve
+    from tandem.exceptions import DeploymentFailedError
+
+    @serve.deployment
+    class ParsesArgs:
+        def __init__(self):
+            sys.exit(2)  # what argparse does on a bad command line
+
+    try:
+        serve.run(ParsesArgs.bind(), route_prefix=None, backend="local")
+    except DeploymentFailedError as exc:
+        print("raised:", "ParsesArgs" in str(exc))
+    serve.shutdown()
+    print("finished")
+    """
+)
+
+
+@pytest.mark.xfail(
+    reason="BUG: a constructor raising SystemExit (e.g. argparse) kills tandem's event loop "
+    "thread and run() hangs forever instead of raising DeploymentFailedError",
+    strict=True,
+)
+def test_constructor_raising_system_exit_fails_run_without_hanging() -> None:
+    # In a subprocess: when the bug hits, this process's tandem would be unusable.
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _SYSTEM_EXIT_SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("run() hung on a constructor that raised SystemExit")
+    assert result.stdout.splitlines() == ["raised: True", "finished"], result.stderr
 
 
 def test_failing_constructor_on_redeploy_keeps_old_version(backend: str) -> None:
