@@ -102,7 +102,8 @@ def main() -> None:
     print(f"run() to first answer: {first_answer:.3f} s  (Ray Serve 2.60: {RAY_SERVE_RUN_S} s)")
     print(
         f"sequential: {len(latencies)} calls, p50 {p50:.3f} ms, p99 {p99:.3f} ms, "
-        f"mean {statistics.mean(latencies) * 1e3:.3f} ms  (Ray Serve 2.60 p50: {RAY_SERVE_P50_MS} ms, "
+        f"mean {statistics.mean(latencies) * 1e3:.3f} ms  "
+        f"(Ray Serve 2.60 p50: {RAY_SERVE_P50_MS} ms, "
         f"{RAY_SERVE_P50_MS / p50:.0f}x faster)"
     )
     print(

@@ -85,9 +85,13 @@ def wrk(url: str, connections: int, seconds: float, script: str) -> dict[str, fl
     return result
 
 
-def measure(name: str, command: list[str], port: int, args: argparse.Namespace, script: str) -> dict[str, float]:
+def measure(
+    name: str, command: list[str], port: int, args: argparse.Namespace, script: str
+) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(APPS))
-    proc = subprocess.Popen(command, cwd=APPS, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command, cwd=APPS, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_ready(url, proc)
@@ -104,7 +108,9 @@ def measure(name: str, command: list[str], port: int, args: argparse.Namespace, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", default="local")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10)
@@ -118,16 +124,40 @@ def main() -> None:
     port = free_port()
     bare = measure(
         "bare Starlette (uvicorn)",
-        [str(BIN / "uvicorn"), "bare_hello:app", "--port", str(port), "--log-level", "warning",
-         "--no-access-log", "--loop", "uvloop", "--http", "httptools"],
-        port, args, script,
+        [
+            str(BIN / "uvicorn"),
+            "bare_hello:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+        ],
+        port,
+        args,
+        script,
     )
     port = free_port()
     ours = measure(
         f"tandem ({args.backend})",
-        [str(BIN / "tandem"), "run", "hello:language_classifier", "--port", str(port),
-         "--backend", args.backend, "--log-level", "WARNING"],
-        port, args, script,
+        [
+            str(BIN / "tandem"),
+            "run",
+            "hello:language_classifier",
+            "--port",
+            str(port),
+            "--backend",
+            args.backend,
+            "--log-level",
+            "WARNING",
+        ],
+        port,
+        args,
+        script,
     )
     os.unlink(script)
     print(

@@ -513,7 +513,7 @@ def test_constructor_raising_system_exit_fails_run_without_hanging() -> None:
             [sys.executable, "-c", _SYSTEM_EXIT_SCRIPT],
             capture_output=True,
             text=True,
-            timeout=10,
+            timeout=4,
         )
     except subprocess.TimeoutExpired:
         pytest.fail("run() hung on a constructor that raised SystemExit")

@@ -67,6 +67,32 @@ def test_decorator_with_options_on_function(backend: str) -> None:
     assert serve.status().applications["fn"].deployments["adder"].running_replicas == 2
 
 
+def test_decorator_with_empty_parentheses(backend: str) -> None:
+    @serve.deployment()
+    class Plain:
+        def __call__(self) -> str:
+            return "plain"
+
+    assert isinstance(Plain, serve.Deployment)
+    assert serve.run(Plain.bind(), backend=backend).remote().result() == "plain"
+
+
+@pytest.mark.xfail(
+    reason="BUG: serve.deployment(cls, name=..., ...) (target and options in one call, "
+    "accepted by Ray Serve) raises TypeError",
+    strict=True,
+)
+def test_deployment_called_with_target_and_options(backend: str) -> None:
+    class Model:
+        def __call__(self) -> str:
+            return "ok"
+
+    dep = serve.deployment(Model, name="wrapped", num_replicas=2)
+    assert dep.name == "wrapped"
+    assert dep.num_replicas == 2
+    assert serve.run(dep.bind(), name="w", backend=backend).remote().result() == "ok"
+
+
 def test_default_option_values() -> None:
     @serve.deployment
     class D:
@@ -362,6 +388,33 @@ def test_two_deployments_with_the_same_name_raise_at_run(backend: str) -> None:
     with pytest.raises(ValueError, match="'Model'"):
         serve.run(Ingress.bind(A.bind(), B.bind()), backend=backend)
     assert serve.status().applications == {}
+
+
+@pytest.mark.xfail(
+    reason="BUG: binding one deployment twice with different args in one app raises "
+    "ValueError; Ray Serve runs both, renaming the second 'Model_1'",
+    strict=True,
+)
+def test_same_deployment_bound_twice_runs_as_two_deployments(backend: str) -> None:
+    @serve.deployment
+    class Model:
+        def __init__(self, weight: int) -> None:
+            self.weight = weight
+
+        def __call__(self, x: int) -> int:
+            return x * self.weight
+
+    @serve.deployment
+    class Ensemble:
+        def __init__(self, a: Any, b: Any) -> None:
+            self.a, self.b = a, b
+
+        async def __call__(self, x: int) -> list[int]:
+            return [await self.a.remote(x), await self.b.remote(x)]
+
+    handle = serve.run(Ensemble.bind(Model.bind(2), Model.bind(3)), name="ens", backend=backend)
+    assert handle.remote(10).result() == [20, 30]
+    assert len(serve.status().applications["ens"].deployments) == 3
 
 
 def test_calling_a_deployment_directly_raises() -> None:

@@ -6,9 +6,7 @@ from tandem.handle import DeploymentHandle
 
 @serve.deployment
 class LanguageClassifer:
-    def __init__(
-        self, spanish_responder: DeploymentHandle, french_responder: DeploymentHandle
-    ):
+    def __init__(self, spanish_responder: DeploymentHandle, french_responder: DeploymentHandle):
         self.spanish_responder = spanish_responder
         self.french_responder = french_responder
 

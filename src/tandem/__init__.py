@@ -5,12 +5,12 @@ tandem after ``from ray import serve`` becomes ``import tandem as serve``.
 """
 
 from tandem._private.api import (
-    start,
     delete,
     get_app_handle,
     get_deployment_handle,
     run,
     shutdown,
+    start,
     status,
 )
 from tandem._private.config import AutoscalingConfig

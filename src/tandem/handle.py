@@ -24,9 +24,9 @@ _UNSET: Any = object()
 
 
 class DeploymentHandle:
-    """Calls the replicas of one deployment: ``handle.remote(...)``, ``handle.method.remote(...)``."""
+    """Calls one deployment: ``handle.remote(...)`` or ``handle.method.remote(...)``."""
 
-    __slots__ = ("_id", "_method", "_stream", "_model_id", "_methods")
+    __slots__ = ("_id", "_method", "_methods", "_model_id", "_stream")
 
     def __init__(
         self,
@@ -89,7 +89,7 @@ class DeploymentHandle:
         return handle
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        """Start a call; returns a DeploymentResponse (a DeploymentResponseGenerator if stream=True)."""
+        """Start a call: a DeploymentResponse, or a DeploymentResponseGenerator if stream=True."""
         pending = None
         for value in (*args, *kwargs.values()) if (args or kwargs) else ():
             if isinstance(value, DeploymentResponse):
@@ -124,7 +124,10 @@ class DeploymentHandle:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DeploymentHandle) and (
-            self._id, self._method, self._stream, self._model_id
+            self._id,
+            self._method,
+            self._stream,
+            self._model_id,
         ) == (other._id, other._method, other._stream, other._model_id)
 
     def __hash__(self) -> int:
@@ -132,9 +135,7 @@ class DeploymentHandle:
 
     def __repr__(self) -> str:
         extra = "" if self._method == "__call__" else f", method_name={self._method!r}"
-        return (
-            f"DeploymentHandle(deployment={self._id.name!r}, app={self._id.app_name!r}{extra})"
-        )
+        return f"DeploymentHandle(deployment={self._id.name!r}, app={self._id.app_name!r}{extra})"
 
 
 def _rebuild_handle(
@@ -164,16 +165,16 @@ class DeploymentResponse:
     """
 
     __slots__ = (
-        "_runtime",
-        "_task",
-        "_latch",
-        "_cancelled",
-        "_pending",
-        "_start_handle",
-        "_runner",
-        "_outcome",
-        "_finished",
         "__weakref__",
+        "_cancelled",
+        "_finished",
+        "_latch",
+        "_outcome",
+        "_pending",
+        "_runner",
+        "_runtime",
+        "_start_handle",
+        "_task",
     )
 
     def __init__(self, runtime: Runtime, coro: Coroutine[Any, Any, Any]) -> None:
@@ -340,8 +341,7 @@ def _import_ray() -> Any:
         import ray
     except ImportError:
         raise ImportError(
-            "Converting a response to a Ray ObjectRef needs Ray: "
-            'pip install "tandem-serve[ray]".'
+            'Converting a response to a Ray ObjectRef needs Ray: pip install "tandem-serve[ray]".'
         ) from None
     return ray
 
@@ -455,7 +455,7 @@ class _Pump:
                 (False, RequestCancelledError("The streaming request was cancelled."))
             )
             raise
-        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+        except BaseException as exc:
             self._items.put_nowait((False, exc))
         finally:
             self.finished = True

@@ -17,11 +17,11 @@ from pydantic import ValidationError
 
 from tandem._private.backends import create_backend, resolve_backend_name
 from tandem._private.config import describe_validation_error
-from tandem._private.http.options import HTTPOptions
 from tandem._private.context import DeploymentID, current_replica_context
 from tandem._private.controller import Controller
 from tandem._private.deployment import Application, Deployment
 from tandem._private.graph import build_application
+from tandem._private.http.options import HTTPOptions
 from tandem._private.runtime import Runtime, current_runtime, set_runtime
 from tandem._private.status import Status
 from tandem.exceptions import DeploymentUnavailableError
@@ -203,9 +203,7 @@ def run(
     leaves no part of the new version running.
     """
     if isinstance(target, Deployment):
-        raise TypeError(
-            f"tandem.run() takes an application; call {target.name}.bind(...) first."
-        )
+        raise TypeError(f"tandem.run() takes an application; call {target.name}.bind(...) first.")
     if not isinstance(target, Application):
         raise TypeError(
             "tandem.run() takes an application built with Deployment.bind(), "

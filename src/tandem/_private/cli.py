@@ -37,7 +37,9 @@ def cli() -> None:
 @click.argument("arguments", nargs=-1)
 @click.option("--host", default=None, help="Interface to listen on [default: 127.0.0.1].")
 @click.option("--port", type=int, default=None, help="Port to listen on [default: 8000].")
-@click.option("--route-prefix", default=None, help="HTTP path prefix of the application [default: /].")
+@click.option(
+    "--route-prefix", default=None, help="HTTP path prefix of the application [default: /]."
+)
 @click.option("--name", default=None, help="Application name [default: default].")
 @click.option(
     "--backend",
@@ -84,10 +86,14 @@ def run(
     try:
         if is_config_path(import_path):
             if arguments:
-                raise ValueError("A config file takes no key=value arguments; put them under args:.")
+                raise ValueError(
+                    "A config file takes no key=value arguments; put them under args:."
+                )
             config = load_config(import_path)
             if name or route_prefix:
-                raise ValueError("--name and --route-prefix apply to an import path, not a config file.")
+                raise ValueError(
+                    "--name and --route-prefix apply to an import path, not a config file."
+                )
         else:
             config = ServeConfig(
                 applications=[
@@ -99,7 +105,11 @@ def run(
                     )
                 ]
             )
-        updates: dict[str, Any] = {"host": host, "port": port, "request_timeout_s": request_timeout_s}
+        updates: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "request_timeout_s": request_timeout_s,
+        }
         http = config.http_options.model_copy(
             update={k: v for k, v in updates.items() if v is not None}
         )
@@ -116,14 +126,16 @@ def run(
         if stops > 1:
             click.echo("tandem: stopping now.", err=True)
             os._exit(130)
-        click.echo("tandem: shutting down (in-flight requests finish; Ctrl-C again to force).", err=True)
+        click.echo(
+            "tandem: shutting down (in-flight requests finish; Ctrl-C again to force).", err=True
+        )
         session.request_stop()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
         url = session.deploy(config)
-    except Exception as exc:  # noqa: BLE001 - reported as one clear message
+    except Exception as exc:
         session.close()
         raise _Failure(str(exc)) from None
     names = ", ".join(repr(a.name) for a in config.applications)
@@ -148,7 +160,9 @@ def _run_with_reload() -> None:
 
 
 @cli.command()
-@click.option("--address", default=DEFAULT_ADDRESS, show_default=True, help="The server's HTTP address.")
+@click.option(
+    "--address", default=DEFAULT_ADDRESS, show_default=True, help="The server's HTTP address."
+)
 def status(address: str) -> None:
     """Print the applications of a running server."""
     data = _request(address, "GET", "/-/status")
@@ -156,7 +170,9 @@ def status(address: str) -> None:
 
 
 @cli.command()
-@click.option("--address", default=DEFAULT_ADDRESS, show_default=True, help="The server's HTTP address.")
+@click.option(
+    "--address", default=DEFAULT_ADDRESS, show_default=True, help="The server's HTTP address."
+)
 def shutdown(address: str) -> None:
     """Stop a running server gracefully."""
     _request(address, "POST", "/-/shutdown")
@@ -165,7 +181,9 @@ def shutdown(address: str) -> None:
 
 @cli.command()
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--address", default=DEFAULT_ADDRESS, show_default=True, help="The server's HTTP address.")
+@click.option(
+    "--address", default=DEFAULT_ADDRESS, show_default=True, help="The server's HTTP address."
+)
 def deploy(config_file: str, address: str) -> None:
     """Apply CONFIG_FILE to a running server (it keeps its applications if the file is bad)."""
     from tandem._private.config_file import load_config
@@ -180,7 +198,13 @@ def deploy(config_file: str, address: str) -> None:
 
 @cli.command()
 @click.argument("import_paths", nargs=-1, required=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write here instead of stdout.",
+)
 def build(import_paths: tuple[str, ...], output: str | None) -> None:
     """Write a config file for one or more IMPORT_PATHS (module:app)."""
     from tandem._private.importing import build_app, import_attribute
@@ -249,7 +273,9 @@ def _request(address: str, method: str, path: str, body: Any = None) -> Any:
             detail = json.loads(exc.read()).get("error", "")
         except ValueError:
             detail = ""
-        raise _Failure(f"The server at {address} answered {exc.code}: {detail or exc.reason}") from None
+        raise _Failure(
+            f"The server at {address} answered {exc.code}: {detail or exc.reason}"
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise _Failure(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -46,7 +46,8 @@ class AutoscalingConfig(_Strict):
     def _check_bounds(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(
-                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+                f"min_replicas ({self.min_replicas}) must not exceed "
+                f"max_replicas ({self.max_replicas})"
             )
         if self.initial_replicas is not None and not (
             self.min_replicas <= self.initial_replicas <= self.max_replicas
@@ -88,7 +89,7 @@ class DeploymentOptions(_Strict):
 
     name: str | None = Field(default=None, min_length=1)
     version: str | None = None
-    num_replicas: Union[int, Literal["auto"], None] = None
+    num_replicas: int | Literal["auto"] | None = None
     max_ongoing_requests: int = Field(default=DEFAULT_MAX_ONGOING_REQUESTS, ge=1)
     max_queued_requests: int = Field(default=DEFAULT_MAX_QUEUED_REQUESTS, ge=-1)
     autoscaling_config: AutoscalingConfig | None = None
@@ -203,10 +204,14 @@ def describe_validation_error(exc: ValidationError, owner: str) -> str:
     """One readable line per problem: which option, what was wrong, what was given."""
     lines = []
     for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+        where = ".".join(
+            str(part) for part in error["loc"] if not str(part).startswith("function-")
+        )
         what = error["msg"].removeprefix("Value error, ")
         if where:
-            lines.append(f"Invalid option {where!r} for {owner}: {what} (got {error.get('input')!r}).")
+            lines.append(
+                f"Invalid option {where!r} for {owner}: {what} (got {error.get('input')!r})."
+            )
         else:
             lines.append(f"Invalid options for {owner}: {what}.")
     return " ".join(dict.fromkeys(lines))

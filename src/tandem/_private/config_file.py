@@ -126,7 +126,9 @@ def is_config_path(target: str) -> bool:
     return target.endswith((".yaml", ".yml", ".json"))
 
 
-def build_applications(config: ServeConfig, reload: bool = False) -> list[tuple[ApplicationConfig, Application]]:
+def build_applications(
+    config: ServeConfig, reload: bool = False
+) -> list[tuple[ApplicationConfig, Application]]:
     """Import and build every application of ``config``, with its overrides applied."""
     built = []
     for app_config in config.applications:
@@ -137,7 +139,9 @@ def build_applications(config: ServeConfig, reload: bool = False) -> list[tuple[
     return built
 
 
-def apply_overrides(root: Application, overrides: dict[str, dict[str, Any]], app_name: str) -> Application:
+def apply_overrides(
+    root: Application, overrides: dict[str, dict[str, Any]], app_name: str
+) -> Application:
     """A copy of the graph under ``root`` where named deployments get new options."""
     if not overrides:
         return root
@@ -182,9 +186,11 @@ def _with_overrides(deployment: Deployment[Any], overrides: dict[str, Any]) -> D
     options = deployment.deployment_options.set_options()
     if isinstance(overrides.get("num_replicas"), int):
         options.pop("autoscaling_config", None)
-    if overrides.get("autoscaling_config") is not None or overrides.get("num_replicas") == "auto":
-        if isinstance(options.get("num_replicas"), int):
-            options.pop("num_replicas")
+    autoscaled = overrides.get("autoscaling_config") is not None
+    if (autoscaled or overrides.get("num_replicas") == "auto") and isinstance(
+        options.get("num_replicas"), int
+    ):
+        options.pop("num_replicas")
     options.update(overrides)
     return Deployment(
         deployment.func_or_class,

@@ -179,9 +179,7 @@ class Controller:
                 }
                 await self._start_all(fresh, kept, started, brand_new)
             except BaseException as exc:
-                await self._stop_replicas(
-                    [r for rs in started.values() for r in rs], timeout_s=0
-                )
+                await self._stop_replicas([r for rs in started.values() for r in rs], timeout_s=0)
                 for record in fresh:
                     if old is None or record.spec.name not in old.deployments:
                         self._publish(record, replicas=(), state="deleted")
@@ -263,7 +261,10 @@ class Controller:
                 del prev.replicas[prev.target :]
             if dspec.options.user_config != old_config and dspec.options.user_config is not None:
                 results = await asyncio.gather(
-                    *(self.backend.reconfigure(r.info, dspec.options.user_config) for r in prev.replicas),
+                    *(
+                        self.backend.reconfigure(r.info, dspec.options.user_config)
+                        for r in prev.replicas
+                    ),
                     return_exceptions=True,
                 )
                 errors = [r for r in results if isinstance(r, BaseException)]
@@ -342,13 +343,15 @@ class Controller:
             next_health_check=self._clock() + options.health_check_period_s,
         )
 
-    async def _stop_replicas(self, replicas: list[ReplicaRecord], timeout_s: float | None = None) -> None:
+    async def _stop_replicas(
+        self, replicas: list[ReplicaRecord], timeout_s: float | None = None
+    ) -> None:
         async def stop(replica: ReplicaRecord) -> None:
             replica.state = ReplicaState.STOPPING
             timeout = replica.graceful_shutdown_timeout_s if timeout_s is None else timeout_s
             try:
                 await self.backend.stop_replica(replica.info, timeout)
-            except Exception:  # noqa: BLE001 - a replica that fails to stop is gone anyway
+            except Exception:
                 logger.exception("Stopping replica %s failed", replica.replica_id)
 
         await asyncio.gather(*(stop(r) for r in replicas))
@@ -398,7 +401,9 @@ class Controller:
                     for replica in list(record.replicas):
                         if replica.replica_id in self._exited:
                             self._exited.discard(replica.replica_id)
-                            self._in_background(self._replace(record, replica, "the replica exited"))
+                            self._in_background(
+                                self._replace(record, replica, "the replica exited")
+                            )
                             continue
                         if replica.checking or replica.state != ReplicaState.RUNNING:
                             continue
@@ -428,7 +433,7 @@ class Controller:
             await self._replace(
                 record, replica, f"check_health took longer than {options.health_check_timeout_s} s"
             )
-        except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+        except Exception as exc:
             await self._replace(record, replica, f"check_health raised {type(exc).__name__}: {exc}")
         finally:
             replica.checking = False

@@ -7,7 +7,8 @@ an :class:`Application` to the controller, which does that.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Generic, TypeVar, overload
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, overload
 
 from tandem._private.config import DeploymentOptions, validate_options
 
@@ -18,8 +19,12 @@ class Deployment(Generic[T]):
     """A class or function with its deployment options; ``bind`` it to build an application."""
 
     def __init__(self, func_or_class: T, options: DeploymentOptions) -> None:
-        if not (inspect.isclass(func_or_class) or inspect.isfunction(func_or_class)
-                or inspect.ismethod(func_or_class) or callable(func_or_class)):
+        if not (
+            inspect.isclass(func_or_class)
+            or inspect.isfunction(func_or_class)
+            or inspect.ismethod(func_or_class)
+            or callable(func_or_class)
+        ):
             raise TypeError(
                 f"@deployment takes a class or a function, got {type(func_or_class).__name__}."
             )
@@ -30,7 +35,9 @@ class Deployment(Generic[T]):
 
     @property
     def name(self) -> str:
-        return self._options.name or getattr(self._target, "__name__", type(self._target).__name__)
+        return str(
+            self._options.name or getattr(self._target, "__name__", type(self._target).__name__)
+        )
 
     @property
     def func_or_class(self) -> T:
@@ -116,9 +123,7 @@ def deployment(_func_or_class: T) -> Deployment[T]: ...
 
 
 @overload
-def deployment(
-    _func_or_class: None = None, **options: Any
-) -> Callable[[T], Deployment[T]]: ...
+def deployment(_func_or_class: None = None, **options: Any) -> Callable[[T], Deployment[T]]: ...
 
 
 def deployment(_func_or_class: Any = None, **options: Any) -> Any:

@@ -34,7 +34,7 @@ class DeploymentSpec:
             return False
         try:
             return bool(self.init_args == other.init_args and self.init_kwargs == other.init_kwargs)
-        except Exception:  # noqa: BLE001 - e.g. arrays with no single truth value
+        except Exception:
             return False
 
 
@@ -52,7 +52,9 @@ class ApplicationSpec:
         raise KeyError(name)
 
 
-def build_application(root: Application, app_name: str, route_prefix: str | None) -> ApplicationSpec:
+def build_application(
+    root: Application, app_name: str, route_prefix: str | None
+) -> ApplicationSpec:
     """Flatten the graph under ``root`` into deployment specs (see the module docstring)."""
     from tandem.handle import DeploymentHandle
 

@@ -94,7 +94,7 @@ def _builder_argument(builder: Any, args: dict[str, Any], import_path: str) -> A
     if isinstance(annotation, str):
         try:
             annotation = inspect.get_annotations(builder, eval_str=True).get(params[0].name)
-        except Exception:  # noqa: BLE001 - an unresolvable annotation means "no model"
+        except Exception:
             annotation = None
     if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
         try:
@@ -103,7 +103,9 @@ def _builder_argument(builder: Any, args: dict[str, Any], import_path: str) -> A
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
             )
-            raise ValueError(f"Invalid arguments for builder {import_path!r}: {problems}.") from None
+            raise ValueError(
+                f"Invalid arguments for builder {import_path!r}: {problems}."
+            ) from None
     return args
 
 

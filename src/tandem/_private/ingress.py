@@ -60,7 +60,9 @@ def _bind_method_routes(app: Any, cls: type) -> None:
         return
     functions = {value for value in vars(cls).values() if inspect.isfunction(value)}
     params = [
-        p for p in inspect.signature(APIRoute.__init__).parameters if p not in ("self", "path", "endpoint")
+        p
+        for p in inspect.signature(APIRoute.__init__).parameters
+        if p not in ("self", "path", "endpoint")
     ]
     routes = app.router.routes
     changed = False

@@ -75,17 +75,17 @@ async def _unload(model: Any) -> None:
         await close()
 
 
-def multiplexed(
-    func: F | None = None, *, max_num_models_per_replica: int = 3
-) -> Any:
+def multiplexed(func: F | None = None, *, max_num_models_per_replica: int = 3) -> Any:
     """Cache what an async loader returns, per replica, by model id (LRU).
 
     Decorate an ``async def`` method ``(self, model_id)`` or function
     ``(model_id)``; ``max_num_models_per_replica=-1`` means no limit.
     """
-    if isinstance(max_num_models_per_replica, bool) or not isinstance(
-        max_num_models_per_replica, int
-    ) or (max_num_models_per_replica < 1 and max_num_models_per_replica != -1):
+    if (
+        isinstance(max_num_models_per_replica, bool)
+        or not isinstance(max_num_models_per_replica, int)
+        or (max_num_models_per_replica < 1 and max_num_models_per_replica != -1)
+    ):
         raise ValueError(
             "max_num_models_per_replica must be an integer >= 1 (or -1 for no limit), "
             f"got {max_num_models_per_replica!r}."

@@ -15,7 +15,7 @@ import functools
 import gc
 import inspect
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,17 +28,17 @@ from tandem._private.context import (
     _request,
 )
 from tandem._private.workers import WorkerThreads
+from tandem.exceptions import ReplicaUnavailableError
 
 # The method name the HTTP proxy calls (kept here so replicas need no HTTP import).
 HTTP_METHOD = "__tandem_http__"
-from tandem.exceptions import ReplicaUnavailableError
 
 _DONE = object()
 
 
 def current_replica() -> Replica | None:
     context = _replica_context.get()
-    return None if context is None else context._replica  # type: ignore[no-any-return]
+    return None if context is None else context._replica
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ class _Method:
 
     @staticmethod
     def of(fn: Callable[..., Any]) -> _Method:
-        call = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)
+        plain = inspect.isfunction(fn) or inspect.ismethod(fn)
+        call = fn if plain else getattr(fn, "__call__", fn)  # noqa: B004 - the method itself
         is_asyncgen = inspect.isasyncgenfunction(call)
         return _Method(
             fn,
@@ -77,7 +78,7 @@ class _Method:
 class _Slot:
     """One of ``max_ongoing_requests`` places; released once, maybe after its thread ends."""
 
-    __slots__ = ("_replica", "_released", "held_by_thread")
+    __slots__ = ("_released", "_replica", "held_by_thread")
 
     def __init__(self, replica: Replica) -> None:
         self._replica = replica
@@ -172,7 +173,7 @@ class Replica:
         self._options = self._options.model_copy(update={"user_config": user_config})
 
     async def check_health(self) -> None:
-        """Run the user's check_health (if any) within health_check_timeout_s; raise if unhealthy."""
+        """Run the user's check_health (if any), bounded by health_check_timeout_s."""
         if self._stopped:
             raise ReplicaUnavailableError(f"Replica {self.replica_id} is stopped.")
         method = None if self._is_function else getattr(self._obj, "check_health", None)
@@ -215,7 +216,9 @@ class Replica:
 
     # -- serving -----------------------------------------------------------
 
-    async def call(self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def call(
+        self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         """Serve one unary call."""
         method = self._methods.get(meta.method_name) or self._method(meta.method_name)
         if method.is_generator:
@@ -246,14 +249,16 @@ class Replica:
 
     async def stream(
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Serve one streaming call: yield what the user's generator yields, as it yields it.
 
         An HTTP request (method ``HTTP_METHOD``) is a streaming call too: it
         yields the ASGI messages of the response.
         """
         http = meta.method_name == HTTP_METHOD
-        method = None if http else self._methods.get(meta.method_name) or self._method(meta.method_name)
+        method = (
+            None if http else self._methods.get(meta.method_name) or self._method(meta.method_name)
+        )
         if method is not None and not method.is_generator:
             raise TypeError(
                 f"Method {meta.method_name!r} of deployment {self.name!r} is not a "
@@ -280,7 +285,7 @@ class Replica:
             if not slot.held_by_thread:
                 slot.release()
 
-    def _serve_http(self, data: Any, slot: _Slot) -> AsyncIterator[Any]:
+    def _serve_http(self, data: Any, slot: _Slot) -> AsyncGenerator[Any, None]:
         if self._obj is None:
             raise self._unavailable()
         serve_http, asgi_app_for = _http_bridge()
@@ -323,7 +328,9 @@ class Replica:
         self._methods[name] = method
         return method
 
-    async def _invoke(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def _invoke(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         if _Method.of(fn).is_async:
             return await fn(*args, **kwargs)
         return await self._run_in_thread(fn, args, kwargs)
@@ -348,7 +355,7 @@ class Replica:
                 job.on_finished = slot.release
             raise
 
-    async def _iterate_in_thread(self, gen: Any, slot: _Slot) -> AsyncIterator[Any]:
+    async def _iterate_in_thread(self, gen: Any, slot: _Slot) -> AsyncGenerator[Any, None]:
         assert self._workers is not None and self._loop is not None
         context = contextvars.copy_context()
         job = None
@@ -411,7 +418,7 @@ class Replica:
 
 
 @functools.cache
-def _http_bridge() -> tuple[Any, Any]:
+def _http_bridge() -> tuple[Callable[..., AsyncGenerator[Any, None]], Callable[[Any], Any | None]]:
     """The HTTP side, imported on the first HTTP request (replicas without HTTP skip it)."""
     from tandem._private.http.bridge import serve_http
     from tandem._private.ingress import asgi_app_for

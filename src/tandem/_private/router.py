@@ -48,7 +48,9 @@ class ReplicaConnection(Protocol):
 
     replica_id: str
 
-    async def call(self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
+    async def call(
+        self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any: ...
 
     def stream(
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]

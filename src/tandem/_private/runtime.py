@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from tandem._private.context import DeploymentID, RequestMetadata
 from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet, Router
@@ -30,7 +30,7 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is optional
         return asyncio.new_event_loop()
-    return uvloop.new_event_loop()  # type: ignore[no-any-return]
+    return uvloop.new_event_loop()
 
 
 class Runtime:
@@ -159,7 +159,7 @@ class Runtime:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         pending: type | None = None,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """One streaming request; see :meth:`call`."""
         if pending is not None:
             args, kwargs = await resolve_arguments(args, kwargs, pending)
@@ -176,8 +176,10 @@ async def resolve_arguments(
     args: tuple[Any, ...], kwargs: dict[str, Any], pending: type
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Replace top-level arguments of type ``pending`` (responses) with their results."""
-    args = tuple([await a if isinstance(a, pending) else a for a in args])
-    kwargs = {k: await v if isinstance(v, pending) else v for k, v in kwargs.items()}
+    args = tuple([await cast(Awaitable[Any], a) if isinstance(a, pending) else a for a in args])
+    kwargs = {
+        k: await cast(Awaitable[Any], v) if isinstance(v, pending) else v for k, v in kwargs.items()
+    }
     return args, kwargs
 
 

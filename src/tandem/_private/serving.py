@@ -65,7 +65,9 @@ class ServeSession:
         assert runtime is not None and runtime.controller is not None
         controller = runtime.controller
         specs = [
-            build_application(app, app_config.name, api.normalize_route_prefix(app_config.route_prefix))
+            build_application(
+                app, app_config.name, api.normalize_route_prefix(app_config.route_prefix)
+            )
             for app_config, app in built
         ]
         wanted = {spec.name for spec in specs}

@@ -19,7 +19,7 @@ from typing import Any
 class Job:
     """One function call on a worker thread; ``future`` settles on the loop."""
 
-    __slots__ = ("future", "context", "fn", "args", "finished", "on_finished")
+    __slots__ = ("args", "context", "finished", "fn", "future", "on_finished")
 
     def __init__(
         self,
@@ -100,7 +100,7 @@ class WorkerThreads:
             item = None
             try:
                 outcome: tuple[bool, Any] = (True, job.context.run(job.fn, *job.args))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            except BaseException as exc:
                 outcome = (False, exc)
             job.fn = job.args = None  # type: ignore[assignment]
             try:

@@ -13,13 +13,13 @@ BACKEND_ENV_VAR = "TANDEM_BACKEND"
 
 def resolve_backend_name(requested: str | None) -> str:
     """The backend to use: the argument, else $TANDEM_BACKEND (read now), else the default."""
-    name = requested if requested is not None else os.environ.get(BACKEND_ENV_VAR) or DEFAULT_BACKEND
+    name = (
+        requested if requested is not None else os.environ.get(BACKEND_ENV_VAR) or DEFAULT_BACKEND
+    )
     name = name.strip().lower()
     if name not in BACKEND_NAMES:
         source = "backend" if requested is not None else BACKEND_ENV_VAR
-        raise ValueError(
-            f"Unknown {source} {name!r}; choose one of: {', '.join(BACKEND_NAMES)}."
-        )
+        raise ValueError(f"Unknown {source} {name!r}; choose one of: {', '.join(BACKEND_NAMES)}.")
     return name
 
 
@@ -29,8 +29,7 @@ def create_backend(name: str) -> Backend:
 
         return LocalBackend()
     raise ValueError(
-        f"The {name!r} backend is not available in this version of tandem yet; "
-        "use backend='local'."
+        f"The {name!r} backend is not available in this version of tandem yet; use backend='local'."
     )
 
 

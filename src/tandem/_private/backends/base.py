@@ -30,10 +30,10 @@ class Backend(ABC):
 
     name: ClassVar[str]
 
-    async def open(self, on_replica_exit: Callable[[str], None]) -> None:
+    async def open(self, on_replica_exit: Callable[[str], None]) -> None:  # noqa: B027
         """Prepare to host replicas; ``on_replica_exit(replica_id)`` reports a replica that died."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027
         """Release whatever :meth:`open` took; every replica is stopped by then."""
 
     @abstractmethod

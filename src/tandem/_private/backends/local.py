@@ -20,13 +20,15 @@ from tandem._private.router import ReplicaConnection, ReplicaInfo
 class LocalConnection:
     """Calls a replica in this process directly."""
 
-    __slots__ = ("replica_id", "_replica")
+    __slots__ = ("_replica", "replica_id")
 
     def __init__(self, replica: Replica) -> None:
         self.replica_id = replica.replica_id
         self._replica = replica
 
-    async def call(self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def call(
+        self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         return await self._replica.call(meta, args, kwargs)
 
     def stream(

@@ -13,10 +13,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+from starlette.types import Receive, Scope, Send
 
 
 class Admin:
@@ -63,7 +60,7 @@ class Admin:
                 await self._apply_config(config)
             except ValueError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
-            except Exception as exc:  # noqa: BLE001 - reported to the CLI user
+            except Exception as exc:
                 return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
             return JSONResponse({"applied": True})
         known = "/-/healthz, /-/routes, /-/status, /metrics"

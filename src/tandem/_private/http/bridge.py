@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +47,9 @@ class HTTPRequestData:
     body: bytes
 
     @classmethod
-    def from_scope(cls, scope: dict[str, Any], body: bytes, root_path: str) -> HTTPRequestData:
+    def from_scope(
+        cls, scope: MutableMapping[str, Any], body: bytes, root_path: str
+    ) -> HTTPRequestData:
         plain = {key: scope[key] for key in _SCOPE_KEYS if key in scope}
         plain["root_path"] = scope.get("root_path", "") + ("" if root_path == "/" else root_path)
         plain["headers"] = list(scope.get("headers", []))
@@ -98,7 +100,7 @@ async def serve_http(
     data: HTTPRequestData,
     call: Callable[[Request], Awaitable[Any]] | None,
     asgi_app: Callable[..., Awaitable[None]] | None,
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """Run one HTTP request in the replica and yield its ASGI response messages.
 
     ``call`` runs the user's ``__call__`` with the request; ``asgi_app`` (for
@@ -109,7 +111,10 @@ async def serve_http(
     if asgi_app is None:
         assert call is not None
         response = to_response(await call(Request(scope, channel.receive)))
-        if not isinstance(response, StreamingResponse) and type(response).__call__ is Response.__call__:
+        if (
+            not isinstance(response, StreamingResponse)
+            and type(response).__call__ is Response.__call__
+        ):
             # A plain response: its messages are known; no task or queue needed.
             yield {
                 "type": "http.response.start",
@@ -132,7 +137,7 @@ _END = object()
 
 async def _run_asgi(
     app: Callable[..., Awaitable[None]], scope: dict[str, Any], channel: _Channel
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """Run an ASGI app as a task and yield what it sends, as it sends it."""
     sent: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -142,7 +147,7 @@ async def _run_asgi(
     async def run() -> None:
         try:
             await app(scope, channel.receive, send)
-        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+        except BaseException as exc:
             sent.put_nowait(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise

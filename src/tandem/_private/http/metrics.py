@@ -18,7 +18,22 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 _LABELS = ["application", "deployment", "method"]
 
@@ -65,7 +80,8 @@ class ProxyMetrics(Collector):
 
     def collect(self) -> Iterator[Any]:
         requests = CounterMetricFamily(
-            "tandem_http_requests", "HTTP requests answered, by status code.",
+            "tandem_http_requests",
+            "HTTP requests answered, by status code.",
             labels=[*_LABELS, "status_code"],
         )
         errors = CounterMetricFamily(
@@ -84,18 +100,20 @@ class ProxyMetrics(Collector):
             for error, count in sorted(series.by_error.items()):
                 errors.add_metric([*key, error], count)
             cumulative, running = [], 0
-            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), series.buckets):
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), series.buckets, strict=True):
                 running += count
                 cumulative.append((str(bound) if bound != float("inf") else "+Inf", running))
             latency.add_metric(list(key), cumulative, series.seconds)
         in_flight = GaugeMetricFamily(
-            "tandem_http_requests_in_flight", "HTTP requests being served now.",
+            "tandem_http_requests_in_flight",
+            "HTTP requests being served now.",
             labels=["application"],
         )
         for app, count in sorted(self._in_flight.items()):
             in_flight.add_metric([app], count)
         replicas = GaugeMetricFamily(
-            "tandem_deployment_replicas", "Replicas of each deployment, by state.",
+            "tandem_deployment_replicas",
+            "Replicas of each deployment, by state.",
             labels=["application", "deployment", "state"],
         )
         for app_status in self._status().applications.values():

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
+
+from starlette.types import Receive, Scope, Send
 
 from tandem._private.context import DeploymentID, RequestMetadata
 from tandem._private.http.admin import Admin
@@ -31,9 +33,6 @@ from tandem.exceptions import (
 
 logger = logging.getLogger("tandem.proxy")
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 RouteTable = Callable[[], tuple[tuple[str, str, str], ...]]
 
 # A request still running after this long starts listening for the client leaving.
@@ -192,12 +191,15 @@ class Proxy:
                     )
                 return 408, "timeout"
             return 499, "disconnected"
-        except Exception as exc:  # noqa: BLE001 - every failure gets an answer
+        except Exception as exc:
             status, kind = _classify(exc)
             if status == 500:
                 logger.error(
-                    "Request %s to application %r failed", request_id, app,
-                    exc_info=exc, extra={"request_id": request_id},
+                    "Request %s to application %r failed",
+                    request_id,
+                    app,
+                    exc_info=exc,
+                    extra={"request_id": request_id},
                 )
                 text = f"Internal Server Error (request id {request_id}).\n"
             else:
