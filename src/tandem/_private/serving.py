@@ -31,10 +31,8 @@ class ServeSession:
     def deploy(self, config: ServeConfig) -> str | None:
         """Deploy every application of ``config`` and serve HTTP; return the URL."""
         built = build_applications(config)
-        api.start(
-            http_options=config.http_options,
-            proxy_location=config.proxy_location,
-        )
+        # HTTP starts once every application runs, so the first request finds them all.
+        api.start(http_options=config.http_options, proxy_location="Disabled")
         api.configure_admin(shutdown=self.request_stop, apply_config=self.apply_config)
         for app_config, app in built:
             api.run(
@@ -43,6 +41,7 @@ class ServeSession:
                 route_prefix=app_config.route_prefix,
                 backend=self._backend,
             )
+        api.start(proxy_location="EveryNode")
         return api.serve_http_now()
 
     def request_stop(self) -> None:
