@@ -11,8 +11,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -337,8 +338,14 @@ def test_replica_context_inside_replicas(tmp_path: Path, backend: str) -> None:
             _append(
                 path,
                 json.dumps(
-                    [ctx.app_name, ctx.deployment, ctx.replica_id, ctx.replica_tag,
-                     ctx.rank, ctx.world_size]
+                    [
+                        ctx.app_name,
+                        ctx.deployment,
+                        ctx.replica_id,
+                        ctx.replica_tag,
+                        ctx.rank,
+                        ctx.world_size,
+                    ]
                 ),
             )
 
@@ -369,8 +376,9 @@ def test_replica_context_inside_replicas(tmp_path: Path, backend: str) -> None:
     assert all(rid == tag for _, _, rid, tag, _, _ in in_init)
     rank_of = {rid: rank for _, _, rid, _, rank, _ in in_init}
 
-    status_ids = {r.replica_id for r in serve.status().applications["ctxapp"].deployments[
-        "Ranked"].replicas}
+    status_ids = {
+        r.replica_id for r in serve.status().applications["ctxapp"].deployments["Ranked"].replicas
+    }
     assert status_ids == ids
 
     for method in (handle.sync_info, handle.async_info):
@@ -379,6 +387,31 @@ def test_replica_context_inside_replicas(tmp_path: Path, backend: str) -> None:
             assert info["is_self"] is True
             assert info["id"] in ids
             assert info["rank"] == rank_of[info["id"]]
+
+
+@pytest.mark.xfail(
+    reason="BUG: scaling num_replicas 1 -> 3 by redeploy leaves the kept replica "
+    "reporting world_size 1 while the new ones report 3",
+    strict=True,
+)
+def test_world_size_follows_num_replicas_on_redeploy(backend: str) -> None:
+    @serve.deployment(num_replicas=1)
+    class Sharded:
+        def __call__(self) -> tuple[int, int]:
+            ctx = serve.get_replica_context()
+            return ctx.rank, ctx.world_size
+
+    handle = serve.run(Sharded.bind(), name="sharded", backend=backend)
+    assert handle.remote().result() == (0, 1)
+    serve.run(Sharded.options(num_replicas=3).bind(), name="sharded", backend=backend)
+    seen: dict[int, int] = {}
+    for _ in range(200):
+        rank, world_size = handle.remote().result()
+        seen[rank] = world_size
+        if len(seen) == 3:
+            break
+    assert sorted(seen) == [0, 1, 2]
+    assert seen == {0: 3, 1: 3, 2: 3}
 
 
 def test_replica_context_outside_a_replica_raises() -> None:
@@ -591,8 +624,9 @@ def test_unhealthy_replica_is_replaced(backend: str) -> None:
 
     dep = serve.status().applications["fragile"].deployments["Fragile"]
     assert dep.restarts >= 1
-    assert _wait_for(lambda: serve.status().applications["fragile"].deployments[
-        "Fragile"].running_replicas == 1)
+    assert _wait_for(
+        lambda: serve.status().applications["fragile"].deployments["Fragile"].running_replicas == 1
+    )
 
 
 # -- route prefixes -------------------------------------------------------------------------

@@ -227,9 +227,7 @@ def test_invalid_option_fails_at_options_time(options: dict[str, Any], named: li
         pytest.param({"num_replicas": "auto"}, id="num_replicas-auto"),
         pytest.param({"num_replicas": 1, "max_queued_requests": 10}, id="queue-limit"),
         pytest.param({"user_config": {"threshold": 0.5, "tags": ["a", "b"]}}, id="user_config"),
-        pytest.param(
-            {"health_check_period_s": 1, "health_check_timeout_s": 2}, id="health-check"
-        ),
+        pytest.param({"health_check_period_s": 1, "health_check_timeout_s": 2}, id="health-check"),
         pytest.param(
             {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": 1},
             id="graceful-shutdown",

@@ -481,6 +481,17 @@ class Controller:
 
     # -- status ------------------------------------------------------------
 
+    def deployment_series(self) -> list[tuple[str, str, str, Any]]:
+        """Per-method request series of every replica, for /metrics."""
+        out = []
+        for app_name, app in self._apps.items():
+            for name, record in app.deployments.items():
+                for replica in record.replicas:
+                    stats = self.backend.describe(replica.info).get("stats")
+                    for method, series in getattr(stats, "by_method", {}).items():
+                        out.append((app_name, name, method, series))
+        return out
+
     def status(self) -> Status:
         apps = {}
         for name, app in self._apps.items():

@@ -14,6 +14,7 @@ import contextvars
 import functools
 import gc
 import inspect
+import time
 import weakref
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from tandem._private.context import (
     _replica_context,
     _request,
 )
+from tandem._private.stats import RequestStats
 from tandem._private.workers import WorkerThreads
 from tandem.exceptions import ReplicaUnavailableError
 
@@ -118,6 +120,7 @@ class Replica:
             _replica=self,
         )
         self._methods: dict[str, _Method] = {}
+        self.stats = RequestStats()
         self._is_ingress = hasattr(spec.target, "__tandem_ingress_app__")
         # Per-replica state of @multiplexed loaders, keyed by the loader.
         self.multiplex_caches: dict[Any, Any] = {}
@@ -229,6 +232,8 @@ class Replica:
         slot = await self._acquire()
         req_token = _request.set(meta)
         ctx_token = _replica_context.set(self.context)
+        started = time.perf_counter()
+        failed = True
         try:
             if method.is_async:
                 result = await method.fn(*args, **kwargs)
@@ -240,8 +245,10 @@ class Replica:
                     f"Method {meta.method_name!r} of deployment {self.name!r} returned a "
                     "generator; call it through a handle with .options(stream=True)."
                 )
+            failed = False
             return result
         finally:
+            self.stats.record(meta.method_name, time.perf_counter() - started, failed)
             _replica_context.reset(ctx_token)
             _request.reset(req_token)
             if not slot.held_by_thread:
@@ -267,6 +274,8 @@ class Replica:
         slot = await self._acquire()
         req_token = _request.set(meta)
         ctx_token = _replica_context.set(self.context)
+        started = time.perf_counter()
+        failed = True
         try:
             if method is None:
                 source = self._serve_http(args[0], slot)
@@ -279,7 +288,10 @@ class Replica:
                     yield item
             finally:
                 await source.aclose()
+            failed = False
         finally:
+            name = "__call__" if http else meta.method_name
+            self.stats.record(name, time.perf_counter() - started, failed)
             _replica_context.reset(ctx_token)
             _request.reset(req_token)
             if not slot.held_by_thread:

@@ -63,7 +63,8 @@ class LocalBackend(Backend):
         return LocalConnection(_replica(info))
 
     def describe(self, info: ReplicaInfo) -> dict[str, Any]:
-        return {"pid": os.getpid(), "in_flight": _replica(info).in_flight}
+        replica = _replica(info)
+        return {"pid": os.getpid(), "in_flight": replica.in_flight, "stats": replica.stats}
 
 
 def _replica(info: ReplicaInfo) -> Replica:

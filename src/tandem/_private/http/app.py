@@ -22,7 +22,7 @@ async def open_http(
     """Serve the runtime's applications over HTTP; runs on the runtime's loop."""
     controller = runtime.controller
     assert controller is not None
-    metrics = ProxyMetrics(controller.status)
+    metrics = ProxyMetrics(controller.status, controller.deployment_series)
     admin = Admin(
         status=controller.status,
         routes=controller.route_prefixes,

@@ -8,8 +8,7 @@ counts into Prometheus families when /metrics is scraped.
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,43 +16,30 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
+from tandem._private.stats import Series
+
 _LABELS = ["application", "deployment", "method"]
+
+# (application, deployment, method, series) for every replica's methods.
+DeploymentSeries = Callable[[], Iterable[tuple[str, str, str, Series]]]
 
 
 @dataclass
-class _Series:
-    """Counts for one (application, deployment, method)."""
+class _HTTPSeries:
+    """Counts for one (application, deployment, HTTP method)."""
 
     by_status: dict[int, int] = field(default_factory=dict)
     by_error: dict[str, int] = field(default_factory=dict)
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-    seconds: float = 0.0
+    latency: Series = field(default_factory=Series)
 
 
 class ProxyMetrics(Collector):
     """Requests, errors, latency and in-flight requests per application, deployment and method."""
 
-    def __init__(self, status: Callable[[], Any]) -> None:
+    def __init__(self, status: Callable[[], Any], deployment_series: DeploymentSeries) -> None:
         self._status = status
-        self._series: dict[tuple[str, str, str], _Series] = {}
+        self._deployment_series = deployment_series
+        self._series: dict[tuple[str, str, str], _HTTPSeries] = {}
         self._in_flight: dict[str, int] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -68,10 +54,9 @@ class ProxyMetrics(Collector):
         key = (app, deployment, method)
         series = self._series.get(key)
         if series is None:
-            series = self._series[key] = _Series()
+            series = self._series[key] = _HTTPSeries()
         series.by_status[status] = series.by_status.get(status, 0) + 1
-        series.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        series.seconds += seconds
+        series.latency.observe(seconds, error is not None)
         if error is not None:
             series.by_error[error] = series.by_error.get(error, 0) + 1
 
@@ -99,11 +84,9 @@ class ProxyMetrics(Collector):
                 requests.add_metric([*key, str(status)], count)
             for error, count in sorted(series.by_error.items()):
                 errors.add_metric([*key, error], count)
-            cumulative, running = [], 0
-            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), series.buckets, strict=True):
-                running += count
-                cumulative.append((str(bound) if bound != float("inf") else "+Inf", running))
-            latency.add_metric(list(key), cumulative, series.seconds)
+            latency.add_metric(
+                list(key), series.latency.cumulative_buckets(), series.latency.seconds
+            )
         in_flight = GaugeMetricFamily(
             "tandem_http_requests_in_flight",
             "HTTP requests being served now.",
@@ -123,6 +106,37 @@ class ProxyMetrics(Collector):
                 if not dep.replica_states:
                     replicas.add_metric([app_status.name, dep.name, "RUNNING"], 0)
         yield from (requests, errors, latency, in_flight, replicas)
+        yield from self._deployment_families()
+
+    def _deployment_families(self) -> Iterator[Any]:
+        """Calls served by replicas (through handles and HTTP), per deployment method."""
+        requests = CounterMetricFamily(
+            "tandem_deployment_requests",
+            "Calls served by the replicas of a deployment.",
+            labels=_LABELS,
+        )
+        errors = CounterMetricFamily(
+            "tandem_deployment_request_errors",
+            "Calls that raised, by deployment and method.",
+            labels=_LABELS,
+        )
+        latency = HistogramMetricFamily(
+            "tandem_deployment_request_latency_seconds",
+            "Time a replica spent serving a call (queueing excluded).",
+            labels=_LABELS,
+        )
+        totals: dict[tuple[str, str, str], Series] = {}
+        for app, deployment, method, series in self._deployment_series():
+            total = totals.setdefault((app, deployment, method), Series())
+            total.requests += series.requests
+            total.errors += series.errors
+            total.seconds += series.seconds
+            total.buckets = [a + b for a, b in zip(total.buckets, series.buckets, strict=True)]
+        for key, total in sorted(totals.items()):
+            requests.add_metric(list(key), total.requests)
+            errors.add_metric(list(key), total.errors)
+            latency.add_metric(list(key), total.cumulative_buckets(), total.seconds)
+        yield from (requests, errors, latency)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
