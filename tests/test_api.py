@@ -389,11 +389,6 @@ def test_replica_context_inside_replicas(tmp_path: Path, backend: str) -> None:
             assert info["rank"] == rank_of[info["id"]]
 
 
-@pytest.mark.xfail(
-    reason="BUG: scaling num_replicas 1 -> 3 by redeploy leaves the kept replica "
-    "reporting world_size 1 while the new ones report 3",
-    strict=True,
-)
 def test_world_size_follows_num_replicas_on_redeploy(backend: str) -> None:
     @serve.deployment(num_replicas=1)
     class Sharded:
@@ -534,11 +529,6 @@ _SYSTEM_EXIT_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    reason="BUG: a constructor raising SystemExit (e.g. argparse) kills tandem's event loop "
-    "thread and run() hangs forever instead of raising DeploymentFailedError",
-    strict=True,
-)
 def test_constructor_raising_system_exit_fails_run_without_hanging() -> None:
     # In a subprocess: when the bug hits, this process's tandem would be unusable.
     try:

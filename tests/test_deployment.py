@@ -77,11 +77,6 @@ def test_decorator_with_empty_parentheses(backend: str) -> None:
     assert serve.run(Plain.bind(), backend=backend).remote().result() == "plain"
 
 
-@pytest.mark.xfail(
-    reason="BUG: serve.deployment(cls, name=..., ...) (target and options in one call, "
-    "accepted by Ray Serve) raises TypeError",
-    strict=True,
-)
 def test_deployment_called_with_target_and_options(backend: str) -> None:
     class Model:
         def __call__(self) -> str:
@@ -388,11 +383,6 @@ def test_two_deployments_with_the_same_name_raise_at_run(backend: str) -> None:
     assert serve.status().applications == {}
 
 
-@pytest.mark.xfail(
-    reason="BUG: binding one deployment twice with different args in one app raises "
-    "ValueError; Ray Serve runs both, renaming the second 'Model_1'",
-    strict=True,
-)
 def test_same_deployment_bound_twice_runs_as_two_deployments(backend: str) -> None:
     @serve.deployment
     class Model:
@@ -412,7 +402,11 @@ def test_same_deployment_bound_twice_runs_as_two_deployments(backend: str) -> No
 
     handle = serve.run(Ensemble.bind(Model.bind(2), Model.bind(3)), name="ens", backend=backend)
     assert handle.remote(10).result() == [20, 30]
-    assert len(serve.status().applications["ens"].deployments) == 3
+    assert sorted(serve.status().applications["ens"].deployments) == [
+        "Ensemble",
+        "Model",
+        "Model_1",
+    ]
 
 
 def test_calling_a_deployment_directly_raises() -> None:

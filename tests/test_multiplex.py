@@ -230,11 +230,6 @@ def test_non_async_loader_raises_type_error() -> None:
                 return model_id
 
 
-@pytest.mark.xfail(
-    reason="BUG: concurrent loads of different models overfill the cache beyond "
-    "max_num_models_per_replica (eviction only counts loaded models, not loads in flight)",
-    strict=True,
-)
 def test_concurrent_loads_of_different_models_respect_the_limit(backend: str) -> None:
     @serve.deployment(max_ongoing_requests=10)
     class SlowMulti:
@@ -262,11 +257,6 @@ def test_concurrent_loads_of_different_models_respect_the_limit(backend: str) ->
     assert handle.live_models.remote().result() <= 2
 
 
-@pytest.mark.xfail(
-    reason="BUG: cancelling the request that started a model load fails every other "
-    "request waiting for that model with RequestCancelledError",
-    strict=True,
-)
 def test_cancelling_the_loading_request_does_not_fail_other_waiters(backend: str) -> None:
     @serve.deployment(max_ongoing_requests=10)
     class SlowLoad:

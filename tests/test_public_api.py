@@ -25,6 +25,7 @@ TANDEM_ALL = [
     "get_deployment_handle",
     "get_multiplexed_model_id",
     "get_replica_context",
+    "ingress",
     "multiplexed",
     "run",
     "shutdown",

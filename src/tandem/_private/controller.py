@@ -256,9 +256,17 @@ class Controller:
             old_config = prev.spec.options.user_config
             prev.spec = dspec
             prev.replicas.extend(sorted(started.get(dspec.name, []), key=lambda r: r.rank))
+            resized = bool(started.get(dspec.name)) or len(prev.replicas) > prev.target
             if len(prev.replicas) > prev.target:
                 retired.extend(prev.replicas[prev.target :])
                 del prev.replicas[prev.target :]
+            if resized:
+                # The deployment changed size: every replica learns its place anew.
+                for rank, replica in enumerate(prev.replicas):
+                    replica.rank = rank
+                await asyncio.gather(
+                    *(self.backend.set_rank(r.info, r.rank, prev.target) for r in prev.replicas)
+                )
             if dspec.options.user_config != old_config and dspec.options.user_config is not None:
                 results = await asyncio.gather(
                     *(

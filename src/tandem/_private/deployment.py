@@ -141,8 +141,6 @@ def deployment(_func_or_class: Any = None, **options: Any) -> Any:
         return Deployment(target, validate_options(options, owner=owner))
 
     if _func_or_class is not None:
-        if options:
-            raise TypeError("Use @deployment(...) with keyword options, or bare @deployment.")
         return wrap(_func_or_class)
     # Validate now so a bad option fails at the decorator line, not at first use.
     validate_options(options, owner=f"deployment {options.get('name', '')!r}".replace(" ''", ""))

@@ -96,10 +96,16 @@ def build_application(
         kwargs = {k: substitute(v) for k, v in node.kwargs.items()}
         name = node.deployment.name
         if name in by_name:
-            raise ValueError(
-                f"Application {app_name!r} has two different deployments named {name!r}; "
-                f"give one a distinct name with {name}.options(name=...)."
-            )
+            if by_name[name].func_or_class is not node.deployment.func_or_class:
+                raise ValueError(
+                    f"Application {app_name!r} has two different deployments named {name!r}; "
+                    f"give one a distinct name with {name}.options(name=...)."
+                )
+            # The same deployment bound again (other arguments): Model, Model_1, Model_2...
+            suffix = 1
+            while f"{name}_{suffix}" in by_name:
+                suffix += 1
+            name = f"{name}_{suffix}"
         by_name[name] = node.deployment
         names[id(node)] = name
         specs.append(

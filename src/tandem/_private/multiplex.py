@@ -34,29 +34,35 @@ class ModelCache:
         if model_id in self._models:
             self._models.move_to_end(model_id)
             return self._models[model_id]
-        pending = self._loading.get(model_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_retrieve)
-        self._loading[model_id] = future
+        loading = self._loading.get(model_id)
+        if loading is None:
+            # The load is a task of its own: a caller that is cancelled while it waits
+            # leaves the load (and everyone else waiting for it) alone.
+            loading = asyncio.ensure_future(self._load(model_id, load))
+            loading.add_done_callback(_retrieve)
+            self._loading[model_id] = loading
+        return await asyncio.shield(loading)
+
+    async def _load(self, model_id: str, load: Callable[[], Awaitable[Any]]) -> Any:
         try:
-            while self.capacity > 0 and len(self._models) + 1 > self.capacity and self._models:
-                _, evicted = self._models.popitem(last=False)
-                await _unload(evicted)
-                del evicted
+            # Make room first, counting loads in flight, so memory stays bounded.
+            while (
+                self.capacity > 0
+                and self._models
+                and len(self._models) + len(self._loading) > self.capacity
+            ):
+                await self._evict_oldest()
             model = await load()
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                future.cancel()
-            else:
-                future.set_exception(exc)
-            raise
         finally:
             del self._loading[model_id]
         self._models[model_id] = model
-        future.set_result(model)
+        while self.capacity > 0 and len(self._models) > self.capacity:
+            await self._evict_oldest()
         return model
+
+    async def _evict_oldest(self) -> None:
+        _, evicted = self._models.popitem(last=False)
+        await _unload(evicted)
 
     async def clear(self) -> None:
         while self._models:

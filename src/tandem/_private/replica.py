@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import gc
 import inspect
@@ -29,7 +30,7 @@ from tandem._private.context import (
     _request,
 )
 from tandem._private.stats import RequestStats
-from tandem._private.workers import WorkerThreads
+from tandem._private.workers import WorkerThreads, contain
 from tandem.exceptions import ReplicaUnavailableError
 
 # The method name the HTTP proxy calls (kept here so replicas need no HTTP import).
@@ -128,6 +129,10 @@ class Replica:
     @property
     def servable(self) -> Any:
         return self._obj
+
+    def set_rank(self, rank: int, world_size: int) -> None:
+        """A new place among the deployment's replicas (after scaling)."""
+        self.context = dataclasses.replace(self.context, rank=rank, world_size=world_size)
 
     @property
     def in_flight(self) -> int:
@@ -236,7 +241,10 @@ class Replica:
         failed = True
         try:
             if method.is_async:
-                result = await method.fn(*args, **kwargs)
+                try:
+                    result = await method.fn(*args, **kwargs)
+                except (SystemExit, KeyboardInterrupt) as exc:
+                    raise contain(exc) from exc
             else:
                 result = await self._run_in_thread(method.fn, args, kwargs, slot)
             if inspect.isgenerator(result) or inspect.isasyncgen(result):
@@ -344,7 +352,10 @@ class Replica:
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         if _Method.of(fn).is_async:
-            return await fn(*args, **kwargs)
+            try:
+                return await fn(*args, **kwargs)
+            except (SystemExit, KeyboardInterrupt) as exc:
+                raise contain(exc) from exc
         return await self._run_in_thread(fn, args, kwargs)
 
     async def _run_in_thread(

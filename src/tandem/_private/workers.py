@@ -16,6 +16,23 @@ from collections.abc import Callable
 from typing import Any
 
 
+class UserCodeExit(Exception):
+    """User code raised SystemExit or KeyboardInterrupt, which must not stop tandem's loop."""
+
+
+def contain(exc: BaseException) -> BaseException:
+    """An exception from user code, made safe to raise on the event loop.
+
+    asyncio lets SystemExit and KeyboardInterrupt out of its loop, which would
+    stop every replica and the proxy; they become a plain error of the request.
+    """
+    if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        error = UserCodeExit(f"User code raised {type(exc).__name__}({exc}).")
+        error.__cause__ = exc
+        return error
+    return exc
+
+
 class Job:
     """One function call on a worker thread; ``future`` settles on the loop."""
 
@@ -101,7 +118,7 @@ class WorkerThreads:
             try:
                 outcome: tuple[bool, Any] = (True, job.context.run(job.fn, *job.args))
             except BaseException as exc:
-                outcome = (False, exc)
+                outcome = (False, contain(exc))
             job.fn = job.args = None  # type: ignore[assignment]
             try:
                 loop.call_soon_threadsafe(_finish, job, *outcome)

@@ -53,6 +53,10 @@ class Backend(ABC):
         """Pass a new user_config to the replica's reconfigure."""
 
     @abstractmethod
+    async def set_rank(self, info: ReplicaInfo, rank: int, world_size: int) -> None:
+        """Tell a replica its new rank and the deployment's new size (after scaling)."""
+
+    @abstractmethod
     def connect(self, info: ReplicaInfo) -> ReplicaConnection:
         """A connection a router in this process can send requests over."""
 

@@ -59,6 +59,9 @@ class LocalBackend(Backend):
     async def reconfigure(self, info: ReplicaInfo, user_config: Any) -> None:
         await _replica(info).reconfigure(user_config)
 
+    async def set_rank(self, info: ReplicaInfo, rank: int, world_size: int) -> None:
+        _replica(info).set_rank(rank, world_size)
+
     def connect(self, info: ReplicaInfo) -> ReplicaConnection:
         return LocalConnection(_replica(info))
 
