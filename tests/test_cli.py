@@ -448,13 +448,28 @@ def test_bad_num_replicas_names_its_field_path(app_dir: Path, tmp_path: Path) ->
     assert_clear_failure(result, "applications[1].deployments[0].num_replicas")
 
 
-def test_run_rejects_an_invalid_config_file(app_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (
+            "http_options:\n  port: not-a-port\napplications:\n  - name: a\n",
+            ["http_options.port", "integer", "applications[0].import_path", "required"],
+        ),
+        (
+            "applications:\n  - name: a\n    import_path: greet:app\n    route_prefix: nope\n",
+            ["applications[0]", "route_prefix", "'/'"],
+        ),
+        ("applications: []\n", ["applications"]),
+        ("applications:\n  - import_path: greet:app\n  bad: [\n", ["YAML"]),
+    ],
+)
+def test_run_rejects_an_invalid_config_file(
+    app_dir: Path, tmp_path: Path, text: str, words: list[str]
+) -> None:
     config = tmp_path / "serve.yaml"
-    config.write_text(
-        "http_options:\n  port: not-a-port\napplications:\n  - name: a\n    route_prefix: nope\n"
-    )
-    result = tandem("run", str(config), cwd=app_dir, timeout=20)
-    assert_clear_failure(result, "http_options.port", "applications[0].import_path", "route_prefix")
+    config.write_text(text)
+    result = tandem("run", str(config), "--port", str(free_port()), cwd=app_dir, timeout=20)
+    assert_clear_failure(result, "serve.yaml", *words)
 
 
 def test_build_writes_a_config_that_run_serves_and_shutdown_stops_it(

@@ -262,7 +262,7 @@ def status() -> Status:
     """Applications → deployments → state, replica counts and the last error message."""
     runtime = current_runtime()
     if runtime is None or not runtime.is_open or runtime.controller is None:
-        return Status(backend=resolve_backend_name(None), applications={})
+        return Status(backend="", applications={})
     controller = runtime.controller
     if runtime.on_loop_thread():
         return controller.status()

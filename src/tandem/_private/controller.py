@@ -61,6 +61,8 @@ class DeploymentRecord:
     message: str = ""
     restarts: int = 0
     failed_starts: int = 0
+    # Set once the deployment left its application: nothing may restart its replicas.
+    removed: bool = False
 
     @property
     def target(self) -> int:
@@ -102,6 +104,8 @@ class Controller:
         self._exited: set[str] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._checks: set[asyncio.Task[Any]] = set()
+        self._closing = False
         self.route_table: tuple[tuple[str, str, str], ...] = ()
 
     # -- lifecycle ---------------------------------------------------------
@@ -112,10 +116,14 @@ class Controller:
 
     async def close(self) -> None:
         """Stop every application and the watch loop."""
+        self._closing = True
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
             self._watch_task = None
+        for check in list(self._checks):  # a hanging check_health must not delay shutdown
+            check.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)
         async with self._lock:
             await asyncio.gather(*(self._remove_app(name) for name in list(self._apps)))
         if self._background:
@@ -250,6 +258,7 @@ class Controller:
             self._publish(record)
             prev = old.deployments.get(record.spec.name) if old else None
             if prev is not None:
+                prev.removed = True
                 retired.extend(prev.replicas)
         problems: list[str] = []
         for prev, dspec in kept:
@@ -284,6 +293,7 @@ class Controller:
         if old is not None:
             for name, record in old.deployments.items():
                 if name not in app.deployments:
+                    record.removed = True
                     self._publish(record, replicas=(), state="deleted")
                     retired.extend(record.replicas)
         app.status = ApplicationState.UNHEALTHY if problems else ApplicationState.RUNNING
@@ -308,9 +318,12 @@ class Controller:
         self._refresh_routes()
         replicas: list[ReplicaRecord] = []
         for record in app.deployments.values():
+            record.removed = True
             self._publish(record, replicas=(), state="deleted")
             replicas.extend(record.replicas)
         await self._stop_replicas(replicas)
+        for record in app.deployments.values():
+            record.replicas.clear()
         del self._apps[name]
         self._refresh_routes()
 
@@ -417,7 +430,9 @@ class Controller:
                             continue
                         if replica.next_health_check <= now:
                             replica.checking = True
-                            self._in_background(self._check(record, replica))
+                            check = asyncio.ensure_future(self._check(record, replica))
+                            self._checks.add(check)
+                            check.add_done_callback(self._checks.discard)
                         else:
                             next_due = min(next_due, replica.next_health_check)
                     if (
@@ -450,7 +465,7 @@ class Controller:
 
     async def _replace(self, record: DeploymentRecord, replica: ReplicaRecord, reason: str) -> None:
         async with self._lock:
-            if replica not in record.replicas:
+            if self._closing or record.removed or replica not in record.replicas:
                 return
             logger.warning("Replacing replica %s: %s", replica.replica_id, reason)
             record.replicas.remove(replica)
@@ -464,7 +479,7 @@ class Controller:
             await self._start_missing(record, record.message)
 
     async def _start_missing(self, record: DeploymentRecord, reason: str) -> None:
-        if record.status == DeploymentState.DEPLOY_FAILED:
+        if self._closing or record.removed or record.status == DeploymentState.DEPLOY_FAILED:
             return
         taken = {r.rank for r in record.replicas}
         missing = [rank for rank in range(record.target) if rank not in taken]
