@@ -131,6 +131,15 @@ class Router:
 
         The caller must call :meth:`release` with the result when the request ends.
         """
+        if len(self._replicas) == 1 and not self._queue:
+            # One replica (the common case): no choice to make.
+            (only,) = self._replicas.values()
+            if (
+                only.in_flight < only.info.max_ongoing_requests
+                and self._replica_set.state == "running"
+            ):
+                only.in_flight += 1
+                return only
         while True:
             self._raise_if_gone()
             if not self._queue:
