@@ -24,7 +24,8 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-APPS = HERE / "apps"
+APPS = HERE / "apps"  # the bare Starlette baseline
+EXAMPLES = HERE.parent / "examples"  # hello.py, the seed's app
 BIN = Path(sys.executable).parent
 RAY_SERVE_32 = 9.9  # requests/s, Ray Serve 2.60 on the reference machine (DESIGN.md)
 
@@ -88,7 +89,7 @@ def wrk(url: str, connections: int, seconds: float, script: str) -> dict[str, fl
 def measure(
     name: str, command: list[str], port: int, args: argparse.Namespace, script: str
 ) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=str(APPS))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(APPS), str(EXAMPLES)]))
     proc = subprocess.Popen(
         command, cwd=APPS, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
