@@ -25,7 +25,7 @@ import yaml
 TANDEM_MODULE = [sys.executable, "-m", "tandem"]
 TANDEM_SCRIPT = [str(Path(sys.executable).with_name("tandem"))]
 
-GREETER = '''
+GREETER = """
 import asyncio
 import os
 
@@ -75,9 +75,9 @@ class Greeter:
 
 
 greeter = Greeter.bind()
-'''
+"""
 
-BUILDERS = '''
+BUILDERS = """
 from pydantic import BaseModel
 
 import tandem as serve
@@ -103,7 +103,7 @@ class Options(BaseModel):
 
 def typed(options: Options) -> serve.Application:
     return Say.bind(" ".join([options.greeting] * options.times))
-'''
+"""
 
 
 def free_port() -> int:
@@ -134,7 +134,8 @@ class Server:
         )
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
@@ -211,7 +212,9 @@ def serve_cli(app_dir: Path, tmp_path: Path) -> Iterator[Any]:
         server.kill()
 
 
-def tandem(*args: str, cwd: Path, script: bool = False, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def tandem(
+    *args: str, cwd: Path, script: bool = False, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     """Run one short ``tandem`` command and return what it printed."""
     command = TANDEM_SCRIPT if script else TANDEM_MODULE
     return subprocess.run(
@@ -273,7 +276,9 @@ def test_run_module_app_serves_until_ctrl_c_and_finishes_in_flight_requests(
 def test_run_dict_builder_with_args_name_and_route_prefix_then_sigterm(
     serve_cli: Any,
 ) -> None:
-    server = serve_cli("builders:plain", "color=red", "size=3", "--name", "shop", "--route-prefix", "/v1")
+    server = serve_cli(
+        "builders:plain", "color=red", "size=3", "--name", "shop", "--route-prefix", "/v1"
+    )
     r = server.get("/v1")
     assert r.status_code == 200
     assert r.text == "plain color='red',size='3'"
@@ -337,7 +342,9 @@ def write_config(path: Path, port: int, message: str, **greet_override: Any) -> 
     return path
 
 
-def test_config_file_with_two_apps_status_and_deploy(serve_cli: Any, app_dir: Path, tmp_path: Path) -> None:
+def test_config_file_with_two_apps_status_and_deploy(
+    serve_cli: Any, app_dir: Path, tmp_path: Path
+) -> None:
     port = free_port()
     config = write_config(tmp_path / "serve.yaml", port, "hello")
     server = serve_cli(str(config), port=port, port_flag=False)  # the port comes from the file
@@ -391,12 +398,26 @@ def test_config_file_with_two_apps_status_and_deploy(serve_cli: Any, app_dir: Pa
 
     missing_module = tmp_path / "bad5.yaml"
     missing_module.write_text(
-        changed.read_text().replace("builders:plain", "not_a_module:plain").replace("goodbye", "bad")
+        changed.read_text()
+        .replace("builders:plain", "not_a_module:plain")
+        .replace("goodbye", "bad")
     )
     result = tandem("deploy", str(missing_module), "--address", server.url, cwd=app_dir)
     assert result.returncode != 0 and "not_a_module" in result.stderr, result
     assert server.get("/greet").text == "goodbye"  # no application changed, not even the good one
     assert server.get("/shop").status_code == 200
+
+    # A config without "shop" deletes it; the other application keeps serving.
+    only_greet = yaml.safe_load(changed.read_text())
+    only_greet["applications"] = only_greet["applications"][:1]
+    (tmp_path / "only_greet.yaml").write_text(yaml.safe_dump(only_greet))
+    result = tandem(
+        "deploy", str(tmp_path / "only_greet.yaml"), "--address", server.url, cwd=app_dir
+    )
+    assert result.returncode == 0, result.stderr
+    assert server.get("/-/routes").json() == {"/greet": "greet"}
+    assert server.get("/shop").status_code == 404
+    assert server.get("/greet").text == "goodbye"
 
     server.ctrl_c()
     assert server.wait_exit() == 0, server.output()
@@ -506,6 +527,20 @@ def test_import_errors_fail_clearly(app_dir: Path) -> None:
         assert_clear_failure(result, *words)
 
 
+def test_constructor_error_fails_with_the_deployment_name(app_dir: Path) -> None:
+    (app_dir / "failing.py").write_text(
+        "import tandem as serve\n\n"
+        "@serve.deployment\n"
+        "class Model:\n"
+        "    def __init__(self):\n"
+        "        raise RuntimeError('weights file is missing')\n\n"
+        "app = Model.bind()\n"
+    )
+    result = tandem("run", "failing:app", "--port", str(free_port()), cwd=app_dir, timeout=30)
+    assert result.returncode != 0
+    assert "Model" in result.stderr and "weights file is missing" in result.stderr, result.stderr
+
+
 def test_port_in_use_fails_clearly(app_dir: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -529,7 +564,7 @@ def test_commands_without_a_server_fail_clearly(app_dir: Path, tmp_path: Path) -
 # -- --reload ---------------------------------------------------------------------
 
 
-RELOADABLE = '''
+RELOADABLE = """
 import asyncio
 
 import tandem as serve
@@ -544,7 +579,19 @@ class Version:
 
 
 app = Version.bind()
-'''
+"""
+
+
+def wait_for_text(server: Server, want: str, timeout_s: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline and text != want:
+        try:
+            text = server.get("/", timeout=2).text
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return text
 
 
 def test_reload_restarts_when_the_module_changes(serve_cli: Any, app_dir: Path) -> None:
@@ -553,17 +600,21 @@ def test_reload_restarts_when_the_module_changes(serve_cli: Any, app_dir: Path) 
     server = serve_cli("reloadable:app", "--reload")
     assert server.get("/").text == "version one"
 
-    time.sleep(0.2)
     module.write_text(RELOADABLE.replace("version one", "version two"))
+    assert wait_for_text(server, "version two") == "version two", server.output()
+
+    # A typo takes the server down with a clear error; tandem keeps watching for the fix.
+    seen = len(server.output())
+    module.write_text(RELOADABLE.replace("async def __call__", "async def __call__(("))
     deadline = time.monotonic() + 10
-    text = ""
-    while time.monotonic() < deadline and text != "version two":
-        try:
-            text = server.get("/", timeout=2).text
-        except httpx.HTTPError:
-            pass
+    while time.monotonic() < deadline and "Error" not in server.output()[seen:]:
         time.sleep(0.1)
-    assert text == "version two", server.output()
+    assert "reloadable.py" in server.output()[seen:], server.output()
+    with pytest.raises(httpx.ConnectError):
+        server.get("/-/healthz", timeout=1)
+    assert server.proc.poll() is None, server.output()
+    module.write_text(RELOADABLE.replace("version one", "version three"))
+    assert wait_for_text(server, "version three") == "version three", server.output()
 
     server.ctrl_c()
     assert server.wait_exit() == 0, server.output()

@@ -2,13 +2,15 @@
 
 Every test runs its applications with ``tandem.run`` (the conftest binds the
 server to a free port) and talks to them with httpx over a real socket.
+No ``from __future__ import annotations`` here: FastAPI reads the route
+methods' annotations at run time (and see the xfail test about it below).
 """
 
 import asyncio
 import json
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import pytest
@@ -17,7 +19,6 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-import tandem
 import tandem as serve
 from tandem._private.api import http_url
 from tandem.handle import DeploymentHandle
@@ -96,7 +97,9 @@ RETURNS: dict[str, Any] = {
     "bool": lambda: True,
     "none": lambda: None,
     "pydantic": lambda: Point(x=1, y=2.5),
-    "json_response": lambda: JSONResponse({"made": "here"}, status_code=201, headers={"x-mine": "1"}),
+    "json_response": lambda: JSONResponse(
+        {"made": "here"}, status_code=201, headers={"x-mine": "1"}
+    ),
     "html": lambda: HTMLResponse("<b>hi</b>"),
     "teapot": lambda: PlainTextResponse("short and stout", status_code=418),
 }
@@ -193,7 +196,9 @@ def test_sync_call_and_many_concurrent_requests(backend: str) -> None:
 
     async def many() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=30) as c:
-            return await asyncio.gather(*(c.get(url("/sync/x"), params={"i": i}) for i in range(100)))
+            return await asyncio.gather(
+                *(c.get(url("/sync/x"), params={"i": i}) for i in range(100))
+            )
 
     responses = asyncio.run(many())
     assert [r.status_code for r in responses] == [200] * 100
@@ -281,7 +286,9 @@ def test_exception_is_500_with_request_id_and_server_keeps_serving(
     ]
     assert errors, caplog.text
     logged = "\n".join(
-        rec.getMessage() + "\n" + (logging.Formatter().formatException(rec.exc_info) if rec.exc_info else "")
+        rec.getMessage()
+        + "\n"
+        + (logging.Formatter().formatException(rec.exc_info) if rec.exc_info else "")
         for rec in errors
     )
     assert request_id in logged
@@ -464,11 +471,11 @@ def poll(read: Any, until: Any, timeout_s: float = 3.0) -> Any:
 
 @pytest.fixture
 def request_timeout_half_a_second() -> Any:
-    tandem.start(http_options={"port": 0, "request_timeout_s": 0.5})
+    serve.start(http_options={"port": 0, "request_timeout_s": 0.5})
     try:
         yield
     finally:
-        tandem.start(http_options={"port": 0})
+        serve.start(http_options={"port": 0})
 
 
 @pytest.mark.usefixtures("request_timeout_half_a_second")
@@ -593,7 +600,10 @@ def test_metrics_count_requests_per_application(backend: str) -> None:
     assert total("tandem_http_request_latency_seconds_count", application="shop") == 3
     assert ("tandem_http_requests_in_flight", (("application", "shop"),)) in samples
     assert total("tandem_http_requests_in_flight", application="shop") == 0
-    assert total("tandem_deployment_replicas", application="shop", deployment="Named", state="RUNNING") == 1
+    assert (
+        total("tandem_deployment_replicas", application="shop", deployment="Named", state="RUNNING")
+        == 1
+    )
 
 
 def parse_prometheus(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -685,7 +695,7 @@ class Shop:
         return {"greeting": self.greeting, "count": len(self.items)}
 
     @fastapi_app.get("/items/{item_id}")
-    def get_item(self, item_id: int, q: Optional[str] = None, limit: int = 10) -> dict[str, Any]:
+    def get_item(self, item_id: int, q: str | None = None, limit: int = 10) -> dict[str, Any]:
         return {"item_id": item_id, "q": q, "limit": limit, "greeting": self.greeting}
 
     @fastapi_app.post("/items", status_code=201)
@@ -724,7 +734,7 @@ def test_fastapi_ingress_under_route_prefix(backend: str) -> None:
         assert c.get(url("/api/")).json()["count"] == 1  # a bad body created nothing
 
 
-FUTURE_ANNOTATIONS_MODULE = '''
+FUTURE_ANNOTATIONS_MODULE = """
 from __future__ import annotations
 
 from fastapi import FastAPI
@@ -754,7 +764,7 @@ class Orders:
 
 
 app = Orders.bind()
-'''
+"""
 
 
 @pytest.mark.xfail(
