@@ -2,8 +2,8 @@
 
 Every test runs its applications with ``tandem.run`` (the conftest binds the
 server to a free port) and talks to them with httpx over a real socket.
-No ``from __future__ import annotations`` here: FastAPI reads the route
-methods' annotations at run time (and see the xfail test about it below).
+No ``from __future__ import annotations`` here, on purpose: a test below
+checks that a user module with postponed annotations works too.
 """
 
 import asyncio
@@ -767,11 +767,6 @@ app = Orders.bind()
 """
 
 
-@pytest.mark.xfail(
-    reason="BUG: with `from __future__ import annotations` in the user's module, a pydantic body "
-    "parameter of an @ingress method route is treated as a required query parameter (422)",
-    strict=True,
-)
 def test_fastapi_ingress_in_a_module_with_postponed_annotations(
     backend: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

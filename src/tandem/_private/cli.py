@@ -11,6 +11,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +21,7 @@ import click
 import yaml
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8000"
+_RELOAD_CHILD_ENV = "TANDEM_RELOAD_CHILD"
 
 
 class _Failure(click.ClickException):
@@ -119,10 +121,16 @@ def run(
 
     session = ServeSession(backend)
     stops = 0
+    first_stop = 0.0
+    # Under --reload, one Ctrl-C reaches us twice: from the terminal and from the watcher.
+    dedup_s = 2.0 if os.environ.get(_RELOAD_CHILD_ENV) else 0.0
 
     def on_signal(signum: int, frame: Any) -> None:
-        nonlocal stops
+        nonlocal stops, first_stop
+        if stops and time.monotonic() - first_stop < dedup_s:
+            return
         stops += 1
+        first_stop = first_stop or time.monotonic()
         if stops > 1:
             click.echo("tandem: stopping now.", err=True)
             os._exit(130)
@@ -153,6 +161,7 @@ def _run_with_reload() -> None:
     argv = [a for a in sys.argv[1:] if a != "--reload"]
     command = shlex.join([sys.executable, "-m", "tandem", *argv])
     click.echo(f"tandem: watching {os.getcwd()} for changes", err=True)
+    os.environ[_RELOAD_CHILD_ENV] = "1"  # inherited by the server process
     try:
         watchfiles.run_process(".", target=command, target_type="command")
     except KeyboardInterrupt:

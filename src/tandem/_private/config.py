@@ -209,9 +209,8 @@ def describe_validation_error(exc: ValidationError, owner: str) -> str:
         )
         what = error["msg"].removeprefix("Value error, ")
         if where:
-            lines.append(
-                f"Invalid option {where!r} for {owner}: {what} (got {error.get('input')!r})."
-            )
+            given = "" if "got " in what else f" (got {error.get('input')!r})"
+            lines.append(f"Invalid option {where!r} for {owner}: {what}{given}.")
         else:
             lines.append(f"Invalid options for {owner}: {what}.")
     return " ".join(dict.fromkeys(lines))

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tandem._private.config import ActorOptions, AutoscalingConfig, validate_options
 from tandem._private.deployment import Application, Deployment
@@ -40,6 +47,15 @@ class DeploymentOverride(_Model):
     graceful_shutdown_wait_loop_s: float | None = Field(default=None, ge=0)
     graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
     logging_config: dict[str, Any] | None = None
+
+    @field_validator("num_replicas", mode="before")
+    @classmethod
+    def _replicas(cls, value: Any) -> Any:
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"must be an integer >= 1 or 'auto', got {value!r}")
+        return value
 
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.model_fields_set if k != "name"}
@@ -131,11 +147,14 @@ def build_applications(
 ) -> list[tuple[ApplicationConfig, Application]]:
     """Import and build every application of ``config``, with its overrides applied."""
     built = []
-    for app_config in config.applications:
+    for index, app_config in enumerate(config.applications):
         target = import_attribute(app_config.import_path, reload=reload)
         app = build_app(target, app_config.args, app_config.import_path)
         overrides = {d.name: d.options() for d in app_config.deployments}
-        built.append((app_config, apply_overrides(app, overrides, app_config.name)))
+        try:
+            built.append((app_config, apply_overrides(app, overrides, app_config.name)))
+        except ValueError as exc:
+            raise ValueError(f"applications[{index}] ({app_config.name!r}): {exc}") from None
     return built
 
 

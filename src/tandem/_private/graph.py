@@ -6,7 +6,10 @@ nodes in constructor arguments become handles, and name clashes are reported.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tandem._private.config import DeploymentOptions
@@ -23,10 +26,13 @@ class DeploymentSpec:
     init_kwargs: dict[str, Any]
     options: DeploymentOptions
     dependencies: tuple[str, ...]
+    code_version: tuple[str, ...] | None = None
 
     def same_code(self, other: DeploymentSpec) -> bool:
         """Whether ``other`` can keep this one's replicas (only lightweight options differ)."""
-        if self.target is not other.target:
+        if self.target is not other.target and (
+            self.code_version is None or self.code_version != other.code_version
+        ):
             return False
         if self.options.ray_actor_options != other.options.ray_actor_options:
             return False
@@ -50,6 +56,23 @@ class ApplicationSpec:
             if spec.name == name:
                 return spec
         raise KeyError(name)
+
+
+def code_version(target: Any) -> tuple[str, ...] | None:
+    """Names a class or function by its module, qualified name and source file's content.
+
+    A module imported again (``tandem deploy``, ``--reload``) makes new class
+    objects; if its file did not change, the code did not either, and running
+    replicas can stay.
+    """
+    try:
+        path = inspect.getsourcefile(target)
+        if path is None:
+            return None
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except (OSError, TypeError):
+        return None
+    return (str(target.__module__), str(target.__qualname__), digest)
 
 
 def build_application(
@@ -116,6 +139,7 @@ def build_application(
                 init_kwargs=kwargs,
                 options=node.deployment.deployment_options,
                 dependencies=tuple(deps),
+                code_version=code_version(node.deployment.func_or_class),
             )
         )
         return name

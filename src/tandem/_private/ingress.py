@@ -78,7 +78,9 @@ def _bind_method_routes(app: Any, cls: type) -> None:
 
 def _with_instance(method: Callable[..., Any], dependency: Any) -> Callable[..., Any]:
     """``method(self, ...)`` as an endpoint whose ``self`` comes from ``dependency``."""
-    signature = inspect.signature(method)
+    # Resolve string annotations (``from __future__ import annotations``) here, in
+    # the method's own module: FastAPI would look them up in this one.
+    signature = inspect.signature(method, eval_str=True)
     parameters = list(signature.parameters.values())
     if not parameters:
         raise TypeError(f"Route method {method.__qualname__} must take self.")

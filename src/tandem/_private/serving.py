@@ -16,6 +16,7 @@ from typing import Any
 from tandem._private import api
 from tandem._private.config_file import ServeConfig, build_applications, validate_config
 from tandem._private.graph import build_application
+from tandem._private.http.server import bind_socket
 from tandem._private.runtime import current_runtime
 
 logger = logging.getLogger("tandem")
@@ -31,6 +32,8 @@ class ServeSession:
     def deploy(self, config: ServeConfig) -> str | None:
         """Deploy every application of ``config`` and serve HTTP; return the URL."""
         built = build_applications(config)
+        # A taken port fails now, before any constructor runs.
+        bind_socket(config.http_options.host, config.http_options.port).close()
         # HTTP starts once every application runs, so the first request finds them all.
         api.start(http_options=config.http_options, proxy_location="Disabled")
         api.configure_admin(shutdown=self.request_stop, apply_config=self.apply_config)

@@ -1,0 +1,72 @@
+"""Framing for messages between processes: pickle protocol 5 with out-of-band buffers.
+
+A message is one Python object. Large buffers inside it (bytes, bytearrays,
+NumPy arrays and anything else that supports ``PickleBuffer``) travel
+out-of-band: they are written to the socket straight from their memory, not
+copied into the pickle stream, and arrive as buffers the unpickler adopts.
+
+Wire format of one frame::
+
+    u32 count of buffers (n)  u64 len(pickle)  u64 len(buffer) * n
+    pickle bytes  buffer bytes * n
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import struct
+from typing import Any
+
+import cloudpickle
+
+_HEADER = struct.Struct("!IQ")
+_LENGTH = struct.Struct("!Q")
+# Buffers smaller than this are cheaper inside the pickle than beside it.
+MIN_OUT_OF_BAND = 64 * 1024
+MAX_FRAME = 1 << 40
+
+
+def dumps(message: Any) -> list[bytes | memoryview]:
+    """The parts of one frame, ready for ``writelines`` (no copy of large buffers)."""
+    buffers: list[pickle.PickleBuffer] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < MIN_OUT_OF_BAND:
+            return True  # keep it in the pickle stream
+        buffers.append(buffer)
+        return False
+
+    try:
+        body = pickle.dumps(message, protocol=5, buffer_callback=out_of_band)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        buffers.clear()
+        # Classes and functions defined in __main__ or a notebook travel by value.
+        body = cloudpickle.dumps(message, protocol=5, buffer_callback=out_of_band)
+    raws = [b.raw() for b in buffers]
+    header = _HEADER.pack(len(raws), len(body)) + b"".join(
+        _LENGTH.pack(raw.nbytes) for raw in raws
+    )
+    return [header, body, *raws]
+
+
+def loads(body: bytes, buffers: list[bytearray]) -> Any:
+    return pickle.loads(body, buffers=buffers)
+
+
+async def read_message(reader: asyncio.StreamReader) -> Any:
+    """Read one frame; raises IncompleteReadError at end of stream."""
+    count, body_length = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    lengths = [
+        _LENGTH.unpack(await reader.readexactly(_LENGTH.size))[0] for _ in range(count)
+    ]
+    if body_length > MAX_FRAME or any(n > MAX_FRAME for n in lengths):
+        raise ValueError("Frame too large; the connection is out of sync.")
+    body = await reader.readexactly(body_length)
+    buffers = [bytearray(await reader.readexactly(n)) if n else bytearray() for n in lengths]
+    return loads(body, buffers)
+
+
+def write_message(writer: asyncio.StreamWriter, message: Any) -> None:
+    """Queue one frame on ``writer`` (call ``await writer.drain()`` to apply backpressure)."""
+    writer.writelines(dumps(message))
