@@ -44,9 +44,7 @@ def dumps(message: Any) -> list[bytes | memoryview]:
         # Classes and functions defined in __main__ or a notebook travel by value.
         body = cloudpickle.dumps(message, protocol=5, buffer_callback=out_of_band)
     raws = [b.raw() for b in buffers]
-    header = _HEADER.pack(len(raws), len(body)) + b"".join(
-        _LENGTH.pack(raw.nbytes) for raw in raws
-    )
+    header = _HEADER.pack(len(raws), len(body)) + b"".join(_LENGTH.pack(raw.nbytes) for raw in raws)
     return [header, body, *raws]
 
 
@@ -57,9 +55,7 @@ def loads(body: bytes, buffers: list[bytearray]) -> Any:
 async def read_message(reader: asyncio.StreamReader) -> Any:
     """Read one frame; raises IncompleteReadError at end of stream."""
     count, body_length = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-    lengths = [
-        _LENGTH.unpack(await reader.readexactly(_LENGTH.size))[0] for _ in range(count)
-    ]
+    lengths = [_LENGTH.unpack(await reader.readexactly(_LENGTH.size))[0] for _ in range(count)]
     if body_length > MAX_FRAME or any(n > MAX_FRAME for n in lengths):
         raise ValueError("Frame too large; the connection is out of sync.")
     body = await reader.readexactly(body_length)

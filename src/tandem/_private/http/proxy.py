@@ -37,6 +37,8 @@ RouteTable = Callable[[], tuple[tuple[str, str, str], ...]]
 
 # A request still running after this long starts listening for the client leaving.
 DISCONNECT_WATCH_DELAY_S = 0.05
+# How often the watcher looks at requests in flight (timeouts are this precise).
+WATCH_INTERVAL_S = 0.02
 
 _MODEL_ID_HEADERS = (b"serve_multiplexed_model_id", b"serve-multiplexed-model-id")
 
@@ -74,7 +76,7 @@ class Proxy:
         self._admin = admin
         self._options = options
         self.metrics = metrics
-        self.in_flight = 0
+        self._exchanges: set[_Exchange] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -120,42 +122,13 @@ class Proxy:
         if body is None:
             return 499, "disconnected"
         meta = RequestMetadata(
-            request_id,
-            app,
-            ingress,
-            HTTP_METHOD,
-            True,
-            _model_id(scope),
-            prefix,
+            request_id, app, ingress, HTTP_METHOD, True, _model_id(scope), prefix
         )
         data = HTTPRequestData.from_scope(scope, body, prefix)
-        task = asyncio.current_task()
-        assert task is not None
-        stop: list[str] = []
-        complete = False
-
-        def cancel(reason: str) -> None:
-            # Once the last body message is on its way, the client leaving is normal.
-            if not stop and not complete:
-                stop.append(reason)
-                task.cancel()
-
-        loop = asyncio.get_running_loop()
-        watcher: list[asyncio.Future[None]] = []
-
-        def watch() -> None:
-            # Most requests end before this runs: they never pay for a watcher task.
-            if not complete and not stop:
-                watcher.append(asyncio.ensure_future(_watch_disconnect(receive, cancel)))
-
-        watch_timer = loop.call_later(DISCONNECT_WATCH_DELAY_S, watch)
-        timer = (
-            loop.call_later(self._options.request_timeout_s, cancel, "timeout")
-            if self._options.request_timeout_s
-            else None
-        )
-        status = 500
+        exchange = _Exchange(receive, self._options.request_timeout_s)
+        self._exchanges.add(exchange)
         response_started = False
+        status = 500
         self.metrics.started(app)
         try:
             stream = self._runtime.stream(DeploymentID(app, ingress), meta, (data,), {})
@@ -172,15 +145,15 @@ class Proxy:
                         }
                         response_started = True
                     elif not message.get("more_body", False):
-                        complete = True
+                        exchange.complete = True
                     await send(message)
             finally:
                 await stream.aclose()
             return status, ("server_error" if status >= 500 else None)
         except asyncio.CancelledError:
-            if not stop:
+            if exchange.stopped is None:
                 raise  # the server itself is shutting down
-            if stop[0] == "timeout":
+            if exchange.stopped == "timeout":
                 if not response_started:
                     await _plain(
                         send,
@@ -210,14 +183,55 @@ class Proxy:
             await _plain(send, status, text, request_id)
             return status, kind
         finally:
-            if timer is not None:
-                timer.cancel()
-            watch_timer.cancel()
-            for task_ in watcher:
-                task_.cancel()
-            if stop:
-                # Swallow the cancellation we caused, so the server's task ends cleanly.
-                _uncancel(task)
+            self._exchanges.discard(exchange)
+            exchange.finish()
+
+    async def watch(self) -> None:
+        """Watch requests in flight: time them out, and notice clients that leave.
+
+        One task for all requests, so a request that ends quickly (most do) pays
+        for neither a timer nor a watcher task of its own.
+        """
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            now = time.monotonic()
+            for exchange in list(self._exchanges):
+                exchange.check(now)
+
+
+class _Exchange:
+    """One request in flight, as the proxy's watcher sees it."""
+
+    __slots__ = ("_deadline", "_receive", "_since", "_task", "_watcher", "complete", "stopped")
+
+    def __init__(self, receive: Receive, timeout_s: float | None) -> None:
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._since = time.monotonic()
+        self._deadline = self._since + timeout_s if timeout_s else None
+        self._watcher: asyncio.Future[None] | None = None
+        self.complete = False  # the last body message is on its way: leaving is normal now
+        self.stopped: str | None = None  # why the proxy cancelled it, if it did
+
+    def check(self, now: float) -> None:
+        if self.complete or self.stopped:
+            return
+        if self._deadline is not None and now >= self._deadline:
+            self.stop("timeout")
+        elif self._watcher is None and now - self._since >= DISCONNECT_WATCH_DELAY_S:
+            self._watcher = asyncio.ensure_future(_watch_disconnect(self._receive, self.stop))
+
+    def stop(self, reason: str) -> None:
+        if not self.stopped and not self.complete and self._task is not None:
+            self.stopped = reason
+            self._task.cancel()
+
+    def finish(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self.stopped and self._task is not None:
+            # Swallow the cancellation we caused, so the server's task ends cleanly.
+            _uncancel(self._task)
 
 
 def _classify(exc: BaseException) -> tuple[int, str]:

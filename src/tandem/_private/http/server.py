@@ -40,6 +40,7 @@ class HTTPServer:
         self._options = options
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._socket: socket.socket | None = None
 
     @property
@@ -65,6 +66,7 @@ class HTTPServer:
             server_header=False,
         )
         self._server = uvicorn.Server(config)
+        self._watcher = asyncio.create_task(self._app.watch())
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
         while not self._server.started:
             if self._task.done():
@@ -86,5 +88,9 @@ class HTTPServer:
             await asyncio.gather(self._task, return_exceptions=True)
         self._server = None
         self._task = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
         if self._socket is not None:
             self._socket.close()
