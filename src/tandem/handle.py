@@ -91,14 +91,15 @@ class DeploymentHandle:
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Start a call: a DeploymentResponse, or a DeploymentResponseGenerator if stream=True."""
         pending = None
-        for value in (*args, *kwargs.values()) if (args or kwargs) else ():
-            if isinstance(value, DeploymentResponse):
-                pending = DeploymentResponse
-            elif isinstance(value, DeploymentResponseGenerator):
-                raise TypeError(
-                    "A DeploymentResponseGenerator cannot be passed to another call; "
-                    "iterate over it and pass the items instead."
-                )
+        for values in (args, kwargs.values()) if kwargs else (args,):
+            for value in values:
+                if isinstance(value, _SPECIAL_ARGUMENTS):
+                    if isinstance(value, DeploymentResponseGenerator):
+                        raise TypeError(
+                            "A DeploymentResponseGenerator cannot be passed to another call; "
+                            "iterate over it and pass the items instead."
+                        )
+                    pending = DeploymentResponse
         runtime = get_runtime()
         parent = current_request()
         meta = RequestMetadata(
@@ -482,3 +483,7 @@ class _Pump:
             self._items.put_nowait(
                 (False, RequestCancelledError("The streaming request was cancelled."))
             )
+
+
+# Arguments that .remote() must look at: responses to resolve, streams to refuse.
+_SPECIAL_ARGUMENTS = (DeploymentResponse, DeploymentResponseGenerator)

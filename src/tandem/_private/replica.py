@@ -16,6 +16,7 @@ import functools
 import gc
 import inspect
 import time
+import types
 import weakref
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from tandem.exceptions import ReplicaUnavailableError
 HTTP_METHOD = "__tandem_http__"
 
 _DONE = object()
+_GENERATOR_TYPES = frozenset({types.GeneratorType, types.AsyncGeneratorType})
 
 
 def current_replica() -> Replica | None:
@@ -109,7 +111,8 @@ class Replica:
         self._capacity = spec.options.max_ongoing_requests
         self._in_flight = 0
         self._waiters: list[asyncio.Future[None]] = []
-        self._idle: asyncio.Event | None = None
+        # Set by stop() while requests are in flight; done when the last one ends.
+        self._drained: asyncio.Future[None] | None = None
         self._accepting = False
         self._stopped = False
         self.context = ReplicaContext(
@@ -153,8 +156,6 @@ class Replica:
     async def start(self) -> None:
         """Construct the user's object and apply its user_config; raises what they raise."""
         self._loop = asyncio.get_running_loop()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._workers = WorkerThreads(self._capacity + 1, f"tandem-{self.name}")
         if self._is_function:
             self._obj = self.spec.target
@@ -197,9 +198,10 @@ class Replica:
             return
         self._accepting = False
         timeout = self._options.graceful_shutdown_timeout_s if timeout_s is None else timeout_s
-        if self._idle is not None and self._in_flight:
+        if self._in_flight and self._loop is not None:
+            self._drained = self._loop.create_future()
             try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
+                await asyncio.wait_for(asyncio.shield(self._drained), timeout)
             except asyncio.TimeoutError:
                 pass
         self._stopped = True
@@ -247,7 +249,7 @@ class Replica:
                     raise contain(exc) from exc
             else:
                 result = await self._run_in_thread(method.fn, args, kwargs, slot)
-            if inspect.isgenerator(result) or inspect.isasyncgen(result):
+            if type(result) in _GENERATOR_TYPES:
                 _close_quietly(result)
                 raise TypeError(
                     f"Method {meta.method_name!r} of deployment {self.name!r} returned a "
@@ -405,6 +407,9 @@ class Replica:
     # -- admission ---------------------------------------------------------
 
     async def _acquire(self) -> _Slot:
+        if self._accepting and self._in_flight < self._capacity and not self._waiters:
+            self._in_flight += 1
+            return _Slot(self)
         if not self._accepting:
             raise self._unavailable()
         while self._in_flight >= self._capacity:
@@ -419,14 +424,12 @@ class Replica:
             if not self._accepting:
                 raise self._unavailable()
         self._in_flight += 1
-        if self._idle is not None:
-            self._idle.clear()
         return _Slot(self)
 
     def _release(self) -> None:
         self._in_flight -= 1
-        if self._in_flight == 0 and self._idle is not None:
-            self._idle.set()
+        if not self._in_flight and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
         while self._waiters:
             waiter = self._waiters.pop(0)
             if not waiter.done():

@@ -190,7 +190,7 @@ _runtime_lock = threading.Lock()
 
 def get_runtime() -> Runtime:
     runtime = _runtime
-    if runtime is None or not runtime.is_open:
+    if runtime is None:  # shutdown() unsets the runtime before closing it
         raise DeploymentUnavailableError(
             "tandem is not running in this process; start an application with tandem.run() first."
         )
