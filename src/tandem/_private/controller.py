@@ -389,7 +389,7 @@ class Controller:
             else replicas
         )
         failed = record.status == DeploymentState.DEPLOY_FAILED
-        self._publish_set(
+        self._broadcast(
             ReplicaSet(
                 deployment_id=record.id,
                 replicas=infos,
@@ -399,6 +399,10 @@ class Controller:
                 version=next(self._versions),
             )
         )
+
+    def _broadcast(self, replica_set: ReplicaSet) -> None:
+        self._publish_set(replica_set)  # to the routers in this process
+        self.backend.publish(replica_set)  # and to those in replica processes
 
     def _in_background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

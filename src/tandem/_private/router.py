@@ -56,6 +56,9 @@ class ReplicaConnection(Protocol):
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]: ...
 
+    def close(self) -> None:
+        """Release the connection (the router no longer sends anything over it)."""
+
 
 @dataclass
 class RoutedReplica:
@@ -64,6 +67,7 @@ class RoutedReplica:
     info: ReplicaInfo
     connection: ReplicaConnection
     in_flight: int = 0
+    retired: bool = False  # left the replica set; closed once its requests are done
 
     @property
     def has_room(self) -> bool:
@@ -123,6 +127,11 @@ class Router:
             else:
                 routed.info = info
             current[info.replica_id] = routed
+        for replica_id, routed in self._replicas.items():
+            if replica_id not in current:
+                routed.retired = True
+                if not routed.in_flight:
+                    routed.connection.close()
         self._replicas = current
         self._wake(len(self._queue))
 
@@ -177,6 +186,8 @@ class Router:
 
     def release(self, routed: RoutedReplica) -> None:
         routed.in_flight -= 1
+        if routed.retired and not routed.in_flight:
+            routed.connection.close()
         self._wake(1)
 
     def _wake(self, count: int) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import struct
+import traceback
 from typing import Any
 
 import cloudpickle
@@ -66,3 +67,41 @@ async def read_message(reader: asyncio.StreamReader) -> Any:
 def write_message(writer: asyncio.StreamWriter, message: Any) -> None:
     """Queue one frame on ``writer`` (call ``await writer.drain()`` to apply backpressure)."""
     writer.writelines(dumps(message))
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in another process (its ``__cause__``)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"\n\nThe remote traceback:\n{self.text}"
+
+
+class RemoteError(Exception):
+    """An exception from another process that could not be rebuilt as its own type."""
+
+
+def pack_error(exc: BaseException) -> tuple[bytes | None, str, str]:
+    """An exception as (pickled exception or None, description, traceback text)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob: bytes | None = cloudpickle.dumps(exc, protocol=5)
+        pickle.loads(cloudpickle.dumps(exc, protocol=5))  # it must come back, too
+    except Exception:
+        blob = None
+    return blob, f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}", text
+
+
+def unpack_error(packed: tuple[bytes | None, str, str]) -> BaseException:
+    """The exception of :func:`pack_error`, same type if possible, remote traceback attached."""
+    blob, description, text = packed
+    exc: BaseException
+    try:
+        exc = pickle.loads(blob) if blob is not None else RemoteError(description)
+    except Exception:
+        exc = RemoteError(description)
+    exc.__cause__ = RemoteTraceback(text)
+    return exc

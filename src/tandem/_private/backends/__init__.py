@@ -28,8 +28,13 @@ def create_backend(name: str) -> Backend:
         from tandem._private.backends.local import LocalBackend
 
         return LocalBackend()
+    if name == "process":
+        from tandem._private.backends.process import ProcessBackend
+
+        return ProcessBackend()
     raise ValueError(
-        f"The {name!r} backend is not available in this version of tandem yet; use backend='local'."
+        f"The {name!r} backend is not available in this version of tandem yet; "
+        "use backend='local' or backend='process'."
     )
 
 

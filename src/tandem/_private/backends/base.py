@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from tandem._private.replica import ReplicaSpec
-from tandem._private.router import ReplicaConnection, ReplicaInfo
+from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet
 
 
 class ReplicaStartError(Exception):
@@ -59,6 +59,9 @@ class Backend(ABC):
     @abstractmethod
     def connect(self, info: ReplicaInfo) -> ReplicaConnection:
         """A connection a router in this process can send requests over."""
+
+    def publish(self, replica_set: ReplicaSet) -> None:  # noqa: B027
+        """A deployment's replica set changed: pass it on to replicas elsewhere."""
 
     def describe(self, info: ReplicaInfo) -> dict[str, Any]:
         """Extra facts about a replica for status() (e.g. pid, in-flight count)."""

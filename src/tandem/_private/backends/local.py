@@ -36,6 +36,9 @@ class LocalConnection:
     ) -> AsyncIterator[Any]:
         return self._replica.stream(meta, args, kwargs)
 
+    def close(self) -> None:
+        pass
+
 
 class LocalBackend(Backend):
     name = "local"

@@ -1,0 +1,230 @@
+"""The process backend: every replica is a child process on this machine.
+
+Replicas call each other directly over Unix sockets; the driver only starts,
+watches and stops them. A replica process that dies is noticed at once (a
+pidfd becomes readable) and reported to the controller, which replaces it;
+requests in flight on it fail with ReplicaUnavailableError when its socket
+closes. Replica processes die with the driver, even if it is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from tandem._private.backends.base import Backend, ReplicaStartError
+from tandem._private.context import DeploymentID
+from tandem._private.peer import Peer
+from tandem._private.process_connection import ProcessAddress, ProcessConnection
+from tandem._private.replica import ReplicaSpec
+from tandem._private.resources import Resources
+from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet
+from tandem._private.transport import RemoteTraceback
+from tandem.exceptions import ReplicaUnavailableError
+
+logger = logging.getLogger("tandem")
+
+
+@dataclass
+class _Child:
+    replica_id: str
+    process: subprocess.Popen[bytes]
+    control: Peer
+    stopping: bool = False
+    report: dict[str, Any] = field(default_factory=dict)
+    pidfd: int | None = None
+
+
+class ProcessBackend(Backend):
+    name = "process"
+
+    def __init__(self, resources: Resources | None = None) -> None:
+        self._resources = resources
+        self._children: dict[str, _Child] = {}
+        self._directory: dict[DeploymentID, ReplicaSet] = {}
+        self._dir = ""
+        self._ids = itertools.count()
+        self._on_exit: Callable[[str], None] = lambda _: None
+
+    async def open(self, on_replica_exit: Callable[[str], None]) -> None:
+        self._on_exit = on_replica_exit
+        self._dir = tempfile.mkdtemp(prefix="tandem-")
+        if self._resources is None:
+            self._resources = Resources.detect()
+
+    async def close(self) -> None:
+        for child in list(self._children.values()):
+            self._kill(child)
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- replicas ----------------------------------------------------------
+
+    async def start_replica(self, spec: ReplicaSpec) -> ReplicaInfo:
+        assert self._resources is not None
+        actor = spec.options.ray_actor_options
+        try:
+            claim = self._resources.claim(
+                spec.replica_id,
+                spec.deployment_id.name,
+                cpus=(actor.num_cpus or 0) if actor else 0,
+                gpus=(actor.num_gpus or 0) if actor else 0,
+                memory=(actor.memory or 0) if actor else 0,
+            )
+        except ValueError as exc:
+            raise ReplicaStartError(spec.replica_id, exc, str(exc)) from exc
+        env = dict(os.environ)
+        if claim.gpu_ids or (actor is not None and actor.num_gpus is not None):
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(claim.gpu_ids)
+        try:
+            return await self._spawn(spec, env)
+        except BaseException:
+            self._resources.release(spec.replica_id)
+            raise
+
+    async def _spawn(self, spec: ReplicaSpec, env: dict[str, str]) -> ReplicaInfo:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tandem._private.worker",
+                    str(theirs.fileno()),
+                    str(os.getpid()),
+                ],
+                pass_fds=[theirs.fileno()],
+                env=env,
+                cwd=os.getcwd(),
+            )
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=2**20)
+        control = Peer(reader, writer, f"replica {spec.replica_id}")
+        control.start()
+        child = _Child(spec.replica_id, process, control)
+        self._children[spec.replica_id] = child
+        self._watch(child)
+        address = os.path.join(self._dir, f"r{next(self._ids)}.sock")
+        try:
+            await control.call(
+                "start",
+                (cloudpickle.dumps(spec), list(sys.path), address, list(self._directory.values())),
+            )
+        except ReplicaUnavailableError as exc:
+            code = await asyncio.to_thread(process.wait)
+            self._forget(child)
+            error = RuntimeError(
+                f"The replica process exited with code {code} while starting (see its output)."
+            )
+            raise ReplicaStartError(spec.replica_id, error, str(error)) from exc
+        except BaseException as exc:
+            child.stopping = True
+            self._kill(child)
+            self._forget(child)
+            if isinstance(exc, Exception):
+                cause = exc.__cause__
+                text = cause.text if isinstance(cause, RemoteTraceback) else str(exc)
+                raise ReplicaStartError(spec.replica_id, exc, text) from exc
+            raise
+        return ReplicaInfo(
+            spec.replica_id, ProcessAddress(address, process.pid), spec.options.max_ongoing_requests
+        )
+
+    def _watch(self, child: _Child) -> None:
+        """Learn of the child's exit the moment it happens."""
+        loop = asyncio.get_running_loop()
+        try:
+            child.pidfd = os.pidfd_open(child.process.pid)
+        except (AttributeError, OSError):  # not Linux: the control line's EOF tells instead
+            child.control.closed_callbacks.append(lambda: self._exited(child))
+            return
+        loop.add_reader(child.pidfd, self._exited, child)
+
+    def _exited(self, child: _Child) -> None:
+        if child.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(child.pidfd)
+            os.close(child.pidfd)
+            child.pidfd = None
+        child.process.poll()  # reap it
+        if self._children.get(child.replica_id) is child:
+            self._forget(child)
+            if not child.stopping:
+                logger.warning(
+                    "Replica %s (pid %d) exited with code %s.",
+                    child.replica_id, child.process.pid, child.process.returncode,
+                )  # fmt: skip
+                self._on_exit(child.replica_id)
+
+    def _forget(self, child: _Child) -> None:
+        if self._children.get(child.replica_id) is child:
+            del self._children[child.replica_id]
+        if self._resources is not None:
+            self._resources.release(child.replica_id)
+
+    def _kill(self, child: _Child) -> None:
+        if child.process.poll() is None:
+            child.process.kill()
+
+    async def stop_replica(self, info: ReplicaInfo, timeout_s: float) -> None:
+        child = self._children.get(info.replica_id)
+        if child is None:
+            return
+        child.stopping = True
+        try:
+            await asyncio.wait_for(child.control.call("stop", timeout_s), timeout_s + 5)
+        except (asyncio.TimeoutError, ReplicaUnavailableError):
+            pass
+        try:
+            await asyncio.wait_for(asyncio.to_thread(child.process.wait), 5)
+        except asyncio.TimeoutError:
+            self._kill(child)
+            await asyncio.to_thread(child.process.wait)
+        self._forget(child)
+
+    async def check_health(self, info: ReplicaInfo) -> None:
+        child = self._child(info)
+        child.report = await child.control.call("health", None)
+
+    async def reconfigure(self, info: ReplicaInfo, user_config: Any) -> None:
+        await self._child(info).control.call("reconfigure", user_config)
+
+    async def set_rank(self, info: ReplicaInfo, rank: int, world_size: int) -> None:
+        await self._child(info).control.call("rank", (rank, world_size))
+
+    def _child(self, info: ReplicaInfo) -> _Child:
+        child = self._children.get(info.replica_id)
+        if child is None:
+            raise ReplicaUnavailableError(f"Replica {info.replica_id} is not running.")
+        return child
+
+    def connect(self, info: ReplicaInfo) -> ReplicaConnection:
+        return ProcessConnection(info)
+
+    def publish(self, replica_set: ReplicaSet) -> None:
+        if replica_set.state == "deleted":
+            self._directory.pop(replica_set.deployment_id, None)
+        else:
+            self._directory[replica_set.deployment_id] = replica_set
+        for child in self._children.values():
+            child.control.note("publish", replica_set)
+
+    def describe(self, info: ReplicaInfo) -> dict[str, Any]:
+        child = self._children.get(info.replica_id)
+        address = info.address
+        pid = address.pid if isinstance(address, ProcessAddress) else None
+        if child is None:
+            return {"pid": pid}
+        return {"pid": pid, **child.report}

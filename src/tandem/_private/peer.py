@@ -1,0 +1,252 @@
+"""A connection between two processes that carries many requests at once.
+
+Each side is a :class:`Peer`: it sends requests and gets their replies
+(matched by id), and, if it has a handler, serves the requests the other side
+sends. Streams are requests whose reply is a series of items. When the
+connection breaks, every request waiting on it fails with
+``ReplicaUnavailableError`` at once: nothing hangs.
+
+Messages are tuples; the first item says what they are:
+
+    ("call", id, op, payload)        a request; the reply is one "ok" or "err"
+    ("stream", id, op, payload)      a request; the reply is "item"s, then "end" or "err"
+    ("cancel", id)                   stop serving request id
+    ("ok", id, value) ("err", id, packed error) ("item", id, value) ("end", id)
+    ("note", op, payload)            a one-way message, no reply
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+from tandem._private.transport import pack_error, read_message, unpack_error, write_message
+from tandem.exceptions import ReplicaUnavailableError
+
+logger = logging.getLogger("tandem")
+
+# Serves ("call", op, payload): returns the reply value or raises.
+CallHandler = Callable[[str, Any], Awaitable[Any]]
+# Serves ("stream", op, payload): yields the items.
+StreamHandler = Callable[[str, Any], AsyncGenerator[Any, None]]
+NoteHandler = Callable[[str, Any], None]
+
+_END = object()
+
+
+class Peer:
+    """One end of a connection (see the module docstring). Start with :meth:`start`."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        name: str,
+        on_call: CallHandler | None = None,
+        on_stream: StreamHandler | None = None,
+        on_note: NoteHandler | None = None,
+    ) -> None:
+        self.name = name
+        self._reader = reader
+        self._writer = writer
+        self._on_call = on_call
+        self._on_stream = on_stream
+        self._on_note = on_note
+        self._ids = itertools.count(1)
+        self._replies: dict[int, asyncio.Future[Any]] = {}
+        self._streams: dict[int, asyncio.Queue[tuple[str, Any]]] = {}
+        self._serving: dict[int, asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+        self.closed_callbacks: list[Callable[[], None]] = []
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._read_loop())
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closed.is_set()
+
+    def abort(self) -> None:
+        """Close now, without waiting; requests still waiting fail."""
+        if self._task is not None:
+            self._task.cancel()
+        self._writer.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._writer.close()
+
+    # -- sending -----------------------------------------------------------
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        if self.closed.is_set():
+            raise self._broken()
+        write_message(self._writer, message)
+
+    def note(self, op: str, payload: Any) -> None:
+        """Send a one-way message (dropped if the connection is closed)."""
+        if not self.closed.is_set():
+            write_message(self._writer, ("note", op, payload))
+
+    async def call(self, op: str, payload: Any) -> Any:
+        """Send a request and wait for its reply; cancelling this cancels it over there."""
+        request_id = next(self._ids)
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._replies[request_id] = reply
+        try:
+            self._send(("call", request_id, op, payload))
+            return await reply
+        except asyncio.CancelledError:
+            if not self.closed.is_set():
+                write_message(self._writer, ("cancel", request_id))
+            raise
+        finally:
+            self._replies.pop(request_id, None)
+
+    async def stream(self, op: str, payload: Any) -> AsyncGenerator[Any, None]:
+        """Send a streaming request and yield its items as they arrive."""
+        request_id = next(self._ids)
+        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._streams[request_id] = items
+        finished = False
+        try:
+            self._send(("stream", request_id, op, payload))
+            while True:
+                kind, value = await items.get()
+                if kind == "item":
+                    yield value
+                elif kind == "end":
+                    finished = True
+                    return
+                else:
+                    finished = True
+                    raise value
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and not self.closed.is_set():
+                write_message(self._writer, ("cancel", request_id))
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    # -- receiving ---------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                message = await read_message(self._reader)
+                kind = message[0]
+                if kind == "ok":
+                    reply = self._replies.get(message[1])
+                    if reply is not None and not reply.done():
+                        reply.set_result(message[2])
+                elif kind == "err":
+                    error = unpack_error(message[2])
+                    reply = self._replies.get(message[1])
+                    if reply is not None and not reply.done():
+                        reply.set_exception(error)
+                    elif message[1] in self._streams:
+                        self._streams[message[1]].put_nowait(("err", error))
+                elif kind in ("item", "end"):
+                    items = self._streams.get(message[1])
+                    if items is not None:
+                        items.put_nowait((kind, message[2] if kind == "item" else None))
+                elif kind == "call" or kind == "stream":
+                    self._serve(kind, message[1], message[2], message[3])
+                elif kind == "cancel":
+                    task = self._serving.get(message[1])
+                    if task is not None:
+                        task.cancel()
+                elif kind == "note" and self._on_note is not None:
+                    try:
+                        self._on_note(message[1], message[2])
+                    except Exception:
+                        logger.exception("Handling %r from %s failed", message[1], self.name)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            self.closed.set()
+            for callback in self.closed_callbacks:
+                callback()
+            self._fail_all()
+            for task in self._serving.values():
+                task.cancel()
+            self._writer.close()
+
+    def _fail_all(self) -> None:
+        for reply in self._replies.values():
+            if not reply.done():
+                reply.set_exception(self._broken())
+        for items in self._streams.values():
+            items.put_nowait(("err", self._broken()))
+
+    def _broken(self) -> ReplicaUnavailableError:
+        return ReplicaUnavailableError(
+            f"The connection to {self.name} broke: the replica died or was stopped."
+        )
+
+    def _serve(self, kind: str, request_id: int, op: str, payload: Any) -> None:
+        coro = (
+            self._serve_call(request_id, op, payload)
+            if kind == "call"
+            else self._serve_stream(request_id, op, payload)
+        )
+        task = asyncio.ensure_future(coro)
+        self._serving[request_id] = task
+        task.add_done_callback(lambda _: self._serving.pop(request_id, None))
+
+    async def _serve_call(self, request_id: int, op: str, payload: Any) -> None:
+        assert self._on_call is not None
+        try:
+            value = await self._on_call(op, payload)
+        except asyncio.CancelledError:
+            return  # the caller asked for it (or is gone): nobody waits for a reply
+        except BaseException as exc:
+            self._reply(("err", request_id, pack_error(exc)))
+            return
+        self._reply(("ok", request_id, value))
+
+    async def _serve_stream(self, request_id: int, op: str, payload: Any) -> None:
+        assert self._on_stream is not None
+        source = self._on_stream(op, payload)
+        try:
+            async for item in source:
+                self._reply(("item", request_id, item))
+                await self._writer.drain()  # a slow reader slows the producer
+        except asyncio.CancelledError:
+            return
+        except BaseException as exc:
+            self._reply(("err", request_id, pack_error(exc)))
+            return
+        finally:
+            await source.aclose()
+        self._reply(("end", request_id, None))
+
+    def _reply(self, message: tuple[Any, ...]) -> None:
+        if self.closed.is_set():
+            return
+        try:
+            write_message(self._writer, message)
+        except Exception as exc:  # e.g. the value cannot be pickled
+            if message[0] in ("ok", "item"):
+                error = TypeError(
+                    f"The result of type {type(message[2]).__name__} cannot be sent to the "
+                    f"caller: {exc}"
+                )
+                write_message(self._writer, ("err", message[1], pack_error(error)))
+            else:
+                raise
+
+
+async def open_peer(path: str, name: str) -> Peer:
+    """Connect to a replica's Unix socket."""
+    reader, writer = await asyncio.open_unix_connection(path, limit=2**20)
+    peer = Peer(reader, writer, name)
+    peer.start()
+    return peer

@@ -1,0 +1,90 @@
+"""Callers' side of the process backend: a router's line to a replica in another process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+from tandem._private.context import RequestMetadata
+from tandem._private.peer import Peer, open_peer
+from tandem._private.router import ReplicaInfo
+from tandem.exceptions import ReplicaUnavailableError
+
+
+class ReplicaUnreachable(ReplicaUnavailableError):
+    """The request never reached the replica, so another replica may take it."""
+
+
+@dataclass(frozen=True)
+class ProcessAddress:
+    """Where a replica process listens."""
+
+    path: str
+    pid: int
+
+
+class ProcessConnection:
+    """Opens one connection to the replica on first use; requests share it."""
+
+    def __init__(self, info: ReplicaInfo) -> None:
+        address = info.address
+        assert isinstance(address, ProcessAddress)
+        self.replica_id = info.replica_id
+        self._path = address.path
+        self._peer: Peer | None = None
+        self._opening: asyncio.Future[Peer] | None = None
+
+    async def _open(self) -> Peer:
+        peer = self._peer
+        if peer is not None and peer.is_open:
+            return peer
+        if peer is not None:
+            raise ReplicaUnreachable(f"Replica {self.replica_id} is gone.")
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._connect())
+        return await asyncio.shield(self._opening)
+
+    async def _connect(self) -> Peer:
+        try:
+            self._peer = await open_peer(self._path, f"replica {self.replica_id}")
+        except OSError as exc:
+            self._opening = None
+            raise ReplicaUnreachable(
+                f"Cannot reach replica {self.replica_id}: {exc.strerror or exc}."
+            ) from None
+        return self._peer
+
+    async def call(
+        self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        peer = await self._open()
+        if not peer.is_open:
+            raise ReplicaUnreachable(f"Replica {self.replica_id} is gone.")
+        return await peer.call("call", (meta, args, kwargs))
+
+    async def stream(
+        self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> AsyncGenerator[Any, None]:
+        peer = await self._open()
+        if not peer.is_open:
+            raise ReplicaUnreachable(f"Replica {self.replica_id} is gone.")
+        source = peer.stream("stream", (meta, args, kwargs))
+        try:
+            async for item in source:
+                yield item
+        finally:
+            await source.aclose()
+
+
+    def close(self) -> None:
+        peer, self._peer = self._peer, None
+        if peer is not None:
+            peer.abort()
+        elif self._opening is not None:
+            self._opening.cancel()
+
+
+def connect(info: ReplicaInfo) -> ProcessConnection:
+    return ProcessConnection(info)

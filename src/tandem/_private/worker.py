@@ -1,0 +1,137 @@
+"""A replica process: ``python -m tandem._private.worker FD``.
+
+The driver starts it with one end of a socket pair (FD) as its control line.
+It waits for its replica's spec, builds the replica, serves calls on a Unix
+socket of its own, and obeys control requests (health, reconfigure, rank,
+stop). It exits when told to stop, or at once when the control line breaks:
+the driver is gone, so nothing may be left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+logger = logging.getLogger("tandem.worker")
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to kill us if the driver dies, even by SIGKILL (best effort elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the driver died before prctl took effect
+        os._exit(1)
+
+
+class _Worker:
+    def __init__(self, control_fd: int) -> None:
+        self._control_fd = control_fd
+        self.replica: Any = None
+        self.exit_code: int | None = None
+        self.done = threading.Event()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def serve(self) -> None:
+        from tandem._private.peer import Peer
+
+        sock = socket.socket(fileno=self._control_fd)
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**20)
+        control = Peer(reader, writer, "the driver", on_call=self._control, on_note=self._note)
+        control.start()
+        await control.closed.wait()
+        if self.exit_code is None:  # the driver went away without a word
+            os._exit(0)
+
+    def _note(self, op: str, payload: Any) -> None:
+        if op == "publish":
+            from tandem._private.runtime import get_runtime
+
+            get_runtime().publish(payload)
+
+    async def _control(self, op: str, payload: Any) -> Any:
+        if op == "start":
+            return await self._start(*payload)
+        if op == "health":
+            await self.replica.check_health()
+            return self.report()
+        if op == "report":
+            return self.report()
+        if op == "reconfigure":
+            await self.replica.reconfigure(payload)
+            return None
+        if op == "rank":
+            self.replica.set_rank(*payload)
+            return None
+        if op == "stop":
+            await self.replica.stop(payload)
+            if self._server is not None:
+                self._server.close()
+            self.exit_code = 0
+            asyncio.get_running_loop().call_later(0.05, self.done.set)
+            return None
+        raise ValueError(f"Unknown control request {op!r}.")
+
+    def report(self) -> dict[str, Any]:
+        return {"in_flight": self.replica.in_flight, "stats": self.replica.stats}
+
+    async def _start(
+        self, spec_blob: bytes, path: list[str], address: str, directory: list[Any]
+    ) -> None:
+        from tandem._private.peer import Peer
+        from tandem._private.replica import Replica
+        from tandem._private.runtime import get_runtime
+
+        sys.path[:] = path
+        for replica_set in directory:
+            get_runtime().publish(replica_set)
+        spec = pickle.loads(spec_blob)
+        self.replica = Replica(spec)
+        await self.replica.start()
+        replica = self.replica
+
+        async def on_call(op: str, payload: Any) -> Any:
+            return await replica.call(*payload)
+
+        def on_stream(op: str, payload: Any) -> Any:
+            return replica.stream(*payload)
+
+        def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            Peer(reader, writer, "a caller", on_call=on_call, on_stream=on_stream).start()
+
+        self._server = await asyncio.start_unix_server(accept, path=address, limit=2**20)
+
+
+def main() -> None:
+    control_fd = int(sys.argv[1])
+    _die_with_parent(int(sys.argv[2]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    from tandem._private.process_connection import connect
+    from tandem._private.runtime import Runtime, set_runtime
+
+    runtime = Runtime(connect)
+    runtime.backend_name = "process"
+    runtime.open()
+    set_runtime(runtime)
+    worker = _Worker(control_fd)
+    asyncio.run_coroutine_threadsafe(worker.serve(), runtime.loop)
+    worker.done.wait()
+    os._exit(worker.exit_code or 0)
+
+
+if __name__ == "__main__":
+    main()
