@@ -14,7 +14,7 @@ import pytest
 import tandem
 
 # Backends the shared suite runs on; later backends join this list.
-BACKENDS = [b for b in os.environ.get("TANDEM_TEST_BACKENDS", "local").split(",") if b]
+BACKENDS = [b for b in os.environ.get("TANDEM_TEST_BACKENDS", "local,process").split(",") if b]
 
 
 @pytest.fixture(params=BACKENDS)

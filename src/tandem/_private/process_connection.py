@@ -8,13 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from tandem._private.context import RequestMetadata
+from tandem._private.errors import ReplicaNotReached
 from tandem._private.peer import Peer, open_peer
 from tandem._private.router import ReplicaInfo
-from tandem.exceptions import ReplicaUnavailableError
 
-
-class ReplicaUnreachable(ReplicaUnavailableError):
-    """The request never reached the replica, so another replica may take it."""
+ReplicaUnreachable = ReplicaNotReached
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,6 @@ class ProcessConnection:
                 yield item
         finally:
             await source.aclose()
-
 
     def close(self) -> None:
         peer, self._peer = self._peer, None

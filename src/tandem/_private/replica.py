@@ -30,6 +30,7 @@ from tandem._private.context import (
     _replica_context,
     _request,
 )
+from tandem._private.errors import ReplicaNotReached
 from tandem._private.stats import RequestStats
 from tandem._private.workers import WorkerThreads, contain
 from tandem.exceptions import ReplicaUnavailableError
@@ -437,7 +438,7 @@ class Replica:
                 break
 
     def _unavailable(self) -> ReplicaUnavailableError:
-        return ReplicaUnavailableError(
+        return ReplicaNotReached(
             f"Replica {self.replica_id} of deployment {self.name!r} is not serving requests "
             "(it is stopping or stopped)."
         )

@@ -135,11 +135,14 @@ class Router:
         self._replicas = current
         self._wake(len(self._queue))
 
-    async def assign(self, meta: RequestMetadata) -> RoutedReplica:
+    async def assign(self, meta: RequestMetadata, avoid: set[str] | None = None) -> RoutedReplica:
         """Wait for a replica with room and count the request against it.
 
-        The caller must call :meth:`release` with the result when the request ends.
+        Replicas in ``avoid`` (ids) are skipped while others have room. The
+        caller must call :meth:`release` with the result when the request ends.
         """
+        if avoid:
+            return await self._assign_avoiding(meta, avoid)
         if len(self._replicas) == 1 and not self._queue:
             # One replica (the common case): no choice to make.
             (only,) = self._replicas.values()
@@ -183,6 +186,17 @@ class Router:
                 self._wake(1)
                 return chosen
             # Lost the race; go round and queue again at the back.
+
+    async def _assign_avoiding(self, meta: RequestMetadata, avoid: set[str]) -> RoutedReplica:
+        self._raise_if_gone()
+        others = [
+            r for r in self._replicas.values() if r.has_room and r.info.replica_id not in avoid
+        ]
+        if others:
+            chosen = self._policy.choose(others, meta)
+            chosen.in_flight += 1
+            return chosen
+        return await self.assign(meta)
 
     def release(self, routed: RoutedReplica) -> None:
         routed.in_flight -= 1

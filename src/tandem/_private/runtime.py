@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from tandem._private.context import DeploymentID, RequestMetadata
+from tandem._private.errors import ReplicaNotReached
 from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet, Router
 from tandem.exceptions import DeploymentUnavailableError
 
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
     from tandem._private.controller import Controller
 
 T = TypeVar("T")
+
+# A request that never started on a replica is tried on others, this many times in all.
+MAX_ATTEMPTS = 5
+RETRY_DELAY_S = 0.02
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -146,11 +151,19 @@ class Runtime:
         if pending is not None:
             args, kwargs = await resolve_arguments(args, kwargs, pending)
         router = self.router(deployment_id)
-        routed = await router.assign(meta)
-        try:
-            return await routed.connection.call(meta, args, kwargs)
-        finally:
-            router.release(routed)
+        tried: set[str] = set()
+        while True:
+            routed = await router.assign(meta, avoid=tried)
+            try:
+                return await routed.connection.call(meta, args, kwargs)
+            except ReplicaNotReached:
+                # It never started there: another replica may take it.
+                tried.add(routed.info.replica_id)
+                if len(tried) >= MAX_ATTEMPTS:
+                    raise
+                await asyncio.sleep(RETRY_DELAY_S * len(tried))
+            finally:
+                router.release(routed)
 
     async def stream(
         self,
@@ -164,12 +177,24 @@ class Runtime:
         if pending is not None:
             args, kwargs = await resolve_arguments(args, kwargs, pending)
         router = self.router(deployment_id)
-        routed = await router.assign(meta)
-        try:
-            async for item in routed.connection.stream(meta, args, kwargs):
-                yield item
-        finally:
-            router.release(routed)
+        tried: set[str] = set()
+        while True:
+            routed = await router.assign(meta, avoid=tried)
+            started = False
+            try:
+                async for item in routed.connection.stream(meta, args, kwargs):
+                    started = True
+                    yield item
+                return
+            except ReplicaNotReached:
+                if started:
+                    raise
+                tried.add(routed.info.replica_id)
+                if len(tried) >= MAX_ATTEMPTS:
+                    raise
+                await asyncio.sleep(RETRY_DELAY_S * len(tried))
+            finally:
+                router.release(routed)
 
 
 async def resolve_arguments(

@@ -14,6 +14,7 @@ Wire format of one frame::
 from __future__ import annotations
 
 import asyncio
+import copyreg
 import pickle
 import struct
 import traceback
@@ -26,6 +27,22 @@ _LENGTH = struct.Struct("!Q")
 # Buffers smaller than this are cheaper inside the pickle than beside it.
 MIN_OUT_OF_BAND = 64 * 1024
 MAX_FRAME = 1 << 40
+
+
+def _reduce_starlette_state(state: Any) -> tuple[Any, tuple[dict[str, Any]]]:
+    return type(state), (dict(state._state),)
+
+
+def picklable_starlette() -> None:
+    """Teach pickle Starlette's ``State`` (in FastAPI apps sent by value to replicas).
+
+    Its ``__getattr__`` recurses while an instance is being unpickled.
+    """
+    try:
+        from starlette.datastructures import State
+    except ImportError:
+        return
+    copyreg.pickle(State, _reduce_starlette_state)
 
 
 def dumps(message: Any) -> list[bytes | memoryview]:

@@ -92,6 +92,9 @@ class _Worker:
         from tandem._private.replica import Replica
         from tandem._private.runtime import get_runtime
 
+        from tandem._private.transport import picklable_starlette
+
+        picklable_starlette()
         sys.path[:] = path
         for replica_set in directory:
             get_runtime().publish(replica_set)

@@ -7,7 +7,7 @@ import os
 from tandem._private.backends.base import Backend
 
 BACKEND_NAMES = ("local", "process", "ray")
-DEFAULT_BACKEND = "local"
+DEFAULT_BACKEND = "process"
 BACKEND_ENV_VAR = "TANDEM_BACKEND"
 
 

@@ -31,7 +31,7 @@ from tandem._private.process_connection import ProcessAddress, ProcessConnection
 from tandem._private.replica import ReplicaSpec
 from tandem._private.resources import Resources
 from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet
-from tandem._private.transport import RemoteTraceback
+from tandem._private.transport import RemoteTraceback, picklable_starlette
 from tandem.exceptions import ReplicaUnavailableError
 
 logger = logging.getLogger("tandem")
@@ -59,6 +59,7 @@ class ProcessBackend(Backend):
         self._on_exit: Callable[[str], None] = lambda _: None
 
     async def open(self, on_replica_exit: Callable[[str], None]) -> None:
+        picklable_starlette()
         self._on_exit = on_replica_exit
         self._dir = tempfile.mkdtemp(prefix="tandem-")
         if self._resources is None:
