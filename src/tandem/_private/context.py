@@ -57,6 +57,21 @@ class RequestMetadata:
     multiplexed_model_id: str = ""
     route: str = ""
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Positional fields: several times faster to pickle than the default (every hop).
+        return (
+            RequestMetadata,
+            (
+                self.request_id,
+                self.app_name,
+                self.deployment,
+                self.method_name,
+                self.stream,
+                self.multiplexed_model_id,
+                self.route,
+            ),
+        )
+
     @staticmethod
     def new_request_id() -> str:
         return f"{_ID_PREFIX}{next(_id_counter):x}"
