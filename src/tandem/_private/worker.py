@@ -91,7 +91,6 @@ class _Worker:
         from tandem._private.peer import Peer
         from tandem._private.replica import Replica
         from tandem._private.runtime import get_runtime
-
         from tandem._private.transport import picklable_starlette
 
         picklable_starlette()
