@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -129,6 +130,17 @@ def _no_worker_children(timeout: float = 3.0) -> list[int]:
     return _worker_children()
 
 
+def _reap_leftover_replicas() -> None:
+    """Kill and reap replica processes tandem lost track of (after a bug), so that their
+    unreaped Popen objects do not raise ResourceWarnings in later tests."""
+    for pid in _worker_children():
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
 def _pids_until(handle: DeploymentHandle, count: int, timeout: float = 5.0) -> set[int]:
     """Distinct replica pids seen by calling ``handle.pid`` until ``count`` are seen."""
     seen: set[int] = set()
@@ -190,7 +202,7 @@ def test_dead_replica_is_replaced_and_in_flight_requests_fail(how: str) -> None:
     # The death is noticed within a second (the replacement counts as a restart).
     noticed = _wait_for(lambda: _deployment_status("fragile", "Fragile").restarts >= 1, 3.0)
     assert noticed, "the dead replica was not noticed"
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 1.0
 
     # New requests succeed once the replacement is up, in a new process.
     new_pid = _call_until_ok(lambda: handle.pid.remote().result(timeout_s=5), timeout=5.0)
@@ -250,6 +262,35 @@ def test_failing_health_check_replaces_the_replica(mode: str) -> None:
     assert status.status == "HEALTHY"
 
 
+@serve.deployment(
+    health_check_period_s=0.2, health_check_timeout_s=0.5, graceful_shutdown_timeout_s=0.2
+)
+class Collector:
+    def collect(self) -> int:
+        gc.collect()  # what any allocation-heavy replica eventually does on its own
+        return os.getpid()
+
+
+@pytest.mark.xfail(
+    reason="BUG: nothing holds a strong reference to the worker's control-line tasks "
+    "(_Worker.serve, its Peer._read_loop); a full garbage collection in the replica destroys "
+    "them, so health checks fail (replica replaced) and stop hangs until the 5 s kill",
+    strict=True,
+)
+def test_replica_survives_garbage_collection() -> None:
+    handle = serve.run(Collector.bind(), name="gc", route_prefix=None, backend="process")
+    pid = handle.collect.remote().result(timeout_s=10)
+    time.sleep(1.2)  # several health checks
+    status = _deployment_status("gc", "Collector")
+    assert status.restarts == 0, status.message
+    assert _status_pids("gc", "Collector") == [pid]
+    assert handle.collect.remote().result(timeout_s=5) == pid
+    started = time.monotonic()
+    serve.shutdown()
+    assert time.monotonic() - started < 2.0
+    assert not _alive(pid)
+
+
 # --------------------------------------------------------------------------
 # constructors that raise
 # --------------------------------------------------------------------------
@@ -263,29 +304,47 @@ class Leaf:
 
 @serve.deployment(num_replicas=2)
 class ExplodingParent:
-    def __init__(self, leaf: DeploymentHandle) -> None:
-        raise ValueError("constructor exploded 7f3a")
+    def __init__(self, leaf: DeploymentHandle, which: str) -> None:
+        if which == "all" or serve.get_replica_context().rank == 0:
+            raise ValueError("constructor exploded 7f3a")
+        time.sleep(0.5)  # this replica is still starting when its sibling fails
 
 
-def test_constructor_that_raises_fails_run_and_leaves_no_process() -> None:
+ORPHANS_BUG = (
+    "BUG: when one replica fails to start, siblings still starting are not stopped "
+    "(Controller._start_all cancels only per-deployment tasks; gather() leaves the other "
+    "start_replica coroutines running): orphan processes keep running and hold their GPUs"
+)
+
+
+@pytest.mark.parametrize(
+    "which",
+    ["all", pytest.param("rank0", marks=pytest.mark.xfail(reason=ORPHANS_BUG, strict=True))],
+    ids=["every-replica-raises", "one-replica-raises"],
+)
+def test_constructor_that_raises_fails_run_and_leaves_no_process(which: str) -> None:
     started = time.monotonic()
-    with pytest.raises(DeploymentFailedError) as info:
-        serve.run(
-            ExplodingParent.bind(Leaf.bind()),
-            name="exploding",
-            route_prefix=None,
-            backend="process",
-        )
-    assert time.monotonic() - started < 15
-    message = str(info.value)
-    assert "ExplodingParent" in message
-    assert "ValueError" in message
-    assert "constructor exploded 7f3a" in message
-    assert "Traceback" in message
-    assert "__init__" in message  # the frame of the original traceback
-    assert "exploding" not in serve.status().applications
-    leftover = _no_worker_children()
-    assert leftover == [], f"replica processes left behind: {leftover}"
+    try:
+        with pytest.raises(DeploymentFailedError) as info:
+            serve.run(
+                ExplodingParent.bind(Leaf.bind(), which),
+                name="exploding",
+                route_prefix=None,
+                backend="process",
+            )
+        assert time.monotonic() - started < 15
+        message = str(info.value)
+        assert "ExplodingParent" in message
+        assert "ValueError" in message
+        assert "constructor exploded 7f3a" in message
+        assert "Traceback" in message
+        assert "__init__" in message  # the frame of the original traceback
+        assert "exploding" not in serve.status().applications
+        time.sleep(0.7)  # a replica that was still starting has had time to finish
+        leftover = _no_worker_children()
+        assert leftover == [], f"replica processes left behind: {leftover}"
+    finally:
+        _reap_leftover_replicas()
 
 
 @serve.deployment(graceful_shutdown_timeout_s=0.2)
@@ -349,9 +408,7 @@ class Versioned:
 
 
 def test_redeploy_with_new_args_fails_no_request() -> None:
-    handle = serve.run(
-        Versioned.bind("v1"), name="versioned", route_prefix=None, backend="process"
-    )
+    handle = serve.run(Versioned.bind("v1"), name="versioned", route_prefix=None, backend="process")
     assert handle.get.remote().result(timeout_s=10) == "v1"
     old_pids = _status_pids("versioned", "Versioned")
 
@@ -394,15 +451,24 @@ DRIVER = """
 import json, os, sys, time
 import tandem as serve
 
+MARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "destroyed")
+
 @serve.deployment(num_replicas=2)
 class Worker:
     def pid(self):
         return os.getpid()
 
+    def __del__(self):
+        os.makedirs(MARKS, exist_ok=True)
+        open(os.path.join(MARKS, str(os.getpid())), "w").close()
+
 serve.run(Worker.bind(), name="orphans", route_prefix=None, backend="process")
 status = serve.status().applications["orphans"].deployments["Worker"]
 print(json.dumps([r.pid for r in status.replicas]), flush=True)
 how = sys.argv[1]
+if how == "shutdown":
+    serve.shutdown()
+    sys.exit(0)
 if how == "exit":
     sys.exit(0)
 if how == "os_exit":
@@ -411,25 +477,40 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("how", ["kill9", "exit", "os_exit"])
-def test_no_replica_outlives_its_driver(tmp_path: Path, how: str) -> None:
+def _start_driver(tmp_path: Path, how: str) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """Run the driver script; return it and the pids of its two replicas."""
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(DRIVER))
-    stderr = open(tmp_path / "stderr.txt", "wb")
-    driver = subprocess.Popen(
-        [sys.executable, str(script), how],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-    )
-    pids: list[int] = []
+    with open(tmp_path / "stderr.txt", "wb") as stderr:
+        driver = subprocess.Popen(
+            [sys.executable, str(script), how], cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr
+        )
+    assert driver.stdout is not None
+    ready, _, _ = select.select([driver.stdout], [], [], 30)
+    line = driver.stdout.readline() if ready else b""
+    if not line:
+        _stop_driver(driver, [])
+        pytest.fail("the driver printed no pids: " + (tmp_path / "stderr.txt").read_text())
+    pids = json.loads(line)
+    assert len(pids) == 2 and all(isinstance(p, int) for p in pids)
+    return driver, pids
+
+
+def _stop_driver(driver: subprocess.Popen[bytes], pids: list[int]) -> None:
+    if driver.poll() is None:
+        driver.kill()
+    driver.wait()
+    for pid in pids:  # cleanup after a failure: the replicas this test's driver started
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert driver.stdout is not None
+    driver.stdout.close()
+
+
+@pytest.mark.parametrize("how", ["kill9", "exit", "os_exit"])
+def test_no_replica_outlives_its_driver(tmp_path: Path, how: str) -> None:
+    driver, pids = _start_driver(tmp_path, how)
     try:
-        assert driver.stdout is not None
-        ready, _, _ = select.select([driver.stdout], [], [], 30)
-        line = driver.stdout.readline() if ready else b""
-        assert line, "the driver printed no pids: " + (tmp_path / "stderr.txt").read_text()
-        pids = json.loads(line)
-        assert len(pids) == 2 and all(isinstance(p, int) for p in pids)
         if how == "kill9":
             assert all(_alive(p) for p in pids)
             driver.kill()
@@ -437,15 +518,36 @@ def test_no_replica_outlives_its_driver(tmp_path: Path, how: str) -> None:
         gone = _wait_for(lambda: not any(_alive(p) for p in pids), 3.0)
         assert gone, f"replicas outlived the driver ({how}): {[p for p in pids if _alive(p)]}"
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        for pid in pids:  # cleanup after a failure: the replicas this test's driver started
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        assert driver.stdout is not None
-        driver.stdout.close()
-        stderr.close()
+        _stop_driver(driver, pids)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "shutdown",
+        pytest.param(
+            "exit",
+            marks=pytest.mark.xfail(
+                reason="BUG: the atexit shutdown() cannot stop replicas gracefully: "
+                "ProcessBackend.stop_replica uses asyncio.to_thread, refused after interpreter "
+                "shutdown began ('cannot schedule new futures'); tracebacks, replicas SIGKILLed",
+                strict=True,
+            ),
+        ),
+    ],
+)
+def test_driver_exit_stops_replicas_gracefully(tmp_path: Path, how: str) -> None:
+    driver, pids = _start_driver(tmp_path, how)
+    try:
+        assert driver.wait(timeout=20) == 0
+        assert _wait_for(lambda: not any(_alive(p) for p in pids), 3.0)
+        errors = (tmp_path / "stderr.txt").read_text()
+        assert "Traceback" not in errors, errors
+        marks = tmp_path / "destroyed"
+        destroyed = sorted(int(p.name) for p in marks.iterdir()) if marks.exists() else []
+        assert destroyed == sorted(pids), "__del__ did not run in every replica"
+    finally:
+        _stop_driver(driver, pids)
 
 
 # --------------------------------------------------------------------------
@@ -460,7 +562,7 @@ class Narrow:
         return "ok"
 
     def __call__(self, request: Any) -> str:
-        time.sleep(1.0)
+        time.sleep(0.6)
         return "ok"
 
 
@@ -470,10 +572,10 @@ def test_max_queued_requests_rejects_extra_callers_with_backpressure() -> None:
 
     # Through a handle: one runs, one waits, the others are refused at once.
     started = time.monotonic()
-    responses = [handle.slow.remote(1.0) for _ in range(4)]
+    responses = [handle.slow.remote(0.6) for _ in range(4)]
     with pytest.raises(BackPressureError):
         responses[-1].result(timeout_s=5)
-    assert time.monotonic() - started < 0.8
+    assert time.monotonic() - started < 0.5
     outcomes = []
     for response in responses:
         try:
@@ -609,19 +711,26 @@ def test_gpus_are_given_out_one_per_replica(monkeypatch: pytest.MonkeyPatch) -> 
     assert sorted(after.values()) == ["0", "1"], after
 
 
+@pytest.mark.xfail(reason=ORPHANS_BUG, strict=True)
 def test_more_gpus_than_exist_fails_run_promptly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANDEM_NUM_GPUS", "2")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     started = time.monotonic()
-    with pytest.raises(TandemError, match="GPU"):
-        serve.run(
-            OnGPU.options(num_replicas=3).bind(), name="gpu", route_prefix=None, backend="process"
-        )
-    assert time.monotonic() - started < 10
-    assert _no_worker_children() == []
-    # What the failed attempt claimed is free again.
-    handle = serve.run(OnGPU.bind(), name="gpu", route_prefix=None, backend="process")
-    assert sorted(_devices_by_pid(handle, 2).values()) == ["0", "1"]
+    try:
+        with pytest.raises(TandemError, match="GPU"):
+            serve.run(
+                OnGPU.options(num_replicas=3).bind(),
+                name="gpu",
+                route_prefix=None,
+                backend="process",
+            )
+        assert time.monotonic() - started < 10
+        assert _no_worker_children() == []
+        # What the failed attempt claimed is free again.
+        handle = serve.run(OnGPU.bind(), name="gpu", route_prefix=None, backend="process")
+        assert sorted(_devices_by_pid(handle, 2).values()) == ["0", "1"]
+    finally:
+        _reap_leftover_replicas()
 
 
 @pytest.mark.parametrize(
@@ -804,7 +913,9 @@ def _arrival_times(handle: DeploymentHandle, method: str) -> list[float]:
 
 
 def test_streams_cross_processes_item_by_item_and_stop_when_closed() -> None:
-    relay = serve.run(Relay.bind(Source.bind()), name="streams", route_prefix=None, backend="process")
+    relay = serve.run(
+        Relay.bind(Source.bind()), name="streams", route_prefix=None, backend="process"
+    )
     source = serve.get_deployment_handle("Source", app_name="streams")
 
     # Items arrive as they are yielded: directly, and through a second replica process.
@@ -814,9 +925,12 @@ def test_streams_cross_processes_item_by_item_and_stop_when_closed() -> None:
         assert times[1] - times[0] >= 0.2, times
 
     # Closing early stops the generator in the replica process.
-    cases = [(source, "endless_sync", "sync"), (source, "endless_async", "async")]
-    cases.append((relay, "endless_async", "async"))
-    for number, (handle, method, kind) in enumerate(cases, start=1):
+    cases = [
+        (source, "endless_sync", "sync", 1),
+        (source, "endless_async", "async", 1),
+        (relay, "endless_async", "async", 2),  # the relay's stream, closed in the driver
+    ]
+    for handle, method, kind, number in cases:
         stream = handle.options(method_name=method, stream=True).remote()
         assert [next(stream), next(stream)] == [0, 1]
         stream.close()

@@ -565,8 +565,11 @@ class Controller:
 
 
 def _failure_error(failure: _StartFailed) -> DeploymentFailedError:
+    where = f"Deployment {failure.deployment.name!r} of application {failure.deployment.app_name!r}"
+    error = failure.error
+    if "Traceback" not in error.traceback_text:  # refused before any user code ran
+        return DeploymentFailedError(f"{where} cannot start: {error.traceback_text}")
     return DeploymentFailedError(
-        f"Deployment {failure.deployment.name!r} of application "
-        f"{failure.deployment.app_name!r} failed to start: its constructor raised "
-        f"{failure.error}.\n\nOriginal traceback:\n{failure.error.traceback_text}"
+        f"{where} failed to start: its constructor raised {error}.\n\n"
+        f"Original traceback:\n{error.traceback_text}"
     )
