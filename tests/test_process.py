@@ -271,12 +271,6 @@ class Collector:
         return os.getpid()
 
 
-@pytest.mark.xfail(
-    reason="BUG: nothing holds a strong reference to the worker's control-line tasks "
-    "(_Worker.serve, its Peer._read_loop); a full garbage collection in the replica destroys "
-    "them, so health checks fail (replica replaced) and stop hangs until the 5 s kill",
-    strict=True,
-)
 def test_replica_survives_garbage_collection() -> None:
     handle = serve.run(Collector.bind(), name="gc", route_prefix=None, backend="process")
     pid = handle.collect.remote().result(timeout_s=10)
@@ -310,16 +304,9 @@ class ExplodingParent:
         time.sleep(0.5)  # this replica is still starting when its sibling fails
 
 
-ORPHANS_BUG = (
-    "BUG: when one replica fails to start, siblings still starting are not stopped "
-    "(Controller._start_all cancels only per-deployment tasks; gather() leaves the other "
-    "start_replica coroutines running): orphan processes keep running and hold their GPUs"
-)
-
-
 @pytest.mark.parametrize(
     "which",
-    ["all", pytest.param("rank0", marks=pytest.mark.xfail(reason=ORPHANS_BUG, strict=True))],
+    ["all", "rank0"],
     ids=["every-replica-raises", "one-replica-raises"],
 )
 def test_constructor_that_raises_fails_run_and_leaves_no_process(which: str) -> None:
@@ -525,15 +512,7 @@ def test_no_replica_outlives_its_driver(tmp_path: Path, how: str) -> None:
     "how",
     [
         "shutdown",
-        pytest.param(
-            "exit",
-            marks=pytest.mark.xfail(
-                reason="BUG: the atexit shutdown() cannot stop replicas gracefully: "
-                "ProcessBackend.stop_replica uses asyncio.to_thread, refused after interpreter "
-                "shutdown began ('cannot schedule new futures'); tracebacks, replicas SIGKILLed",
-                strict=True,
-            ),
-        ),
+        "exit",
     ],
 )
 def test_driver_exit_stops_replicas_gracefully(tmp_path: Path, how: str) -> None:
@@ -711,7 +690,6 @@ def test_gpus_are_given_out_one_per_replica(monkeypatch: pytest.MonkeyPatch) -> 
     assert sorted(after.values()) == ["0", "1"], after
 
 
-@pytest.mark.xfail(reason=ORPHANS_BUG, strict=True)
 def test_more_gpus_than_exist_fails_run_promptly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANDEM_NUM_GPUS", "2")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

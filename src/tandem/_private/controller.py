@@ -220,7 +220,15 @@ class Controller:
             async def one(rank: int) -> None:
                 bucket.append(await self._start_replica(record, rank))
 
-            await asyncio.gather(*(one(first_rank + i) for i in range(count)))
+            siblings = [asyncio.ensure_future(one(first_rank + i)) for i in range(count)]
+            try:
+                await asyncio.gather(*siblings)
+            except BaseException:
+                # One failed: the others must not finish starting behind our back.
+                for sibling in siblings:
+                    sibling.cancel()
+                await asyncio.gather(*siblings, return_exceptions=True)
+                raise
             if new:
                 if record.spec.name in brand_new:
                     # Routable at once, so the constructors of its parents can call it.

@@ -41,6 +41,9 @@ class _Worker:
         self.exit_code: int | None = None
         self.done = threading.Event()
         self._server: asyncio.AbstractServer | None = None
+        # Strong references: the loop holds tasks only weakly, and a garbage
+        # collection in the replica must not take its connections away.
+        self._peers: set[Any] = set()
 
     async def serve(self) -> None:
         from tandem._private.peer import Peer
@@ -48,6 +51,7 @@ class _Worker:
         sock = socket.socket(fileno=self._control_fd)
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**20)
         control = Peer(reader, writer, "the driver", on_call=self._control, on_note=self._note)
+        self._peers.add(control)
         control.start()
         await control.closed.wait()
         if self.exit_code is None:  # the driver went away without a word
@@ -109,7 +113,10 @@ class _Worker:
             return replica.stream(*payload)
 
         def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            Peer(reader, writer, "a caller", on_call=on_call, on_stream=on_stream).start()
+            peer = Peer(reader, writer, "a caller", on_call=on_call, on_stream=on_stream)
+            self._peers.add(peer)
+            peer.closed_callbacks.append(lambda: self._peers.discard(peer))
+            peer.start()
 
         self._server = await asyncio.start_unix_server(accept, path=address, limit=2**20)
 
@@ -130,8 +137,9 @@ def main() -> None:
     runtime.open()
     set_runtime(runtime)
     worker = _Worker(control_fd)
-    asyncio.run_coroutine_threadsafe(worker.serve(), runtime.loop)
+    serving = asyncio.run_coroutine_threadsafe(worker.serve(), runtime.loop)
     worker.done.wait()
+    del serving
     os._exit(worker.exit_code or 0)
 
 

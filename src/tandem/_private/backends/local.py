@@ -51,6 +51,9 @@ class LocalBackend(Backend):
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             await replica.stop(timeout_s=0)
             raise ReplicaStartError(spec.replica_id, exc, text) from exc
+        except BaseException:  # cancelled while starting
+            await replica.stop(timeout_s=0)
+            raise
         return ReplicaInfo(spec.replica_id, replica, spec.options.max_ongoing_requests)
 
     async def stop_replica(self, info: ReplicaInfo, timeout_s: float) -> None:

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,7 +126,7 @@ class ProcessBackend(Backend):
                 (cloudpickle.dumps(spec), list(sys.path), address, list(self._directory.values())),
             )
         except ReplicaUnavailableError as exc:
-            code = await asyncio.to_thread(process.wait)
+            code = await _wait_exit(process, 5) or process.returncode
             self._forget(child)
             error = RuntimeError(
                 f"The replica process exited with code {code} while starting (see its output)."
@@ -134,6 +135,7 @@ class ProcessBackend(Backend):
         except BaseException as exc:
             child.stopping = True
             self._kill(child)
+            process.wait()  # killed: this returns at once
             self._forget(child)
             if isinstance(exc, Exception):
                 cause = exc.__cause__
@@ -178,6 +180,7 @@ class ProcessBackend(Backend):
     def _kill(self, child: _Child) -> None:
         if child.process.poll() is None:
             child.process.kill()
+            child.process.wait()  # reap it, or it lingers as a zombie
 
     async def stop_replica(self, info: ReplicaInfo, timeout_s: float) -> None:
         child = self._children.get(info.replica_id)
@@ -188,11 +191,9 @@ class ProcessBackend(Backend):
             await asyncio.wait_for(child.control.call("stop", timeout_s), timeout_s + 5)
         except (asyncio.TimeoutError, ReplicaUnavailableError):
             pass
-        try:
-            await asyncio.wait_for(asyncio.to_thread(child.process.wait), 5)
-        except asyncio.TimeoutError:
+        if await _wait_exit(child.process, 5) is None:
             self._kill(child)
-            await asyncio.to_thread(child.process.wait)
+            child.process.wait()
         self._forget(child)
 
     async def check_health(self, info: ReplicaInfo) -> None:
@@ -229,3 +230,17 @@ class ProcessBackend(Backend):
         if child is None:
             return {"pid": pid}
         return {"pid": pid, **child.report}
+
+
+async def _wait_exit(process: subprocess.Popen[bytes], timeout_s: float) -> int | None:
+    """The exit code once the process ends, or None after ``timeout_s``.
+
+    Polls instead of waiting in a thread: this also runs at interpreter exit,
+    when no new threads may start.
+    """
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None:
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(0.01)
+    return process.returncode
