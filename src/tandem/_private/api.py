@@ -268,6 +268,7 @@ def status() -> Status:
         return controller.status()
 
     async def read() -> Status:
+        await controller.refresh_reports()
         return controller.status()
 
     return runtime.run_sync(read())

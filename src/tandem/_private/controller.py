@@ -516,6 +516,20 @@ class Controller:
 
     # -- status ------------------------------------------------------------
 
+    async def refresh_reports(self, timeout_s: float = 0.5) -> None:
+        """Ask every replica for its in-flight count and request stats (bounded wait)."""
+        infos = [
+            r.info
+            for app in self._apps.values()
+            for d in app.deployments.values()
+            for r in d.replicas
+        ]
+        if infos:
+            await asyncio.wait(
+                [asyncio.ensure_future(self.backend.refresh(info)) for info in infos],
+                timeout=timeout_s,
+            )
+
     def deployment_series(self) -> list[tuple[str, str, str, Any]]:
         """Per-method request series of every replica, for /metrics."""
         out = []

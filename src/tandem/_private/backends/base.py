@@ -63,6 +63,9 @@ class Backend(ABC):
     def publish(self, replica_set: ReplicaSet) -> None:  # noqa: B027
         """A deployment's replica set changed: pass it on to replicas elsewhere."""
 
+    async def refresh(self, info: ReplicaInfo) -> None:  # noqa: B027
+        """Update what :meth:`describe` knows of a replica kept elsewhere."""
+
     def describe(self, info: ReplicaInfo) -> dict[str, Any]:
         """Extra facts about a replica for status() (e.g. pid, in-flight count)."""
         return {}

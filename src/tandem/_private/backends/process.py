@@ -200,6 +200,14 @@ class ProcessBackend(Backend):
         child = self._child(info)
         child.report = await child.control.call("health", None)
 
+    async def refresh(self, info: ReplicaInfo) -> None:
+        child = self._children.get(info.replica_id)
+        if child is not None:
+            try:
+                child.report = await child.control.call("report", None)
+            except ReplicaUnavailableError:
+                pass
+
     async def reconfigure(self, info: ReplicaInfo, user_config: Any) -> None:
         await self._child(info).control.call("reconfigure", user_config)
 

@@ -26,8 +26,10 @@ class Admin:
         metrics: Callable[[], bytes],
         shutdown: Callable[[], None] | None = None,
         apply_config: Callable[[Any], Awaitable[None]] | None = None,
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._status = status
+        self._refresh = refresh
         self._routes = routes
         self._metrics = metrics
         self._shutdown = shutdown
@@ -45,6 +47,8 @@ class Admin:
             if path == "/-/routes":
                 return JSONResponse(self._routes())
             if path == "/-/status":
+                if self._refresh is not None:
+                    await self._refresh()
                 return JSONResponse(self._status().to_dict())
             if path == "/metrics":
                 return Response(self._metrics(), media_type="text/plain; version=0.0.4")

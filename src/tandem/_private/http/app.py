@@ -25,6 +25,7 @@ async def open_http(
     metrics = ProxyMetrics(controller.status, controller.deployment_series)
     admin = Admin(
         status=controller.status,
+        refresh=controller.refresh_reports,
         routes=controller.route_prefixes,
         metrics=metrics.render,
         shutdown=shutdown,
