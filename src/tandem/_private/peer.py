@@ -1,7 +1,7 @@
 """A connection between two processes that carries many requests at once.
 
 Each side is a :class:`Peer`: it sends requests and gets their replies
-(matched by id), and, if it has a handler, serves the requests the other side
+(matched by id), and, if it has handlers, serves the requests the other side
 sends. Streams are requests whose reply is a series of items. When the
 connection breaks, every request waiting on it fails with
 ``ReplicaUnavailableError`` at once: nothing hangs.
@@ -11,7 +11,7 @@ Messages are tuples; the first item says what they are:
     ("call", id, op, payload)        a request; the reply is one "ok" or "err"
     ("stream", id, op, payload)      a request; the reply is "item"s, then "end" or "err"
     ("cancel", id)                   stop serving request id
-    ("ok", id, value) ("err", id, packed error) ("item", id, value) ("end", id)
+    ("ok", id, value) ("err", id, packed error) ("item", id, value) ("end", id, None)
     ("note", op, payload)            a one-way message, no reply
 """
 
@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
-from tandem._private.transport import pack_error, read_message, unpack_error, write_message
+from tandem._private.transport import FrameProtocol, pack_error, unpack_error
 from tandem.exceptions import ReplicaUnavailableError
 
 logger = logging.getLogger("tandem")
@@ -34,24 +35,22 @@ CallHandler = Callable[[str, Any], Awaitable[Any]]
 StreamHandler = Callable[[str, Any], AsyncGenerator[Any, None]]
 NoteHandler = Callable[[str, Any], None]
 
-_END = object()
-
 
 class Peer:
-    """One end of a connection (see the module docstring). Start with :meth:`start`."""
+    """One end of a connection (see the module docstring).
+
+    Connect it with :func:`open_peer` or :func:`peer_on_socket`, or serve
+    :attr:`protocol` from a server.
+    """
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         name: str,
         on_call: CallHandler | None = None,
         on_stream: StreamHandler | None = None,
         on_note: NoteHandler | None = None,
     ) -> None:
         self.name = name
-        self._reader = reader
-        self._writer = writer
         self._on_call = on_call
         self._on_stream = on_stream
         self._on_note = on_note
@@ -59,40 +58,30 @@ class Peer:
         self._replies: dict[int, asyncio.Future[Any]] = {}
         self._streams: dict[int, asyncio.Queue[tuple[str, Any]]] = {}
         self._serving: dict[int, asyncio.Task[None]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self.protocol = FrameProtocol(self._on_message, self._on_lost)
         self.closed = asyncio.Event()
         self.closed_callbacks: list[Callable[[], None]] = []
-
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self._read_loop())
 
     @property
     def is_open(self) -> bool:
         return not self.closed.is_set()
 
     def abort(self) -> None:
-        """Close now, without waiting; requests still waiting fail."""
-        if self._task is not None:
-            self._task.cancel()
-        self._writer.close()
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._writer.close()
+        """Close now; requests still waiting fail."""
+        if self.protocol.transport is not None:
+            self.protocol.transport.abort()
 
     # -- sending -----------------------------------------------------------
 
     def _send(self, message: tuple[Any, ...]) -> None:
         if self.closed.is_set():
             raise self._broken()
-        write_message(self._writer, message)
+        self.protocol.send(message)
 
     def note(self, op: str, payload: Any) -> None:
         """Send a one-way message (dropped if the connection is closed)."""
         if not self.closed.is_set():
-            write_message(self._writer, ("note", op, payload))
+            self.protocol.send(("note", op, payload))
 
     async def call(self, op: str, payload: Any) -> Any:
         """Send a request and wait for its reply; cancelling this cancels it over there."""
@@ -104,7 +93,7 @@ class Peer:
             return await reply
         except asyncio.CancelledError:
             if not self.closed.is_set():
-                write_message(self._writer, ("cancel", request_id))
+                self.protocol.send(("cancel", request_id))
             raise
         finally:
             self._replies.pop(request_id, None)
@@ -130,74 +119,63 @@ class Peer:
         finally:
             self._streams.pop(request_id, None)
             if not finished and not self.closed.is_set():
-                write_message(self._writer, ("cancel", request_id))
-
-    async def drain(self) -> None:
-        await self._writer.drain()
+                self.protocol.send(("cancel", request_id))
 
     # -- receiving ---------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                message = await read_message(self._reader)
-                kind = message[0]
-                if kind == "ok":
-                    reply = self._replies.get(message[1])
-                    if reply is not None and not reply.done():
-                        reply.set_result(message[2])
-                elif kind == "err":
-                    error = unpack_error(message[2])
-                    reply = self._replies.get(message[1])
-                    if reply is not None and not reply.done():
-                        reply.set_exception(error)
-                    elif message[1] in self._streams:
-                        self._streams[message[1]].put_nowait(("err", error))
-                elif kind in ("item", "end"):
-                    items = self._streams.get(message[1])
-                    if items is not None:
-                        items.put_nowait((kind, message[2] if kind == "item" else None))
-                elif kind == "call" or kind == "stream":
-                    self._serve(kind, message[1], message[2], message[3])
-                elif kind == "cancel":
-                    task = self._serving.get(message[1])
-                    if task is not None:
-                        task.cancel()
-                elif kind == "note" and self._on_note is not None:
-                    try:
-                        self._on_note(message[1], message[2])
-                    except Exception:
-                        logger.exception("Handling %r from %s failed", message[1], self.name)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        finally:
-            self.closed.set()
-            for callback in self.closed_callbacks:
-                callback()
-            self._fail_all()
-            for task in self._serving.values():
+    def _on_message(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "ok":
+            reply = self._replies.get(message[1])
+            if reply is not None and not reply.done():
+                reply.set_result(message[2])
+        elif kind == "item" or kind == "end":
+            items = self._streams.get(message[1])
+            if items is not None:
+                items.put_nowait((kind, message[2]))
+        elif kind == "err":
+            error = unpack_error(message[2])
+            reply = self._replies.get(message[1])
+            if reply is not None and not reply.done():
+                reply.set_exception(error)
+            elif message[1] in self._streams:
+                self._streams[message[1]].put_nowait(("err", error))
+        elif kind == "call" or kind == "stream":
+            self._serve(kind, message[1], message[2], message[3])
+        elif kind == "cancel":
+            task = self._serving.get(message[1])
+            if task is not None:
                 task.cancel()
-            self._writer.close()
+        elif kind == "note" and self._on_note is not None:
+            try:
+                self._on_note(message[1], message[2])
+            except Exception:
+                logger.exception("Handling %r from %s failed", message[1], self.name)
 
-    def _fail_all(self) -> None:
+    def _on_lost(self, exc: BaseException | None) -> None:
+        self.closed.set()
+        for callback in self.closed_callbacks:
+            callback()
         for reply in self._replies.values():
             if not reply.done():
                 reply.set_exception(self._broken())
         for items in self._streams.values():
             items.put_nowait(("err", self._broken()))
+        for task in self._serving.values():
+            task.cancel()
 
     def _broken(self) -> ReplicaUnavailableError:
         return ReplicaUnavailableError(
             f"The connection to {self.name} broke: the replica died or was stopped."
         )
 
+    # -- serving -----------------------------------------------------------
+
     def _serve(self, kind: str, request_id: int, op: str, payload: Any) -> None:
-        coro = (
-            self._serve_call(request_id, op, payload)
-            if kind == "call"
-            else self._serve_stream(request_id, op, payload)
-        )
-        task = asyncio.ensure_future(coro)
+        if kind == "call":
+            task = asyncio.ensure_future(self._serve_call(request_id, op, payload))
+        else:
+            task = asyncio.ensure_future(self._serve_stream(request_id, op, payload))
         self._serving[request_id] = task
         task.add_done_callback(lambda _: self._serving.pop(request_id, None))
 
@@ -218,7 +196,7 @@ class Peer:
         try:
             async for item in source:
                 self._reply(("item", request_id, item))
-                await self._writer.drain()  # a slow reader slows the producer
+                await self.protocol.drain()  # a slow reader slows the producer
         except asyncio.CancelledError:
             return
         except BaseException as exc:
@@ -232,21 +210,27 @@ class Peer:
         if self.closed.is_set():
             return
         try:
-            write_message(self._writer, message)
+            self.protocol.send(message)
+        except ConnectionError:
+            pass
         except Exception as exc:  # e.g. the value cannot be pickled
-            if message[0] in ("ok", "item"):
-                error = TypeError(
-                    f"The result of type {type(message[2]).__name__} cannot be sent to the "
-                    f"caller: {exc}"
-                )
-                write_message(self._writer, ("err", message[1], pack_error(error)))
-            else:
+            if message[0] not in ("ok", "item"):
                 raise
+            error = TypeError(
+                f"The result of type {type(message[2]).__name__} cannot be sent to the "
+                f"caller: {exc}"
+            )
+            self.protocol.send(("err", message[1], pack_error(error)))
 
 
 async def open_peer(path: str, name: str) -> Peer:
     """Connect to a replica's Unix socket."""
-    reader, writer = await asyncio.open_unix_connection(path, limit=2**20)
-    peer = Peer(reader, writer, name)
-    peer.start()
+    peer = Peer(name)
+    await asyncio.get_running_loop().create_unix_connection(lambda: peer.protocol, path)
+    return peer
+
+
+async def peer_on_socket(sock: socket.socket, peer: Peer) -> Peer:
+    """Run ``peer`` over an already connected socket (one end of a socket pair)."""
+    await asyncio.get_running_loop().create_unix_connection(lambda: peer.protocol, sock=sock)
     return peer

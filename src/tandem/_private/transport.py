@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import copyreg
+import logging
 import pickle
 import struct
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import cloudpickle
+
+logger = logging.getLogger("tandem")
 
 _HEADER = struct.Struct("!IQ")
 _LENGTH = struct.Struct("!Q")
@@ -66,24 +70,149 @@ def dumps(message: Any) -> list[bytes | memoryview]:
     return [header, body, *raws]
 
 
-def loads(body: bytes, buffers: list[bytearray]) -> Any:
-    return pickle.loads(body, buffers=buffers)
+# Received parts at least this large are read straight into their own buffer.
+_DIRECT = 64 * 1024
+_STAGING = 256 * 1024
 
 
-async def read_message(reader: asyncio.StreamReader) -> Any:
-    """Read one frame; raises IncompleteReadError at end of stream."""
-    count, body_length = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-    lengths = [_LENGTH.unpack(await reader.readexactly(_LENGTH.size))[0] for _ in range(count)]
-    if body_length > MAX_FRAME or any(n > MAX_FRAME for n in lengths):
-        raise ValueError("Frame too large; the connection is out of sync.")
-    body = await reader.readexactly(body_length)
-    buffers = [bytearray(await reader.readexactly(n)) if n else bytearray() for n in lengths]
-    return loads(body, buffers)
+class FrameProtocol(asyncio.BufferedProtocol):
+    """Reads frames off a stream socket and hands each message to ``on_message``.
 
+    Small frames are parsed out of one staging buffer (often several per
+    ``recv``); a large part (an out-of-band buffer, or a large pickle) is
+    received straight into the buffer the unpickler will adopt, so a 10 MB
+    array is copied once on the way in: from the kernel into its own memory.
+    """
 
-def write_message(writer: asyncio.StreamWriter, message: Any) -> None:
-    """Queue one frame on ``writer`` (call ``await writer.drain()`` to apply backpressure)."""
-    writer.writelines(dumps(message))
+    def __init__(
+        self,
+        on_message: Callable[[Any], None],
+        on_lost: Callable[[BaseException | None], None],
+    ) -> None:
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self._staging = bytearray(_STAGING)
+        self._start = 0  # unparsed bytes are self._staging[self._start:self._end]
+        self._end = 0
+        # The frame being read: its part lengths, parts so far, and a part in direct mode.
+        self._lengths: list[int] | None = None
+        self._parts: list[bytearray] = []
+        self._direct: bytearray | None = None
+        self._filled = 0
+        self._paused = False
+        self._drained: list[asyncio.Future[None]] = []
+
+    # -- asyncio.BufferedProtocol -------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._direct is not None:
+            return memoryview(self._direct)[self._filled :]
+        if self._end == len(self._staging):
+            # Move the unparsed tail to the front to make room.
+            tail = self._end - self._start
+            self._staging[:tail] = self._staging[self._start : self._end]
+            self._start, self._end = 0, tail
+        return memoryview(self._staging)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._direct is not None:
+            self._filled += nbytes
+            if self._filled < len(self._direct):
+                return
+            self._parts.append(self._direct)
+            self._direct = None
+        else:
+            self._end += nbytes
+        try:
+            self._parse()
+        except Exception as exc:  # a broken frame: this connection cannot go on
+            logger.error("Dropping a connection that sent a bad frame: %s", exc)
+            if self.transport is not None:
+                self.transport.abort()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        for waiter in self._drained:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        for waiter in self._drained:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drained.clear()
+
+    # -- frames --------------------------------------------------------------
+
+    def _parse(self) -> None:
+        while True:
+            if self._lengths is None:
+                available = self._end - self._start
+                if available < _HEADER.size:
+                    return
+                count, body_length = _HEADER.unpack_from(self._staging, self._start)
+                need = _HEADER.size + _LENGTH.size * count
+                if available < need:
+                    if need > len(self._staging):
+                        raise ValueError(f"frame header of {need} bytes")
+                    return
+                lengths = [body_length] + [
+                    _LENGTH.unpack_from(
+                        self._staging, self._start + _HEADER.size + _LENGTH.size * i
+                    )[0]
+                    for i in range(count)
+                ]
+                if any(n > MAX_FRAME for n in lengths):
+                    raise ValueError("frame too large")
+                self._start += need
+                self._lengths = lengths
+                self._parts = []
+            lengths = self._lengths
+            while len(self._parts) < len(lengths):
+                size = lengths[len(self._parts)]
+                available = self._end - self._start
+                if available >= size:
+                    self._parts.append(self._staging[self._start : self._start + size])
+                    self._start += size
+                    continue
+                if size >= _DIRECT or size > len(self._staging):
+                    # Receive the rest of this part straight into its own buffer.
+                    part = bytearray(size)
+                    part[:available] = self._staging[self._start : self._end]
+                    self._start = self._end = 0
+                    self._direct, self._filled = part, available
+                return
+            body, *buffers = self._parts
+            self._lengths = None
+            self._parts = []
+            if self._start == self._end:
+                self._start = self._end = 0
+            self._on_message(pickle.loads(body, buffers=buffers))
+
+    # -- writing -------------------------------------------------------------
+
+    def send(self, message: Any) -> None:
+        """Queue one message (pickling happens here, so errors reach the sender)."""
+        parts = dumps(message)
+        assert self.transport is not None
+        if self.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        self.transport.writelines(parts)
+
+    async def drain(self) -> None:
+        """Wait while the other side is slow to read what was sent."""
+        if self._paused and self.transport is not None and not self.transport.is_closing():
+            waiter = asyncio.get_running_loop().create_future()
+            self._drained.append(waiter)
+            await waiter
 
 
 class RemoteTraceback(Exception):

@@ -46,13 +46,12 @@ class _Worker:
         self._peers: set[Any] = set()
 
     async def serve(self) -> None:
-        from tandem._private.peer import Peer
+        from tandem._private.peer import Peer, peer_on_socket
 
         sock = socket.socket(fileno=self._control_fd)
-        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**20)
-        control = Peer(reader, writer, "the driver", on_call=self._control, on_note=self._note)
+        control = Peer("the driver", on_call=self._control, on_note=self._note)
         self._peers.add(control)
-        control.start()
+        await peer_on_socket(sock, control)
         await control.closed.wait()
         if self.exit_code is None:  # the driver went away without a word
             os._exit(0)
@@ -112,13 +111,13 @@ class _Worker:
         def on_stream(op: str, payload: Any) -> Any:
             return replica.stream(*payload)
 
-        def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            peer = Peer(reader, writer, "a caller", on_call=on_call, on_stream=on_stream)
+        def accept() -> asyncio.BaseProtocol:
+            peer = Peer("a caller", on_call=on_call, on_stream=on_stream)
             self._peers.add(peer)
             peer.closed_callbacks.append(lambda: self._peers.discard(peer))
-            peer.start()
+            return peer.protocol
 
-        self._server = await asyncio.start_unix_server(accept, path=address, limit=2**20)
+        self._server = await asyncio.get_running_loop().create_unix_server(accept, path=address)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ import cloudpickle
 
 from tandem._private.backends.base import Backend, ReplicaStartError
 from tandem._private.context import DeploymentID
-from tandem._private.peer import Peer
+from tandem._private.peer import Peer, peer_on_socket
 from tandem._private.process_connection import ProcessAddress, ProcessConnection
 from tandem._private.replica import ReplicaSpec
 from tandem._private.resources import Resources
@@ -113,9 +114,7 @@ class ProcessBackend(Backend):
             )
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=2**20)
-        control = Peer(reader, writer, f"replica {spec.replica_id}")
-        control.start()
+        control = await peer_on_socket(ours, Peer(f"replica {spec.replica_id}"))
         child = _Child(spec.replica_id, process, control)
         self._children[spec.replica_id] = child
         self._watch(child)
@@ -139,7 +138,10 @@ class ProcessBackend(Backend):
             self._forget(child)
             if isinstance(exc, Exception):
                 cause = exc.__cause__
-                text = cause.text if isinstance(cause, RemoteTraceback) else str(exc)
+                if isinstance(cause, RemoteTraceback):
+                    text = cause.text
+                else:  # failed here, in the driver: that is a traceback too
+                    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                 raise ReplicaStartError(spec.replica_id, exc, text) from exc
             raise
         return ReplicaInfo(
