@@ -19,6 +19,7 @@ TANDEM_ALL = [
     "DeploymentResponseGenerator",
     "ReplicaContext",
     "Status",
+    "batch",
     "delete",
     "deployment",
     "get_app_handle",

@@ -13,6 +13,7 @@ from tandem._private.api import (
     start,
     status,
 )
+from tandem._private.batching import batch
 from tandem._private.config import AutoscalingConfig
 from tandem._private.context import (
     ReplicaContext,
@@ -36,6 +37,7 @@ __all__ = [
     "DeploymentResponseGenerator",
     "ReplicaContext",
     "Status",
+    "batch",
     "delete",
     "deployment",
     "get_app_handle",

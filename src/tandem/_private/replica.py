@@ -129,6 +129,10 @@ class Replica:
         self._is_ingress = hasattr(spec.target, "__tandem_ingress_app__")
         # Per-replica state of @multiplexed loaders, keyed by the loader.
         self.multiplex_caches: dict[Any, Any] = {}
+        # Per-replica queues of @batch methods.
+        self.batch_queues: dict[Any, Any] = {}
+        # Called when the replica stops (e.g. to end @batch queues).
+        self.closers: list[Callable[[], None]] = []
 
     @property
     def servable(self) -> Any:
@@ -213,6 +217,9 @@ class Replica:
         if self._workers is not None:
             self._workers.shutdown()
         self.multiplex_caches.clear()
+        for close in self.closers:
+            close()
+        self.closers.clear()
         self._destroy()
 
     def _destroy(self) -> None:

@@ -1,0 +1,316 @@
+"""``@batch``: calls that arrive close together run as one call on a list.
+
+Each caller passes one item and gets back its own result; the decorated
+method receives lists (one per argument) and returns a list of the same
+length, or, as an async generator, yields such lists to stream results back to
+every caller at once. A batch closes when it holds ``max_batch_size`` items
+(counted by ``batch_size_fn`` if given) or ``batch_wait_timeout_s`` after its
+first item arrived; at most ``max_concurrent_batches`` run at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tandem._private.replica import current_replica
+
+
+class _END:
+    """End of one caller's stream. A class, not an object(): a class keeps its
+    identity when wrappers travel by value to replica processes."""
+
+
+# Queues of @batch functions called outside any replica (e.g. in a unit test).
+_OUTSIDE_REPLICAS: dict[Any, Any] = {}
+
+
+def _is_stop(value: Any) -> bool:
+    return value is StopIteration or isinstance(value, StopIteration)
+
+
+@dataclass
+class _Request:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    size: int
+    result: asyncio.Future[Any] | None = None  # unary calls
+    items: asyncio.Queue[Any] | None = None  # streaming calls
+    done: bool = False
+
+
+@dataclass
+class _Settings:
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    max_concurrent_batches: int
+    batch_size_fn: Callable[[Any], int] | None = None
+
+
+@dataclass
+class _BatchQueue:
+    """The waiting requests of one batched method in one replica."""
+
+    call: Callable[..., Any]
+    settings: _Settings
+    streaming: bool
+    waiting: list[_Request] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    running: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def submit(self, request: _Request) -> None:
+        self.waiting.append(request)
+        self.arrived.set()
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._batches())
+
+    def close(self) -> None:
+        for task in (self.task, *self.running):
+            if task is not None:
+                task.cancel()
+
+    async def _batches(self) -> None:
+        slots = asyncio.Semaphore(self.settings.max_concurrent_batches)
+        while True:
+            while not self.waiting:
+                self.arrived.clear()
+                await self.arrived.wait()
+            deadline = asyncio.get_running_loop().time() + self.settings.batch_wait_timeout_s
+            while not self._full():
+                self.arrived.clear()
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self.arrived.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take()
+            await slots.acquire()
+            task = asyncio.ensure_future(self._run(batch))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+            task.add_done_callback(lambda _: slots.release())
+
+    def _full(self) -> bool:
+        return sum(r.size for r in self.waiting) >= self.settings.max_batch_size
+
+    def _take(self) -> list[_Request]:
+        batch: list[_Request] = []
+        total = 0
+        while self.waiting:
+            request = self.waiting[0]
+            if batch and total + request.size > self.settings.max_batch_size:
+                break
+            batch.append(self.waiting.pop(0))
+            total += request.size
+        return batch
+
+    async def _run(self, batch: list[_Request]) -> None:
+        live = [r for r in batch if not r.done]
+        if not live:
+            return
+        args, kwargs = _columns(live)
+        try:
+            if self.streaming:
+                await self._stream(live, args, kwargs)
+            else:
+                results = await self.call(*args, **kwargs)
+                _check_length(results, len(live))
+                for request, result in zip(live, results, strict=True):
+                    if request.result is not None and not request.result.done():
+                        request.result.set_result(result)
+        except BaseException as exc:
+            for request in live:
+                _fail(request, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    async def _stream(
+        self, batch: list[_Request], args: list[list[Any]], kwargs: dict[str, list[Any]]
+    ) -> None:
+        source = self.call(*args, **kwargs)
+        try:
+            async for results in source:
+                _check_length(results, len(batch))
+                for request, result in zip(batch, results, strict=True):
+                    if request.done or request.items is None:
+                        continue
+                    if _is_stop(result):
+                        request.done = True
+                        request.items.put_nowait(_END)
+                    else:
+                        request.items.put_nowait(result)
+                if all(r.done for r in batch):
+                    break
+        finally:
+            await source.aclose()
+        for request in batch:
+            if not request.done and request.items is not None:
+                request.done = True
+                request.items.put_nowait(_END)
+
+
+def _columns(batch: list[_Request]) -> tuple[list[list[Any]], dict[str, list[Any]]]:
+    """Per-request arguments as one list per argument."""
+    width = len(batch[0].args)
+    names = set(batch[0].kwargs)
+    for request in batch:
+        if len(request.args) != width or set(request.kwargs) != names:
+            raise TypeError(
+                "Every call of a @batch method must pass the same arguments (the same "
+                "number of positional arguments and the same keyword names)."
+            )
+    args = [[r.args[i] for r in batch] for i in range(width)]
+    kwargs = {name: [r.kwargs[name] for r in batch] for name in names}
+    return args, kwargs
+
+
+def _check_length(results: Any, expected: int) -> None:
+    if not isinstance(results, (list, tuple)) or len(results) != expected:
+        got = (
+            f"{len(results)} results" if isinstance(results, (list, tuple)) else repr(type(results))
+        )
+        raise TypeError(
+            f"A @batch method got a batch of {expected} and must return (or yield) a list of "
+            f"{expected} results, one per call; it returned {got}."
+        )
+
+
+def _fail(request: _Request, exc: BaseException) -> None:
+    error = exc if not isinstance(exc, asyncio.CancelledError) else RuntimeError("batch cancelled")
+    request.done = True
+    if request.result is not None and not request.result.done():
+        request.result.set_exception(error)
+    if request.items is not None:
+        request.items.put_nowait(error)
+
+
+def _unowned(fn: Callable[..., Any], owner: Any) -> Callable[..., Any]:
+    """``fn`` bound to ``owner`` without keeping it alive (its ``__del__`` runs on stop)."""
+    ref = weakref.ref(owner)
+
+    def bound(*args: Any, **kwargs: Any) -> Any:
+        target = ref()
+        if target is None:
+            raise RuntimeError("The replica that owned this batch is gone.")
+        return fn(target, *args, **kwargs)
+
+    return bound
+
+
+def batch(
+    _func: Callable[..., Any] | None = None,
+    *,
+    max_batch_size: int = 10,
+    batch_wait_timeout_s: float = 0.01,
+    max_concurrent_batches: int = 1,
+    batch_size_fn: Callable[[Any], int] | None = None,
+) -> Any:
+    """Batch calls to an async method (or async generator) that takes and returns lists."""
+    _validate(max_batch_size, batch_wait_timeout_s, max_concurrent_batches)
+    settings = _Settings(
+        max_batch_size, batch_wait_timeout_s, max_concurrent_batches, batch_size_fn
+    )
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        streaming = inspect.isasyncgenfunction(fn)
+        if not (streaming or inspect.iscoroutinefunction(fn)):
+            raise TypeError(
+                f"@batch needs an async function or async generator; make {fn.__name__!r} "
+                "`async def`."
+            )
+        params = list(inspect.signature(fn).parameters)
+        is_method = bool(params) and params[0] == "self"
+
+        def queue_for(owner: Any) -> _BatchQueue:
+            # Queues live with the replica (not in this closure, which travels by
+            # value to replica processes and must stay picklable).
+            replica = current_replica()
+            queues = replica.batch_queues if replica is not None else _OUTSIDE_REPLICAS
+            key = (fn.__qualname__, id(owner), id(asyncio.get_running_loop()))
+            queue = queues.get(key)
+            if queue is None:
+                queue = _BatchQueue(_unowned(fn, owner) if is_method else fn, settings, streaming)
+                queues[key] = queue
+                if replica is not None:
+                    replica.closers.append(queue.close)
+            return queue
+
+        def make_request(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Request:
+            size = 1
+            if settings.batch_size_fn is not None:
+                size = int(settings.batch_size_fn(args[0] if args else next(iter(kwargs.values()))))
+            return _Request(args, kwargs, max(size, 1))
+
+        if streaming:
+
+            @functools.wraps(fn)
+            async def stream_wrapper(*args: Any, **kwargs: Any) -> Any:
+                owner, rest = (args[0], args[1:]) if is_method else (None, args)
+                request = make_request(rest, kwargs)
+                request.items = asyncio.Queue()
+                queue_for(owner).submit(request)
+                try:
+                    while True:
+                        item = await request.items.get()
+                        if item is _END:
+                            return
+                        if isinstance(item, BaseException):
+                            raise item
+                        yield item
+                finally:
+                    request.done = True
+
+            wrapper: Any = stream_wrapper
+        else:
+
+            @functools.wraps(fn)
+            async def call_wrapper(*args: Any, **kwargs: Any) -> Any:
+                owner, rest = (args[0], args[1:]) if is_method else (None, args)
+                request = make_request(rest, kwargs)
+                request.result = asyncio.get_running_loop().create_future()
+                queue_for(owner).submit(request)
+                try:
+                    return await asyncio.shield(request.result)
+                finally:
+                    request.done = True
+
+            wrapper = call_wrapper
+
+        def set_max_batch_size(value: int) -> None:
+            _validate(value, settings.batch_wait_timeout_s, settings.max_concurrent_batches)
+            settings.max_batch_size = value
+
+        def set_batch_wait_timeout_s(value: float) -> None:
+            _validate(settings.max_batch_size, value, settings.max_concurrent_batches)
+            settings.batch_wait_timeout_s = value
+
+        wrapper.set_max_batch_size = set_max_batch_size
+        wrapper.set_batch_wait_timeout_s = set_batch_wait_timeout_s
+        wrapper._get_max_batch_size = lambda: settings.max_batch_size
+        wrapper._get_batch_wait_timeout_s = lambda: settings.batch_wait_timeout_s
+        return wrapper  # type: ignore[no-any-return]
+
+    if _func is not None:
+        return decorate(_func)
+    return decorate
+
+
+def _validate(max_batch_size: Any, timeout: Any, concurrent: Any) -> None:
+    if (
+        isinstance(max_batch_size, bool)
+        or not isinstance(max_batch_size, int)
+        or max_batch_size < 1
+    ):
+        raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}.")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(f"batch_wait_timeout_s must be a number >= 0, got {timeout!r}.")
+    if isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1:
+        raise ValueError(f"max_concurrent_batches must be an integer >= 1, got {concurrent!r}.")
