@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import tandem as serve
+from tandem.handle import DeploymentHandle
 
 
 class _Model:
@@ -275,3 +276,72 @@ def test_cancelling_the_loading_request_does_not_fail_other_waiters(backend: str
     time.sleep(0.05)  # second now waits for that load
     first.cancel()
     assert second.result(timeout_s=3) == "loaded m"
+
+
+# -- model-aware routing -------------------------------------------------------------------
+
+
+@serve.deployment(num_replicas=2, max_ongoing_requests=4)
+class TwoSlotModels:
+    def __init__(self) -> None:
+        self.loads = 0
+
+    @serve.multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str) -> str:
+        self.loads += 1
+        await asyncio.sleep(0.02)
+        return model_id
+
+    async def __call__(self, hold_s: float = 0.0) -> str:
+        model = await self.get_model(serve.get_multiplexed_model_id())
+        await asyncio.sleep(hold_s)
+        return f"{model}@{serve.get_replica_context().replica_id}"
+
+    def load_count(self) -> tuple[str, int]:
+        return serve.get_replica_context().replica_id, self.loads
+
+
+def _loads_per_replica(handle: DeploymentHandle) -> dict[str, int]:
+    loads: dict[str, int] = {}
+    deadline = time.monotonic() + 10
+    while len(loads) < 2 and time.monotonic() < deadline:
+        replica_id, count = handle.load_count.remote().result(timeout_s=5)
+        loads[replica_id] = count
+    return loads
+
+
+def test_requests_go_to_replicas_that_hold_their_model(backend: str) -> None:
+    handle = serve.run(TwoSlotModels.bind(), backend=backend, route_prefix=None)
+    models = ["a", "b", "c", "d"]
+    for i in range(80):
+        model = models[i % 4]
+        assert (
+            handle.options(multiplexed_model_id=model)
+            .remote()
+            .result(timeout_s=5)
+            .startswith(model)
+        )
+    loads = _loads_per_replica(handle)
+    # Random routing would keep evicting; model-aware routing loads each model once.
+    assert sum(loads.values()) <= 8, loads
+
+
+def test_a_hot_model_spreads_to_a_second_replica_when_the_first_is_busy(backend: str) -> None:
+    @serve.deployment(num_replicas=2, max_ongoing_requests=1)
+    class Hot:
+        @serve.multiplexed(max_num_models_per_replica=2)
+        async def get_model(self, model_id: str) -> str:
+            return model_id
+
+        async def __call__(self) -> str:
+            await self.get_model(serve.get_multiplexed_model_id())
+            await asyncio.sleep(0.3)
+            return serve.get_replica_context().replica_id
+
+    handle = serve.run(Hot.bind(), backend=backend, route_prefix=None).options(
+        multiplexed_model_id="hot"
+    )
+    handle.remote().result(timeout_s=5)  # one replica now holds "hot"
+    responses = [handle.remote() for _ in range(4)]
+    replicas = {r.result(timeout_s=10) for r in responses}
+    assert len(replicas) == 2, "the busy holder's load did not spread to the other replica"

@@ -11,6 +11,7 @@ awaited by :meth:`close`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -111,6 +112,7 @@ class Controller:
     # -- lifecycle ---------------------------------------------------------
 
     async def open(self) -> None:
+        self.backend.on_models = self._on_models
         await self.backend.open(self._on_replica_exit)
         self._watch_task = asyncio.create_task(self._watch(), name="tandem-controller-watch")
 
@@ -418,6 +420,15 @@ class Controller:
         task.add_done_callback(self._background.discard)
 
     # -- watching: health checks and replacement ---------------------------
+
+    def _on_models(self, replica_id: str, model_ids: frozenset[str]) -> None:
+        for app in self._apps.values():
+            for record in app.deployments.values():
+                for replica in record.replicas:
+                    if replica.replica_id == replica_id:
+                        replica.info = dataclasses.replace(replica.info, model_ids=model_ids)
+                        self._publish(record)
+                        return
 
     def _on_replica_exit(self, replica_id: str) -> None:
         self._exited.add(replica_id)

@@ -22,13 +22,15 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 class ModelCache:
     """The loaded models of one loader in one replica."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, on_change: Callable[[], None] | None = None) -> None:
         self.capacity = capacity
         self._models: OrderedDict[str, Any] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Any]] = {}
+        self._on_change = on_change or (lambda: None)
 
     def model_ids(self) -> list[str]:
-        return list(self._models)
+        """Models loaded or being loaded: a request for one of these is best sent here."""
+        return [*self._models, *(m for m in self._loading if m not in self._models)]
 
     async def get(self, model_id: str, load: Callable[[], Awaitable[Any]]) -> Any:
         if model_id in self._models:
@@ -41,6 +43,7 @@ class ModelCache:
             loading = asyncio.ensure_future(self._load(model_id, load))
             loading.add_done_callback(_retrieve)
             self._loading[model_id] = loading
+            self._on_change()
         return await asyncio.shield(loading)
 
     async def _load(self, model_id: str, load: Callable[[], Awaitable[Any]]) -> Any:
@@ -53,11 +56,15 @@ class ModelCache:
             ):
                 await self._evict_oldest()
             model = await load()
-        finally:
+        except BaseException:
             del self._loading[model_id]
+            self._on_change()
+            raise
+        del self._loading[model_id]
         self._models[model_id] = model
         while self.capacity > 0 and len(self._models) > self.capacity:
             await self._evict_oldest()
+        self._on_change()
         return model
 
     async def _evict_oldest(self) -> None:
@@ -122,7 +129,10 @@ def multiplexed(func: F | None = None, *, max_num_models_per_replica: int = 3) -
             key = (wrapper, id(owner))
             cache = caches.get(key)
             if cache is None:
-                cache = caches[key] = ModelCache(max_num_models_per_replica)
+                cache = caches[key] = ModelCache(
+                    max_num_models_per_replica,
+                    replica.models_changed if replica is not None else None,
+                )
             return await cache.get(model_id, lambda: loader(*args, **kwargs))
 
         return wrapper  # type: ignore[return-value]

@@ -129,6 +129,9 @@ class Replica:
         self._is_ingress = hasattr(spec.target, "__tandem_ingress_app__")
         # Per-replica state of @multiplexed loaders, keyed by the loader.
         self.multiplex_caches: dict[Any, Any] = {}
+        # Set by the backend: called with the model ids this replica holds when they change.
+        self.on_models_changed: Callable[[frozenset[str]], None] | None = None
+        self._reported_models: frozenset[str] = frozenset()
         # Per-replica queues of @batch methods.
         self.batch_queues: dict[Any, Any] = {}
         # Called when the replica stops (e.g. to end @batch queues).
@@ -150,11 +153,19 @@ class Replica:
     def name(self) -> str:
         return self.deployment_id.name
 
-    def loaded_model_ids(self) -> list[str]:
-        ids: list[str] = []
+    def loaded_model_ids(self) -> frozenset[str]:
+        ids: set[str] = set()
         for cache in self.multiplex_caches.values():
-            ids.extend(cache.model_ids())
-        return ids
+            ids.update(cache.model_ids())
+        return frozenset(ids)
+
+    def models_changed(self) -> None:
+        """Tell whoever hosts this replica (its backend) which models it now holds."""
+        ids = self.loaded_model_ids()
+        if ids != self._reported_models:
+            self._reported_models = ids
+            if self.on_models_changed is not None:
+                self.on_models_changed(ids)
 
     # -- lifecycle ---------------------------------------------------------
 

@@ -81,6 +81,17 @@ class PowerOfTwoChoices:
     rng: random.Random = field(default_factory=random.Random)
 
     def choose(self, candidates: Sequence[RoutedReplica], meta: RequestMetadata) -> RoutedReplica:
+        model = meta.multiplexed_model_id
+        if model and len(candidates) > 1:
+            # Replicas that hold the model first; else those holding the fewest models
+            # (most likely to have a free slot), so a hot model spreads when its
+            # holders are busy instead of evicting someone else's.
+            holders = [c for c in candidates if model in c.info.model_ids]
+            if holders:
+                candidates = holders
+            else:
+                fewest = min(len(c.info.model_ids) for c in candidates)
+                candidates = [c for c in candidates if len(c.info.model_ids) == fewest]
         if len(candidates) == 1:
             return candidates[0]
         a, b = self.rng.sample(range(len(candidates)), 2)

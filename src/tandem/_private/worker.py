@@ -102,6 +102,8 @@ class _Worker:
             get_runtime().publish(replica_set)
         spec = pickle.loads(spec_blob)
         self.replica = Replica(spec)
+        control = next(iter(self._peers))
+        self.replica.on_models_changed = lambda ids: control.note("models", ids)
         await self.replica.start()
         replica = self.replica
 

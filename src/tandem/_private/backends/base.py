@@ -30,6 +30,10 @@ class Backend(ABC):
 
     name: ClassVar[str]
 
+    # Set by the controller: called with (replica_id, model ids) when a replica's
+    # multiplexed models change, so routers can prefer replicas holding a model.
+    on_models: Callable[[str, frozenset[str]], None] = staticmethod(lambda *_: None)
+
     async def open(self, on_replica_exit: Callable[[str], None]) -> None:  # noqa: B027
         """Prepare to host replicas; ``on_replica_exit(replica_id)`` reports a replica that died."""
 

@@ -45,6 +45,7 @@ class LocalBackend(Backend):
 
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaInfo:
         replica = Replica(spec)
+        replica.on_models_changed = lambda ids: self.on_models(spec.replica_id, ids)
         try:
             await replica.start()
         except Exception as exc:

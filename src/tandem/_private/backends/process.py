@@ -114,7 +114,13 @@ class ProcessBackend(Backend):
             )
         finally:
             theirs.close()
-        control = await peer_on_socket(ours, Peer(f"replica {spec.replica_id}"))
+        replica_id = spec.replica_id
+
+        def on_note(op: str, payload: Any) -> None:
+            if op == "models":
+                self.on_models(replica_id, payload)
+
+        control = await peer_on_socket(ours, Peer(f"replica {replica_id}", on_note=on_note))
         child = _Child(spec.replica_id, process, control)
         self._children[spec.replica_id] = child
         self._watch(child)
