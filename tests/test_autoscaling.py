@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
+import tandem as serve
 from tandem._private.autoscaling import AutoscalingPolicy
 from tandem._private.config import AutoscalingConfig
 
@@ -73,3 +77,63 @@ def test_look_back_window_averages_recent_samples() -> None:
     for t in range(10):
         policy.record(t, 10 if t < 5 else 2)
     assert policy.average_load() == 2.0  # only the last 5 s count
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+FAST_SCALING = {
+    "min_replicas": 0,
+    "max_replicas": 3,
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 0.3,
+    "downscale_delay_s": 0.8,
+    "look_back_period_s": 0.8,
+    "metrics_interval_s": 0.2,
+}
+
+
+@serve.deployment(max_ongoing_requests=2, autoscaling_config=FAST_SCALING)
+class Slow:
+    def __call__(self) -> str:
+        time.sleep(0.2)
+        return serve.get_replica_context().replica_id
+
+
+def _deployment(name: str = "Slow"):  # type: ignore[no-untyped-def]
+    return serve.status().applications["default"].deployments[name]
+
+
+def _wait_for(predicate, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_scales_from_zero_up_under_load_and_back_to_zero(backend: str) -> None:
+    handle = serve.run(Slow.bind(), backend=backend, route_prefix=None)
+    assert _deployment().running_replicas == 0, "min_replicas=0 starts with no replica"
+
+    # A request that arrives at zero replicas waits while one starts; it is not rejected.
+    assert handle.remote().result(timeout_s=15)
+
+    seen: set[str] = set()
+    stop = time.monotonic() + 3
+
+    def load() -> None:
+        while time.monotonic() < stop:
+            seen.add(handle.remote().result(timeout_s=15))
+
+    callers = [threading.Thread(target=load) for _ in range(6)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(seen) >= 2, "no scale-up under load"
+    assert "above target" in _deployment().last_scaling_decision
+
+    assert _wait_for(lambda: _deployment().running_replicas == 0), "no scale-down after idling"
+    assert _deployment().target_replicas == 0
+    assert "below target" in _deployment().last_scaling_decision

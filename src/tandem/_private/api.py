@@ -173,7 +173,7 @@ def _start(backend_name: str) -> Runtime:
         runtime.open()
 
         async def open_controller() -> Controller:
-            controller = Controller(backend, runtime.publish)
+            controller = Controller(backend, runtime.publish, queued=runtime.queued)
             await controller.open()
             return controller
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tandem._private.autoscaling import AutoscalingPolicy
 from tandem._private.backends.base import Backend, ReplicaStartError
 from tandem._private.context import DeploymentID
 from tandem._private.graph import ApplicationSpec, DeploymentSpec
@@ -40,6 +41,8 @@ logger = logging.getLogger("tandem")
 
 # A deployment whose replicas keep failing to start is marked failed after this many tries.
 MAX_START_ATTEMPTS = 3
+# Autoscaled deployments report their load at least this often (seconds).
+AUTOSCALE_SAMPLE_S = 0.5
 
 
 @dataclass
@@ -64,9 +67,23 @@ class DeploymentRecord:
     failed_starts: int = 0
     # Set once the deployment left its application: nothing may restart its replicas.
     removed: bool = False
+    # Autoscaling: the policy, the target it chose (None: the initial count), and timing.
+    autoscaler: AutoscalingPolicy | None = None
+    scaled_target: int | None = None
+    scaling: bool = False
+    next_sample: float = 0.0
+
+    def __post_init__(self) -> None:
+        auto = self.spec.options.autoscaling
+        if auto is not None and self.autoscaler is None:
+            self.autoscaler = AutoscalingPolicy(auto)
 
     @property
     def target(self) -> int:
+        if self.scaled_target is not None:
+            return self.scaled_target
+        if self.autoscaler is not None:
+            return self.spec.options.initial_replicas()  # may be 0: scale from zero on demand
         return max(1, self.spec.options.initial_replicas())
 
 
@@ -94,9 +111,11 @@ class Controller:
         backend: Backend,
         publish: Callable[[ReplicaSet], None],
         clock: Callable[[], float] = time.monotonic,
+        queued: Callable[[DeploymentID], int] = lambda _: 0,
     ) -> None:
         self.backend = backend
         self._publish_set = publish
+        self._queued = queued
         self._clock = clock
         self._apps: dict[str, ApplicationRecord] = {}
         self._lock = asyncio.Lock()
@@ -240,7 +259,11 @@ class Controller:
 
         jobs = [start(record, record.target, 0, True) for record in fresh]
         for prev, dspec in kept:
-            wanted = max(1, dspec.options.initial_replicas())
+            same_scaling = prev.spec.options.autoscaling == dspec.options.autoscaling
+            if prev.autoscaler is not None and same_scaling:
+                wanted = prev.target  # the autoscaler's choice stands
+            else:
+                wanted = DeploymentRecord(prev.id, dspec).target
             if wanted > len(prev.replicas):
                 record = DeploymentRecord(prev.id, dspec)
                 jobs.append(start(record, wanted - len(prev.replicas), len(prev.replicas), False))
@@ -273,6 +296,10 @@ class Controller:
         problems: list[str] = []
         for prev, dspec in kept:
             old_config = prev.spec.options.user_config
+            if prev.spec.options.autoscaling != dspec.options.autoscaling:
+                auto = dspec.options.autoscaling
+                prev.autoscaler = AutoscalingPolicy(auto) if auto is not None else None
+                prev.scaled_target = None
             prev.spec = dspec
             prev.replicas.extend(sorted(started.get(dspec.name, []), key=lambda r: r.rank))
             resized = bool(started.get(dspec.name)) or len(prev.replicas) > prev.target
@@ -463,11 +490,57 @@ class Controller:
                         and record.status == DeploymentState.UNHEALTHY
                     ):
                         self._in_background(self._refill(record))
+                    if record.autoscaler is not None and not record.scaling:
+                        if record.next_sample <= now:
+                            record.scaling = True
+                            self._in_background(self._autoscale(record))
+                        else:
+                            next_due = min(next_due, record.next_sample)
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.005, next_due - now))
             except asyncio.TimeoutError:
                 pass
+
+    async def _autoscale(self, record: DeploymentRecord) -> None:
+        """Sample the deployment's load, ask its policy, and scale if it says so."""
+        policy = record.autoscaler
+        assert policy is not None
+        try:
+            if record.replicas:
+                await asyncio.wait(
+                    [asyncio.ensure_future(self.backend.refresh(r.info)) for r in record.replicas],
+                    timeout=AUTOSCALE_SAMPLE_S,
+                )
+            in_flight = sum(
+                self.backend.describe(r.info).get("in_flight", 0) for r in record.replicas
+            )
+            now = self._clock()
+            policy.record(now, in_flight + self._queued(record.id))
+            target = policy.decide(now, record.target)
+            if target == record.target:
+                return
+            async with self._lock:
+                if self._closing or record.removed:
+                    return
+                logger.info(
+                    "Scaling %s from %d to %d replicas (%s).",
+                    record.id, record.target, target,
+                    policy.last_decision.reason if policy.last_decision else "",
+                )  # fmt: skip
+                record.scaled_target = target
+                if target > len(record.replicas):
+                    await self._start_missing(record, "scaling up")
+                elif target < len(record.replicas):
+                    record.replicas.sort(key=lambda r: r.rank)
+                    surplus = record.replicas[target:]
+                    del record.replicas[target:]
+                    self._publish(record)
+                    self._in_background(self._stop_replicas(surplus))
+        finally:
+            record.scaling = False
+            interval = min(policy.config.metrics_interval_s, AUTOSCALE_SAMPLE_S)
+            record.next_sample = self._clock() + interval
 
     async def _check(self, record: DeploymentRecord, replica: ReplicaRecord) -> None:
         options = record.spec.options
@@ -575,6 +648,11 @@ class Controller:
                     status=record.status,
                     message=record.message,
                     target_replicas=record.target,
+                    last_scaling_decision=(
+                        record.autoscaler.last_decision.reason
+                        if record.autoscaler is not None and record.autoscaler.last_decision
+                        else ""
+                    ),
                     running_replicas=states.get(ReplicaState.RUNNING, 0),
                     replica_states=states,
                     restarts=record.restarts,

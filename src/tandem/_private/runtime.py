@@ -119,6 +119,11 @@ class Runtime:
             self._directory.pop(replica_set.deployment_id, None)
             self._routers.pop(replica_set.deployment_id, None)
 
+    def queued(self, deployment_id: DeploymentID) -> int:
+        """Requests from this process waiting for a replica of the deployment."""
+        router = self._routers.get(deployment_id)
+        return router.queued if router is not None else 0
+
     def knows(self, deployment_id: DeploymentID) -> bool:
         return deployment_id in self._directory
 

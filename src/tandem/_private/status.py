@@ -46,6 +46,7 @@ class DeploymentStatus:
     replica_states: dict[str, int]
     restarts: int = 0
     replicas: tuple[ReplicaStatus, ...] = ()
+    last_scaling_decision: str = ""
 
 
 @dataclass(frozen=True)

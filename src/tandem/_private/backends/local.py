@@ -76,6 +76,9 @@ class LocalBackend(Backend):
         replica = _replica(info)
         return {"pid": os.getpid(), "in_flight": replica.in_flight, "stats": replica.stats}
 
+    async def refresh(self, info: ReplicaInfo) -> None:
+        pass  # describe() reads the replica directly
+
 
 def _replica(info: ReplicaInfo) -> Replica:
     replica = info.address
