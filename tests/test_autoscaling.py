@@ -137,3 +137,26 @@ def test_scales_from_zero_up_under_load_and_back_to_zero(backend: str) -> None:
     assert _wait_for(lambda: _deployment().running_replicas == 0), "no scale-down after idling"
     assert _deployment().target_replicas == 0
     assert "below target" in _deployment().last_scaling_decision
+
+
+@serve.deployment(autoscaling_config=FAST_SCALING)
+class Model:
+    def __call__(self, x: int) -> int:
+        return x * 10
+
+
+@serve.deployment
+class Front:
+    def __init__(self, model: serve.DeploymentHandle) -> None:
+        self.model = model
+
+    async def __call__(self, x: int) -> int:
+        return await self.model.remote(x)
+
+
+def test_a_call_from_another_deployment_scales_a_deployment_up_from_zero(backend: str) -> None:
+    # The waiting request sits in Front's router (in Front's process on the process
+    # backend); the autoscaler must see it there.
+    handle = serve.run(Front.bind(Model.bind()), backend=backend, route_prefix=None)
+    assert _deployment("Model").running_replicas == 0
+    assert handle.remote(4).result(timeout_s=15) == 40

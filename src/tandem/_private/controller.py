@@ -516,7 +516,8 @@ class Controller:
                 self.backend.describe(r.info).get("in_flight", 0) for r in record.replicas
             )
             now = self._clock()
-            policy.record(now, in_flight + self._queued(record.id))
+            queued = self._queued(record.id) + self.backend.queued(record.id)
+            policy.record(now, in_flight + queued)
             target = policy.decide(now, record.target)
             if target == record.target:
                 return

@@ -124,6 +124,10 @@ class Runtime:
         router = self._routers.get(deployment_id)
         return router.queued if router is not None else 0
 
+    def all_queued(self) -> dict[DeploymentID, int]:
+        """Waiting requests per deployment, for the deployments that have any."""
+        return {key: r.queued for key, r in self._routers.items() if r.queued}
+
     def knows(self, deployment_id: DeploymentID) -> bool:
         return deployment_id in self._directory
 

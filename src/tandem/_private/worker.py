@@ -22,6 +22,9 @@ from typing import Any
 
 logger = logging.getLogger("tandem.worker")
 
+# How often a replica process tells the driver about requests waiting in its routers.
+QUEUE_REPORT_S = 0.2
+
 
 def _die_with_parent(parent: int) -> None:
     """Ask Linux to kill us if the driver dies, even by SIGKILL (best effort elsewhere)."""
@@ -52,7 +55,9 @@ class _Worker:
         control = Peer("the driver", on_call=self._control, on_note=self._note)
         self._peers.add(control)
         await peer_on_socket(sock, control)
+        reporting = asyncio.ensure_future(self._report_queues(control))
         await control.closed.wait()
+        reporting.cancel()
         if self.exit_code is None:  # the driver went away without a word
             os._exit(0)
 
@@ -84,6 +89,18 @@ class _Worker:
             asyncio.get_running_loop().call_later(0.05, self.done.set)
             return None
         raise ValueError(f"Unknown control request {op!r}.")
+
+    async def _report_queues(self, control: Any) -> None:
+        """Tell the driver how many requests wait here for each deployment (autoscaling)."""
+        from tandem._private.runtime import get_runtime
+
+        last: dict[Any, int] = {}
+        while True:
+            await asyncio.sleep(QUEUE_REPORT_S)
+            queued = get_runtime().all_queued()
+            if queued != last:
+                control.note("queued", queued)
+                last = queued
 
     def report(self) -> dict[str, Any]:
         return {"in_flight": self.replica.in_flight, "stats": self.replica.stats}

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from tandem._private.context import DeploymentID
 from tandem._private.replica import ReplicaSpec
 from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet
 
@@ -66,6 +67,10 @@ class Backend(ABC):
 
     def publish(self, replica_set: ReplicaSet) -> None:  # noqa: B027
         """A deployment's replica set changed: pass it on to replicas elsewhere."""
+
+    def queued(self, deployment_id: DeploymentID) -> int:
+        """Requests waiting for the deployment in routers of replicas elsewhere."""
+        return 0
 
     async def refresh(self, info: ReplicaInfo) -> None:  # noqa: B027
         """Update what :meth:`describe` knows of a replica kept elsewhere."""

@@ -55,6 +55,8 @@ class ProcessBackend(Backend):
     def __init__(self, resources: Resources | None = None) -> None:
         self._resources = resources
         self._children: dict[str, _Child] = {}
+        # Requests waiting in replica processes' routers, per process and deployment.
+        self._queued: dict[str, dict[DeploymentID, int]] = {}
         self._directory: dict[DeploymentID, ReplicaSet] = {}
         self._dir = ""
         self._ids = itertools.count()
@@ -119,6 +121,8 @@ class ProcessBackend(Backend):
         def on_note(op: str, payload: Any) -> None:
             if op == "models":
                 self.on_models(replica_id, payload)
+            elif op == "queued":
+                self._queued[replica_id] = payload
 
         control = await peer_on_socket(ours, Peer(f"replica {replica_id}", on_note=on_note))
         child = _Child(spec.replica_id, process, control)
@@ -180,6 +184,7 @@ class ProcessBackend(Backend):
                 self._on_exit(child.replica_id)
 
     def _forget(self, child: _Child) -> None:
+        self._queued.pop(child.replica_id, None)
         if self._children.get(child.replica_id) is child:
             del self._children[child.replica_id]
         if self._resources is not None:
@@ -238,6 +243,9 @@ class ProcessBackend(Backend):
             self._directory[replica_set.deployment_id] = replica_set
         for child in self._children.values():
             child.control.note("publish", replica_set)
+
+    def queued(self, deployment_id: DeploymentID) -> int:
+        return sum(counts.get(deployment_id, 0) for counts in self._queued.values())
 
     def describe(self, info: ReplicaInfo) -> dict[str, Any]:
         child = self._children.get(info.replica_id)
