@@ -165,12 +165,8 @@ class Runtime:
             routed = await router.assign(meta, avoid=tried)
             try:
                 return await routed.connection.call(meta, args, kwargs)
-            except ReplicaNotReached:
-                # It never started there: another replica may take it.
-                tried.add(routed.info.replica_id)
-                if len(tried) >= MAX_ATTEMPTS:
-                    raise
-                await asyncio.sleep(RETRY_DELAY_S * len(tried))
+            except ReplicaNotReached as error:
+                await _before_retry(tried, routed.info.replica_id, error)
             finally:
                 router.release(routed)
 
@@ -195,15 +191,20 @@ class Runtime:
                     started = True
                     yield item
                 return
-            except ReplicaNotReached:
+            except ReplicaNotReached as error:
                 if started:
                     raise
-                tried.add(routed.info.replica_id)
-                if len(tried) >= MAX_ATTEMPTS:
-                    raise
-                await asyncio.sleep(RETRY_DELAY_S * len(tried))
+                await _before_retry(tried, routed.info.replica_id, error)
             finally:
                 router.release(routed)
+
+
+async def _before_retry(tried: set[str], replica_id: str, error: ReplicaNotReached) -> None:
+    """A request never started on ``replica_id``: back off, or give up after MAX_ATTEMPTS."""
+    tried.add(replica_id)
+    if len(tried) >= MAX_ATTEMPTS:
+        raise error
+    await asyncio.sleep(RETRY_DELAY_S * len(tried))
 
 
 async def resolve_arguments(
