@@ -1,9 +1,11 @@
 """Dynamic batching: a vectorised NumPy model with @batch vs without, 32 callers.
 
-The model runs 1000 tiny dense layers (16 x 16): most of a call is per-operation
-overhead, which a batch pays once for all its calls (as with GPU kernel launches). Without batching each
-call does one matrix-vector product; with @batch, calls that arrive together
-become one matrix-matrix product (target: >= 5x the calls/s).
+The model runs 1000 tiny dense layers (16 x 16), so most of a call is
+per-operation overhead, which a batch pays once for all its calls (as GPU
+kernel launches are). Without batching each call does one matrix-vector
+product per layer; with @batch, calls that arrive together share one
+matrix-matrix product per layer (target: >= 5x the calls/s). The load comes
+from a deployment in the same application (32 concurrent callers).
 Usage: python benchmarks/batching.py [--backend process] [--seconds 5]
 """
 
