@@ -194,7 +194,6 @@ class Router:
             if candidates:
                 chosen = self._policy.choose(candidates, meta)
                 chosen.in_flight += 1
-                self._wake(1)
                 return chosen
             # Lost the race; go round and queue again at the back.
 
@@ -216,9 +215,13 @@ class Router:
         self._wake(1)
 
     def _wake(self, count: int) -> None:
-        for waiter in list(self._queue)[:count] if count else ():
+        """Wake the first ``count`` waiters not woken yet (one per free place)."""
+        for waiter in self._queue:
+            if count <= 0:
+                return
             if not waiter.done():
                 waiter.set_result(None)
+                count -= 1
 
     def _raise_if_gone(self) -> None:
         state = self._replica_set.state
