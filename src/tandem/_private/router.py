@@ -114,7 +114,7 @@ class Router:
         self._replicas: dict[str, RoutedReplica] = {}
         self._replica_set = ReplicaSet(deployment_id)
         self._known = False
-        self._queue: deque[asyncio.Future[None]] = deque()
+        self._queue: deque[asyncio.Future[RoutedReplica | None]] = deque()
 
     @property
     def queued(self) -> int:
@@ -178,17 +178,25 @@ class Router:
                     f"{self.deployment_id.app_name!r} has {len(self._queue)} requests queued "
                     f"(max_queued_requests={limit}); retry later or raise the limit."
                 )
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiter: asyncio.Future[RoutedReplica | None] = (
+                asyncio.get_running_loop().create_future()
+            )
             self._queue.append(waiter)
             try:
-                await waiter
+                handed = await waiter
             except asyncio.CancelledError:
                 self._queue.remove(waiter)
                 if waiter.done() and not waiter.cancelled():
-                    self._wake(1)  # woken but leaving: pass the free place on
+                    given = waiter.result()
+                    if given is not None:
+                        self.release(given)  # handed a place but leaving: pass it on
+                    else:
+                        self._wake(1)
                 raise
             self._queue.remove(waiter)
-            # Woken: the head of the queue gets the first free place.
+            if handed is not None:
+                return handed  # a finishing request handed its place straight to us
+            # Woken because the replica set changed: look again.
             self._raise_if_gone()
             candidates = [r for r in self._replicas.values() if r.has_room]
             if candidates:
@@ -210,12 +218,19 @@ class Router:
 
     def release(self, routed: RoutedReplica) -> None:
         routed.in_flight -= 1
-        if routed.retired and not routed.in_flight:
+        if not routed.retired and routed.has_room:
+            # Hand the place to the first waiter directly: no race, no extra look.
+            for waiter in self._queue:
+                if not waiter.done():
+                    routed.in_flight += 1
+                    waiter.set_result(routed)
+                    return
+        elif routed.retired and not routed.in_flight:
             routed.connection.close()
         self._wake(1)
 
     def _wake(self, count: int) -> None:
-        """Wake the first ``count`` waiters not woken yet (one per free place)."""
+        """Wake the first ``count`` waiters not woken yet, to look at the replicas again."""
         for waiter in self._queue:
             if count <= 0:
                 return
