@@ -898,3 +898,21 @@ def test_handle_passed_into_deployment_is_usable(backend: str) -> None:
     target = serve.run(Target.bind(), backend=backend, name="target", route_prefix=None)
     relay = serve.run(Relay.bind(), backend=backend, name="relay", route_prefix=None)
     assert tuple(relay.remote(target, 4).result(timeout_s=5)) == ("DeploymentHandle", -4)
+
+
+def test_to_object_ref_without_ray_says_what_to_install(backend: str) -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("Ray is installed: _to_object_ref works on it")
+
+    @serve.deployment
+    class Hi:
+        def __call__(self) -> str:
+            return "hi"
+
+    handle = serve.run(Hi.bind(), name="objref", route_prefix=None, backend=backend)
+    with pytest.raises(ImportError, match=r"tandem-serve\[ray\]"):
+        handle.remote()._to_object_ref_sync()
