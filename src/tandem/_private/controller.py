@@ -387,6 +387,7 @@ class Controller:
             options=record.spec.options,
             rank=rank,
             world_size=record.target,
+            serves_http=self._serves_http(record.id),
         )
         try:
             info = await self.backend.start_replica(spec)
@@ -399,6 +400,14 @@ class Controller:
             info,
             graceful_shutdown_timeout_s=options.graceful_shutdown_timeout_s,
             next_health_check=self._clock() + options.health_check_period_s,
+        )
+
+    def _serves_http(self, deployment: DeploymentID) -> bool:
+        app = self._apps.get(deployment.app_name)
+        return (
+            app is not None
+            and app.spec.ingress == deployment.name
+            and app.spec.route_prefix is not None
         )
 
     async def _stop_replicas(

@@ -59,6 +59,7 @@ class ReplicaSpec:
     options: DeploymentOptions
     rank: int = 0
     world_size: int = 1
+    serves_http: bool = False  # the ingress of an application with a route prefix
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,8 @@ class Replica:
         """Construct the user's object and apply its user_config; raises what they raise."""
         self._loop = asyncio.get_running_loop()
         self._workers = WorkerThreads(self._capacity + 1, f"tandem-{self.name}")
+        if self.spec.serves_http:
+            _http_bridge()  # import the HTTP side now, not during the first request
         if self._is_function:
             self._obj = self.spec.target
         else:
