@@ -12,8 +12,6 @@ from tandem._private.errors import ReplicaNotReached
 from tandem._private.peer import Peer, open_peer
 from tandem._private.router import ReplicaInfo
 
-ReplicaUnreachable = ReplicaNotReached
-
 
 @dataclass(frozen=True)
 class ProcessAddress:
@@ -39,7 +37,7 @@ class ProcessConnection:
         if peer is not None and peer.is_open:
             return peer
         if peer is not None:
-            raise ReplicaUnreachable(f"Replica {self.replica_id} is gone.")
+            raise ReplicaNotReached(f"Replica {self.replica_id} is gone.")
         if self._opening is None:
             self._opening = asyncio.ensure_future(self._connect())
         return await asyncio.shield(self._opening)
@@ -49,7 +47,7 @@ class ProcessConnection:
             self._peer = await open_peer(self._path, f"replica {self.replica_id}")
         except OSError as exc:
             self._opening = None
-            raise ReplicaUnreachable(
+            raise ReplicaNotReached(
                 f"Cannot reach replica {self.replica_id}: {exc.strerror or exc}."
             ) from None
         return self._peer
@@ -59,7 +57,7 @@ class ProcessConnection:
     ) -> Any:
         peer = await self._open()
         if not peer.is_open:
-            raise ReplicaUnreachable(f"Replica {self.replica_id} is gone.")
+            raise ReplicaNotReached(f"Replica {self.replica_id} is gone.")
         return await peer.call("call", (meta, args, kwargs))
 
     async def stream(
@@ -67,7 +65,7 @@ class ProcessConnection:
     ) -> AsyncGenerator[Any, None]:
         peer = await self._open()
         if not peer.is_open:
-            raise ReplicaUnreachable(f"Replica {self.replica_id} is gone.")
+            raise ReplicaNotReached(f"Replica {self.replica_id} is gone.")
         source = peer.stream("stream", (meta, args, kwargs))
         try:
             async for item in source:
