@@ -359,7 +359,6 @@ class DeploymentResponseGenerator:
 
     def __init__(self, runtime: Runtime, source: AsyncIterator[Any]) -> None:
         self._runtime = runtime
-        self._source = source
         self._pump: _Pump | None = None
         self._closed = False
         if runtime.on_loop_thread():

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tandem._private.queues import drain
 from tandem._private.replica import current_replica
 
 
@@ -258,12 +259,7 @@ def batch(
                 request.items = asyncio.Queue()
                 queue_for(owner).submit(request)
                 try:
-                    while True:
-                        item = await request.items.get()
-                        if item is _END:
-                            return
-                        if isinstance(item, BaseException):
-                            raise item
+                    async for item in drain(request.items, _END):
                         yield item
                 finally:
                     request.done = True

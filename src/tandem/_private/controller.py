@@ -640,16 +640,18 @@ class Controller:
         for name, app in self._apps.items():
             deployments = {}
             for dname, record in app.deployments.items():
-                replicas = tuple(
-                    ReplicaStatus(
-                        replica_id=r.replica_id,
-                        state=r.state,
-                        rank=r.rank,
-                        pid=self.backend.describe(r.info).get("pid"),
-                        in_flight=self.backend.describe(r.info).get("in_flight", 0),
+                replicas = []
+                for r in record.replicas:
+                    facts = self.backend.describe(r.info)
+                    replicas.append(
+                        ReplicaStatus(
+                            replica_id=r.replica_id,
+                            state=r.state,
+                            rank=r.rank,
+                            pid=facts.get("pid"),
+                            in_flight=facts.get("in_flight", 0),
+                        )
                     )
-                    for r in record.replicas
-                )
                 states: dict[str, int] = {}
                 for r in record.replicas:
                     states[r.state] = states.get(r.state, 0) + 1
@@ -666,7 +668,7 @@ class Controller:
                     running_replicas=states.get(ReplicaState.RUNNING, 0),
                     replica_states=states,
                     restarts=record.restarts,
-                    replicas=replicas,
+                    replicas=tuple(replicas),
                 )
             app_status = app.status
             if app_status == ApplicationState.RUNNING and any(

@@ -136,12 +136,14 @@ def deployment(_func_or_class: Any = None, **options: Any) -> Any:
     ``graceful_shutdown_wait_loop_s``, ``graceful_shutdown_timeout_s``, ``logging_config``.
     """
 
-    def wrap(target: Any) -> Deployment[Any]:
+    if _func_or_class is not None:
+        target = _func_or_class
         owner = f"deployment {options.get('name') or getattr(target, '__name__', '?')!r}"
         return Deployment(target, validate_options(options, owner=owner))
+    # Validate once, now, so a bad option fails at the decorator line.
+    validated = validate_options(options, owner=f"deployment {options.get('name') or '?'!r}")
 
-    if _func_or_class is not None:
-        return wrap(_func_or_class)
-    # Validate now so a bad option fails at the decorator line, not at first use.
-    validate_options(options, owner=f"deployment {options.get('name', '')!r}".replace(" ''", ""))
+    def wrap(target: Any) -> Deployment[Any]:
+        return Deployment(target, validated)
+
     return wrap

@@ -19,6 +19,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from tandem._private.queues import drain
 from tandem._private.replica import HTTP_METHOD
 
 __all__ = ["HTTP_METHOD", "HTTPRequestData", "serve_http", "to_response"]
@@ -156,13 +157,8 @@ async def _run_asgi(
 
     task = asyncio.create_task(run())
     try:
-        while True:
-            item = await sent.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        async for message in drain(sent, _END):
+            yield message
     finally:
         channel.disconnected.set()
         if not task.done():
