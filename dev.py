@@ -2,10 +2,11 @@
 """Project tasks that work on a fresh machine with only Python and pip.
 
     python3 dev.py serve   serve examples/hello.py on http://127.0.0.1:8000
-    python3 dev.py test    run the whole test suite
+    python3 dev.py test    run the whole test suite (arguments go to pytest)
 
 Each task first makes sure ``.venv`` exists and has tandem installed (editable,
-with its development extras); it reinstalls only when pyproject.toml changed.
+with its development extras and the ray extra, so the suite also runs on the
+ray backend); it reinstalls only when pyproject.toml changed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def ensure_venv() -> None:
     print("Installing tandem and its development dependencies into .venv ...", flush=True)
     pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[dev,ray]"], check=True)
     STAMP.write_text(wanted)
 
 
@@ -51,6 +52,10 @@ def main() -> int:
     if task == "serve":
         command = [str(BIN / "tandem"), "run", "hello:language_classifier", *rest]
         return subprocess.call(command, cwd=ROOT / "examples", env=env)
+    if not rest:
+        # The whole suite, in two workers; every test on the ray backend goes to one
+        # of them (it shares one local Ray), the rest to whichever is free.
+        rest = ["-n", "2", "--dist", "loadgroup"]
     return subprocess.call([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT, env=env)
 
 

@@ -2,10 +2,18 @@
 
 Tests that must behave the same on every backend take the ``backend`` fixture
 and pass it to ``tandem.run(..., backend=backend)``; they run once per backend.
+Tests of replicas in other processes (crashes, health checks, redeploys, ...)
+take ``remote_backend``: the process backend, and the ray backend when it runs.
+
+The ray backend runs when Ray is installed (``pip install -e .[ray]``; the
+test command installs it). The suite starts one local Ray for the whole session
+with 16 logical CPUs, so a small machine does not hold back actor scheduling.
+$TANDEM_TEST_BACKENDS (e.g. ``local,process``) picks the backends explicitly.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 
@@ -13,19 +21,58 @@ import pytest
 
 import tandem
 
-# Backends the shared suite runs on; later backends join this list.
-BACKENDS = [b for b in os.environ.get("TANDEM_TEST_BACKENDS", "local,process").split(",") if b]
+RAY_INSTALLED = importlib.util.find_spec("ray") is not None
+_DEFAULT_BACKENDS = "local,process,ray" if RAY_INSTALLED else "local,process"
+BACKENDS = [b for b in os.environ.get("TANDEM_TEST_BACKENDS", _DEFAULT_BACKENDS).split(",") if b]
+REMOTE_BACKENDS = [b for b in BACKENDS if b in ("process", "ray")]
+RAY_CPUS = 16
+
+
+def _start_ray_once() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=RAY_CPUS,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+            resources={"tandem_test_slot": 4},  # for tests of ray_actor_options.resources
+        )
+
+
+@pytest.fixture
+def local_ray() -> None:
+    """The session's local Ray (started on first use)."""
+    _start_ray_once()
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+    name = str(request.param)
+    if name == "ray":
+        _start_ray_once()
+    return name
+
+
+@pytest.fixture(params=REMOTE_BACKENDS)
+def remote_backend(request: pytest.FixtureRequest) -> str:
+    name = str(request.param)
+    if name == "ray":
+        _start_ray_once()
+    return name
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _http_on_a_free_port() -> None:
+def _http_on_a_free_port() -> Iterator[None]:
     """Applications with a route prefix serve HTTP; tests take a free port, never 8000."""
     tandem.start(http_options={"port": 0})
+    yield
+    if RAY_INSTALLED:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 @pytest.fixture(autouse=True)
@@ -33,3 +80,15 @@ def _clean_tandem() -> Iterator[None]:
     """No test sees applications from another, and none leaks a runtime."""
     yield
     tandem.shutdown()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, every test on the ray backend runs in one worker (one Ray)."""
+    for item in items:
+        params = getattr(item, "callspec", None)
+        on_ray = params is not None and "ray" in (
+            params.params.get("backend"),
+            params.params.get("remote_backend"),
+        )
+        if on_ray or item.path.name == "test_ray.py":
+            item.add_marker(pytest.mark.xdist_group("ray"))

@@ -24,9 +24,7 @@ def _tool(name: str) -> str:
 
 @pytest.mark.timeout(300)
 def test_mypy_strict_passes() -> None:
-    result = subprocess.run(
-        [_tool("mypy")], cwd=ROOT, capture_output=True, text=True, timeout=280
-    )
+    result = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -1,4 +1,5 @@
-"""The ``process`` backend: every replica is a child process of the driver.
+"""Replicas in other processes: the ``process`` backend, and the ``ray`` backend where
+its semantics match (tests taking ``remote_backend``).
 
 Covers: replicas that die (kill -9, segfault, ``os._exit``) are noticed and
 replaced while their in-flight requests fail promptly; failing health checks
@@ -9,7 +10,7 @@ rolling redeploys without failed requests; no replica outlives its driver;
 and CPU accounting; status() facts about replica processes; classes defined
 in a function and large payloads across processes; streaming across processes.
 
-Every test uses ``backend="process"`` explicitly and bounds its waits with deadlines.
+Every test names its backend explicitly and bounds its waits with deadlines.
 """
 
 from __future__ import annotations
@@ -130,6 +131,23 @@ def _no_worker_children(timeout: float = 3.0) -> list[int]:
     return _worker_children()
 
 
+def _leftover_replicas(backend: str, timeout: float = 3.0) -> list[Any]:
+    """Wait until no replica of this driver is alive; returns those still alive.
+
+    Process backend: replica processes that are children of this test. Ray backend:
+    live replica actors (tandem names them ``tandem:<replica id>``).
+    """
+    if backend == "process":
+        return _no_worker_children(timeout)
+    import ray
+
+    def alive() -> list[str]:
+        return [n for n in ray.util.list_named_actors() if str(n).startswith("tandem:")]
+
+    _wait_for(lambda: not alive(), timeout)
+    return alive()
+
+
 def _reap_leftover_replicas() -> None:
     """Kill and reap replica processes tandem lost track of (after a bug), so that their
     unreaped Popen objects do not raise ResourceWarnings in later tests."""
@@ -175,8 +193,10 @@ class Fragile:
 
 
 @pytest.mark.parametrize("how", ["sigkill", "segfault", "os_exit"])
-def test_dead_replica_is_replaced_and_in_flight_requests_fail(how: str) -> None:
-    handle = serve.run(Fragile.bind(), name="fragile", route_prefix=None, backend="process")
+def test_dead_replica_is_replaced_and_in_flight_requests_fail(
+    how: str, remote_backend: str
+) -> None:
+    handle = serve.run(Fragile.bind(), name="fragile", route_prefix=None, backend=remote_backend)
     old_pid = handle.pid.remote().result(timeout_s=10)
     assert old_pid != os.getpid()
     assert _status_pids("fragile", "Fragile") == [old_pid]
@@ -239,8 +259,8 @@ class Sickly:
 
 
 @pytest.mark.parametrize("mode", ["raise", "timeout"])
-def test_failing_health_check_replaces_the_replica(mode: str) -> None:
-    handle = serve.run(Sickly.bind(mode), name="sickly", route_prefix=None, backend="process")
+def test_failing_health_check_replaces_the_replica(mode: str, remote_backend: str) -> None:
+    handle = serve.run(Sickly.bind(mode), name="sickly", route_prefix=None, backend=remote_backend)
     old_pid = handle.pid.remote().result(timeout_s=10)
     time.sleep(0.5)  # several healthy checks: nothing is replaced
     assert _deployment_status("sickly", "Sickly").restarts == 0
@@ -271,8 +291,8 @@ class Collector:
         return os.getpid()
 
 
-def test_replica_survives_garbage_collection() -> None:
-    handle = serve.run(Collector.bind(), name="gc", route_prefix=None, backend="process")
+def test_replica_survives_garbage_collection(remote_backend: str) -> None:
+    handle = serve.run(Collector.bind(), name="gc", route_prefix=None, backend=remote_backend)
     pid = handle.collect.remote().result(timeout_s=10)
     time.sleep(1.2)  # several health checks
     status = _deployment_status("gc", "Collector")
@@ -282,7 +302,8 @@ def test_replica_survives_garbage_collection() -> None:
     started = time.monotonic()
     serve.shutdown()
     assert time.monotonic() - started < 2.0
-    assert not _alive(pid)
+    # A process is gone when shutdown() returns; a Ray actor's process a moment later.
+    assert _wait_for(lambda: not _alive(pid), 0 if remote_backend == "process" else 5.0)
 
 
 # --------------------------------------------------------------------------
@@ -309,7 +330,9 @@ class ExplodingParent:
     ["all", "rank0"],
     ids=["every-replica-raises", "one-replica-raises"],
 )
-def test_constructor_that_raises_fails_run_and_leaves_no_process(which: str) -> None:
+def test_constructor_that_raises_fails_run_and_leaves_no_process(
+    which: str, remote_backend: str
+) -> None:
     started = time.monotonic()
     try:
         with pytest.raises(DeploymentFailedError) as info:
@@ -317,7 +340,7 @@ def test_constructor_that_raises_fails_run_and_leaves_no_process(which: str) -> 
                 ExplodingParent.bind(Leaf.bind(), which),
                 name="exploding",
                 route_prefix=None,
-                backend="process",
+                backend=remote_backend,
             )
         assert time.monotonic() - started < 15
         message = str(info.value)
@@ -328,8 +351,8 @@ def test_constructor_that_raises_fails_run_and_leaves_no_process(which: str) -> 
         assert "__init__" in message  # the frame of the original traceback
         assert "exploding" not in serve.status().applications
         time.sleep(0.7)  # a replica that was still starting has had time to finish
-        leftover = _no_worker_children()
-        assert leftover == [], f"replica processes left behind: {leftover}"
+        leftover = _leftover_replicas(remote_backend)
+        assert leftover == [], f"replicas left behind: {leftover}"
     finally:
         _reap_leftover_replicas()
 
@@ -347,9 +370,13 @@ class OnlyOnce:
         return os.getpid()
 
 
-def test_constructor_failing_on_restart_marks_deployment_failed(tmp_path: Path) -> None:
+def test_constructor_failing_on_restart_marks_deployment_failed(
+    tmp_path: Path, remote_backend: str
+) -> None:
     marker = str(tmp_path / "built")
-    handle = serve.run(OnlyOnce.bind(marker), name="once", route_prefix=None, backend="process")
+    handle = serve.run(
+        OnlyOnce.bind(marker), name="once", route_prefix=None, backend=remote_backend
+    )
     pid = handle.pid.remote().result(timeout_s=10)
     os.kill(pid, signal.SIGKILL)
 
@@ -371,7 +398,7 @@ def test_constructor_failing_on_restart_marks_deployment_failed(tmp_path: Path) 
     assert "RuntimeError" in status.message
     assert serve.status().applications["once"].status != "RUNNING"
     # Nothing keeps retrying, and requests fail instead of waiting forever.
-    assert _no_worker_children() == []
+    assert _leftover_replicas(remote_backend) == []
     with pytest.raises(TandemError):
         handle.pid.remote().result(timeout_s=5)
 
@@ -394,8 +421,10 @@ class Versioned:
         return os.getpid()
 
 
-def test_redeploy_with_new_args_fails_no_request() -> None:
-    handle = serve.run(Versioned.bind("v1"), name="versioned", route_prefix=None, backend="process")
+def test_redeploy_with_new_args_fails_no_request(remote_backend: str) -> None:
+    handle = serve.run(
+        Versioned.bind("v1"), name="versioned", route_prefix=None, backend=remote_backend
+    )
     assert handle.get.remote().result(timeout_s=10) == "v1"
     old_pids = _status_pids("versioned", "Versioned")
 
@@ -415,7 +444,7 @@ def test_redeploy_with_new_args_fails_no_request() -> None:
         thread.start()
     try:
         time.sleep(0.3)
-        serve.run(Versioned.bind("v2"), name="versioned", route_prefix=None, backend="process")
+        serve.run(Versioned.bind("v2"), name="versioned", route_prefix=None, backend=remote_backend)
         time.sleep(0.5)
     finally:
         stop.set()
@@ -545,8 +574,8 @@ class Narrow:
         return "ok"
 
 
-def test_max_queued_requests_rejects_extra_callers_with_backpressure() -> None:
-    handle = serve.run(Narrow.bind(), name="narrow", route_prefix="/narrow", backend="process")
+def test_max_queued_requests_rejects_extra_callers_with_backpressure(remote_backend: str) -> None:
+    handle = serve.run(Narrow.bind(), name="narrow", route_prefix="/narrow", backend=remote_backend)
     assert handle.slow.remote(0).result(timeout_s=10) == "ok"
 
     # Through a handle: one runs, one waits, the others are refused at once.
@@ -624,12 +653,14 @@ class FanOut:
         return {"answers": len(a) + len(b), "target_pids": sorted(set(a + b)), "callers": pids}
 
 
-def test_max_ongoing_requests_holds_at_the_replica_with_several_callers() -> None:
+def test_max_ongoing_requests_holds_at_the_replica_with_several_callers(
+    remote_backend: str,
+) -> None:
     target = Guarded.bind()
     app = FanOut.bind(
         Caller.options(name="CallerA").bind(target), Caller.options(name="CallerB").bind(target)
     )
-    handle = serve.run(app, name="strict", route_prefix=None, backend="process")
+    handle = serve.run(app, name="strict", route_prefix=None, backend=remote_backend)
     direct = serve.get_deployment_handle("Guarded", app_name="strict")
 
     fanned = handle.go.remote(6)
@@ -741,12 +772,15 @@ def test_cpu_oversubscription_warns_but_serves(
 # --------------------------------------------------------------------------
 
 
-def test_status_shows_replica_processes() -> None:
+def test_status_shows_replica_processes(remote_backend: str) -> None:
     handle = serve.run(
-        Fragile.options(num_replicas=2).bind(), name="shown", route_prefix=None, backend="process"
+        Fragile.options(num_replicas=2).bind(),
+        name="shown",
+        route_prefix=None,
+        backend=remote_backend,
     )
     status = serve.status()
-    assert status.backend == "process"
+    assert status.backend == remote_backend
     app = status.applications["shown"]
     assert app.status == "RUNNING"
     deployment = app.deployments["Fragile"]
@@ -761,7 +795,8 @@ def test_status_shows_replica_processes() -> None:
     assert len(set(pids)) == 2
     assert all(_alive(p) for p in pids)
     assert _pids_until(handle, 2) == set(pids)
-    assert set(pids) <= set(_worker_children())
+    if remote_backend == "process":
+        assert set(pids) <= set(_worker_children())
     # As JSON, too.
     as_dict = status.to_dict()
     listed = as_dict["applications"]["shown"]["deployments"]["Fragile"]["replicas"]
@@ -773,7 +808,7 @@ def test_status_shows_replica_processes() -> None:
 # --------------------------------------------------------------------------
 
 
-def test_local_classes_and_large_payloads_cross_processes() -> None:
+def test_local_classes_and_large_payloads_cross_processes(remote_backend: str) -> None:
     @dataclasses.dataclass
     class Parcel:
         data: bytes
@@ -804,7 +839,9 @@ def test_local_classes_and_large_payloads_cross_processes() -> None:
         async def pids(self) -> list[int]:
             return [os.getpid(), await self.inner.pid.remote()]
 
-    handle = serve.run(Outer.bind(Inner.bind()), name="local", route_prefix=None, backend="process")
+    handle = serve.run(
+        Outer.bind(Inner.bind()), name="local", route_prefix=None, backend=remote_backend
+    )
     pids = handle.pids.remote().result(timeout_s=10)
     assert len(set(pids + [os.getpid()])) == 3  # driver, Outer and Inner: three processes
 
@@ -890,9 +927,9 @@ def _arrival_times(handle: DeploymentHandle, method: str) -> list[float]:
     return times
 
 
-def test_streams_cross_processes_item_by_item_and_stop_when_closed() -> None:
+def test_streams_cross_processes_item_by_item_and_stop_when_closed(remote_backend: str) -> None:
     relay = serve.run(
-        Relay.bind(Source.bind()), name="streams", route_prefix=None, backend="process"
+        Relay.bind(Source.bind()), name="streams", route_prefix=None, backend=remote_backend
     )
     source = serve.get_deployment_handle("Source", app_name="streams")
 

@@ -115,7 +115,9 @@ class DeploymentHandle:
             return DeploymentResponseGenerator(
                 runtime, runtime.stream(self._id, meta, args, kwargs, pending)
             )
-        return DeploymentResponse(runtime, runtime.call(self._id, meta, args, kwargs, pending))
+        return DeploymentResponse(
+            runtime, runtime.call(self._id, meta, args, kwargs, pending), meta
+        )
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
@@ -170,6 +172,7 @@ class DeploymentResponse:
         "_cancelled",
         "_finished",
         "_latch",
+        "_meta",
         "_outcome",
         "_pending",
         "_runner",
@@ -178,8 +181,14 @@ class DeploymentResponse:
         "_task",
     )
 
-    def __init__(self, runtime: Runtime, coro: Coroutine[Any, Any, Any]) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        coro: Coroutine[Any, Any, Any],
+        meta: RequestMetadata | None = None,
+    ) -> None:
         self._runtime = runtime
+        self._meta = meta
         self._task: asyncio.Task[Any] | None = None
         self._cancelled = False
         self._pending: Coroutine[Any, Any, Any] | None = None
@@ -328,13 +337,57 @@ class DeploymentResponse:
         return RequestCancelledError("The request was cancelled.")
 
     async def _to_object_ref(self) -> Any:
-        """The result as a Ray ObjectRef (``ray.put``); needs the ``ray`` extra."""
+        """The result as a Ray ObjectRef; needs the ``ray`` extra.
+
+        On the ray backend this is the replica actor's own ObjectRef, which a Ray
+        task can take before the result exists; elsewhere the result is ``ray.put``.
+        """
         ray = _import_ray()
+        if self._runtime.backend_name == "ray":
+            ref = await self._replica_object_ref()
+            if ref is not None:
+                return ref
         return ray.put(await self)
 
     def _to_object_ref_sync(self) -> Any:
+        """:meth:`_to_object_ref` for code that is not async."""
         ray = _import_ray()
+        _refuse_blocking_on_loop("DeploymentResponse._to_object_ref_sync()")
+        if self._runtime.backend_name == "ray":
+            ref = self._runtime.run_sync(self._replica_object_ref())
+            if ref is not None:
+                return ref
         return ray.put(self.result())
+
+    async def _replica_object_ref(self) -> Any:
+        """The ObjectRef of the call to the replica, or None if it never made one."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._runtime.loop:
+            future = asyncio.run_coroutine_threadsafe(
+                self._replica_object_ref(), self._runtime.loop
+            )
+            return await asyncio.wrap_future(future)
+        meta = self._meta
+        if meta is None:
+            return None
+        sink = meta.sink
+        if sink is not None and not isinstance(sink, asyncio.Future):
+            return sink  # the call already went out
+        if self._outcome is not None or (self._task is not None and self._task.done()):
+            return None  # it ended without reaching a replica
+        if sink is None:
+            sink = meta.sink = loop.create_future()
+        self._start_pending()  # if the call has not started, it starts now, as a task
+        # Shielded: giving up this wait must not cancel the call itself.
+        finished = asyncio.shield(self._wait())
+        try:
+            await asyncio.wait([sink, finished], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not finished.done():
+                finished.cancel()
+            elif not finished.cancelled():
+                finished.exception()  # the caller sees it when it awaits the response
+        return sink.result() if sink.done() else None
 
 
 def _import_ray() -> Any:

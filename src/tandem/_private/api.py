@@ -168,6 +168,7 @@ def _start(backend_name: str) -> Runtime:
                 )
             return runtime
         backend = create_backend(backend_name)
+        backend.prepare()
         runtime = Runtime(backend.connect)
         runtime.backend_name = backend_name
         runtime.open()

@@ -47,7 +47,13 @@ def cli() -> None:
     "--backend",
     type=click.Choice(["local", "process", "ray"]),
     default=None,
-    help="Where replicas run [default: $TANDEM_BACKEND or local].",
+    help="Where replicas run [default: $TANDEM_BACKEND or process].",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster to run replicas on, e.g. 10.0.0.5:6379 or ray://head:10001 "
+    "(implies --backend ray) [default: $RAY_ADDRESS, else a new local Ray].",
 )
 @click.option("--reload", is_flag=True, help="Restart when files in the working directory change.")
 @click.option("--request-timeout-s", type=float, default=None, help="Answer 408 after this long.")
@@ -61,6 +67,7 @@ def run(
     route_prefix: str | None,
     name: str | None,
     backend: str | None,
+    address: str | None,
     reload: bool,
     request_timeout_s: float | None,
     log_format: str,
@@ -74,6 +81,13 @@ def run(
     if reload:
         _run_with_reload()
         return
+    if address is not None:
+        if backend not in (None, "ray"):
+            raise _Failure(
+                f"--address is the address of a Ray cluster; it needs --backend ray, not {backend}."
+            )
+        backend = "ray"
+        os.environ["RAY_ADDRESS"] = address  # read by ray.init when the backend starts
     from tandem._private.config_file import (
         ApplicationConfig,
         ServeConfig,

@@ -1,7 +1,8 @@
 """The per-process runtime: tandem's event loop thread and the routers on it.
 
-Every process that calls deployments (the driver, and later each replica
-process) has one runtime. It owns a dedicated event loop thread, the latest
+Every process that calls deployments (the driver, and each replica process or
+actor) has one runtime. It owns a dedicated event loop thread (or, in a Ray
+actor, adopts the actor's own event loop), the latest
 replica set of every deployment (as the controller publishes them), and one
 router per deployment; handles send their requests through it. In the driver
 it also holds the controller.
@@ -55,6 +56,7 @@ class Runtime:
     # -- lifecycle ---------------------------------------------------------
 
     def open(self) -> None:
+        """Start the loop thread."""
         ready = threading.Event()
 
         def run() -> None:
@@ -66,6 +68,16 @@ class Runtime:
         self._thread = threading.Thread(target=run, name="tandem-loop", daemon=True)
         self._thread.start()
         ready.wait()
+
+    def adopt_running_loop(self) -> None:
+        """Use the event loop running this thread instead of a thread of our own.
+
+        For hosts that bring their own loop (a Ray actor); :meth:`close` then
+        leaves that loop alone.
+        """
+        self.loop.close()
+        self.loop = asyncio.get_running_loop()
+        self._thread_id = threading.get_ident()
 
     def close(self) -> None:
         """Cancel whatever still runs on the loop, then stop the loop thread."""
@@ -92,7 +104,9 @@ class Runtime:
 
     @property
     def is_open(self) -> bool:
-        return self._thread is not None and not self.loop.is_closed()
+        return (self._thread is not None or self._thread_id is not None) and not (
+            self.loop.is_closed()
+        )
 
     def on_loop_thread(self) -> bool:
         return threading.get_ident() == self._thread_id

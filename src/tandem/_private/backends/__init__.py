@@ -32,10 +32,17 @@ def create_backend(name: str) -> Backend:
         from tandem._private.backends.process import ProcessBackend
 
         return ProcessBackend()
-    raise ValueError(
-        f"The {name!r} backend is not available in this version of tandem yet; "
-        "use backend='local' or backend='process'."
-    )
+    if name == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                'The ray backend needs Ray: pip install "tandem-serve[ray]".'
+            ) from None
+        from tandem._private.backends.ray import RayBackend
+
+        return RayBackend()
+    raise ValueError(f"Unknown backend {name!r}; choose one of: {', '.join(BACKEND_NAMES)}.")
 
 
 __all__ = ["BACKEND_NAMES", "Backend", "create_backend", "resolve_backend_name"]

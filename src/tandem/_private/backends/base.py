@@ -35,6 +35,9 @@ class Backend(ABC):
     # multiplexed models change, so routers can prefer replicas holding a model.
     on_models: Callable[[str, frozenset[str]], None] = staticmethod(lambda *_: None)
 
+    def prepare(self) -> None:  # noqa: B027
+        """Set up what must be set up in the caller's thread, before the loop starts."""
+
     async def open(self, on_replica_exit: Callable[[str], None]) -> None:  # noqa: B027
         """Prepare to host replicas; ``on_replica_exit(replica_id)`` reports a replica that died."""
 

@@ -1,0 +1,309 @@
+"""The ray backend: every replica is a Ray actor, placed by Ray across a cluster.
+
+The controller and the HTTP proxy stay in the driver (the ``tandem run``
+process); only the replicas move. Each replica is a :class:`ReplicaActor`
+created with the deployment's ``ray_actor_options`` (num_cpus, num_gpus,
+memory, resources, accelerator_type, runtime_env). Routers in the driver and
+in every actor call replica actors directly (see ray_connection.py); the
+driver publishes replica sets to every actor.
+
+Ray is connected on first use: to the cluster ``ray.init`` finds (the address
+in $RAY_ADDRESS, which ``tandem run --address`` sets), or a new local one.
+A Ray session this backend started ends with ``tandem.shutdown()``; one the
+user started (``ray.init`` before ``tandem.run``) is left running.
+
+This module imports Ray; nothing else in tandem's core does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+from tandem._private.backends.base import Backend, ReplicaStartError
+from tandem._private.context import DeploymentID
+from tandem._private.ray_actor import ReplicaActor
+from tandem._private.ray_connection import RayAddress, RayConnection, unwrap
+from tandem._private.replica import ReplicaSpec
+from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet
+from tandem._private.transport import RemoteTraceback, picklable_starlette
+from tandem.exceptions import ReplicaUnavailableError
+
+logger = logging.getLogger("tandem")
+
+# Concurrent actor tasks per replica: enough for max_ongoing_requests from many
+# callers plus the control calls; the replica itself enforces max_ongoing_requests.
+MAX_CONCURRENCY = 10_000
+# A replica waiting this long for the cluster's resources is reported in the log.
+PENDING_WARNING_S = 10.0
+# How long stopping a replica waits for Ray to report its actor dead.
+STOP_WAIT_S = 5.0
+
+_RemoteReplica: Any = ray.remote(ReplicaActor)
+
+
+@dataclass
+class _Actor:
+    replica_id: str
+    handle: Any
+    stopping: bool = False
+    report: dict[str, Any] = field(default_factory=dict)
+    queued: dict[DeploymentID, int] = field(default_factory=dict)
+    watcher: asyncio.Task[None] | None = None
+    address: RayAddress | None = None
+
+
+class RayBackend(Backend):
+    name = "ray"
+
+    def __init__(self) -> None:
+        self._actors: dict[str, _Actor] = {}
+        self._directory: dict[DeploymentID, ReplicaSet] = {}
+        self._on_exit: Callable[[str], None] = lambda _: None
+        self._started_ray = False
+
+    def prepare(self) -> None:
+        # In the caller's thread (usually the main one), where Ray wants to be started.
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS") or None
+            logger.info("Connecting to Ray%s.", f" at {address}" if address else "")
+            ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
+            self._started_ray = True
+
+    async def open(self, on_replica_exit: Callable[[str], None]) -> None:
+        picklable_starlette()
+        self._on_exit = on_replica_exit
+        self.prepare()  # if prepare() was not called (it is, by tandem.run)
+
+    async def close(self) -> None:
+        actors = list(self._actors.values())
+        for actor in actors:
+            actor.stopping = True
+            ray.kill(actor.handle, no_restart=True)
+        await asyncio.gather(*(self._gone(actor) for actor in actors))
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    # -- replicas ----------------------------------------------------------
+
+    async def start_replica(self, spec: ReplicaSpec) -> ReplicaInfo:
+        options = _actor_options(spec)
+        _refuse_unschedulable(spec, options)
+        handle = _RemoteReplica.options(**options).remote()
+        actor = _Actor(spec.replica_id, handle)
+        self._actors[spec.replica_id] = actor
+        started = handle.start.remote(
+            cloudpickle.dumps(spec), list(sys.path), list(self._directory.values())
+        )
+        try:
+            pid, node_ip = await _wait_for_start(started, spec, options)
+        except BaseException as exc:
+            actor.stopping = True
+            ray.kill(handle, no_restart=True)
+            self._forget(actor)
+            if isinstance(exc, Exception):
+                raise _start_error(spec.replica_id, exc) from exc
+            raise
+        address = RayAddress(handle, pid, node_ip)
+        actor.address = address
+        actor.watcher = asyncio.ensure_future(self._watch(actor))
+        return ReplicaInfo(spec.replica_id, address, spec.options.max_ongoing_requests)
+
+    async def _watch(self, actor: _Actor) -> None:
+        """Keep a ``watch`` pending on the actor: news of its models and queues, and its death."""
+        version = 0
+        while True:
+            try:
+                version, news = await actor.handle.watch.remote(version)
+            except RayError as error:
+                if self._actors.get(actor.replica_id) is actor and not actor.stopping:
+                    self._forget(actor)
+                    logger.warning(
+                        "Replica %s (pid %s) died: %s",
+                        actor.replica_id,
+                        actor.address.pid if actor.address else "?",
+                        type(error).__name__,
+                    )
+                    self._on_exit(actor.replica_id)
+                return
+            actor.queued = news["queued"]
+            self.on_models(actor.replica_id, news["models"])
+
+    async def _gone(self, actor: _Actor) -> None:
+        """Wait (a little) until Ray reports the actor dead, then forget it."""
+        watcher = actor.watcher
+        if watcher is not None:
+            await asyncio.wait([watcher], timeout=STOP_WAIT_S)
+        self._forget(actor)
+
+    def _forget(self, actor: _Actor) -> None:
+        if self._actors.get(actor.replica_id) is actor:
+            del self._actors[actor.replica_id]
+        watcher = actor.watcher
+        if watcher is not None and not watcher.done() and watcher is not _current_task():
+            watcher.cancel()
+
+    async def stop_replica(self, info: ReplicaInfo, timeout_s: float) -> None:
+        actor = self._actors.get(info.replica_id)
+        if actor is None:
+            return
+        actor.stopping = True
+        try:
+            await asyncio.wait_for(actor.handle.stop.remote(timeout_s), timeout_s + 5)
+        except (asyncio.TimeoutError, RayError):
+            pass
+        ray.kill(actor.handle, no_restart=True)
+        await self._gone(actor)
+
+    async def check_health(self, info: ReplicaInfo) -> None:
+        actor = self._actor(info)
+        actor.report = await self._control(actor, actor.handle.health.remote())
+
+    async def refresh(self, info: ReplicaInfo) -> None:
+        actor = self._actors.get(info.replica_id)
+        if actor is not None:
+            try:
+                actor.report = await self._control(actor, actor.handle.report.remote())
+            except ReplicaUnavailableError:
+                pass
+
+    async def reconfigure(self, info: ReplicaInfo, user_config: Any) -> None:
+        actor = self._actor(info)
+        await self._control(actor, actor.handle.reconfigure.remote(user_config))
+
+    async def set_rank(self, info: ReplicaInfo, rank: int, world_size: int) -> None:
+        actor = self._actor(info)
+        await self._control(actor, actor.handle.rank.remote(rank, world_size))
+
+    async def _control(self, actor: _Actor, ref: Any) -> Any:
+        try:
+            return await ref
+        except asyncio.CancelledError:
+            ray.cancel(ref)
+            raise
+        except RayError as error:
+            translated = unwrap(error, actor.replica_id)
+            raise translated from translated.__cause__
+
+    def _actor(self, info: ReplicaInfo) -> _Actor:
+        actor = self._actors.get(info.replica_id)
+        if actor is None:
+            raise ReplicaUnavailableError(f"Replica {info.replica_id} is not running.")
+        return actor
+
+    def connect(self, info: ReplicaInfo) -> ReplicaConnection:
+        return RayConnection(info)
+
+    def publish(self, replica_set: ReplicaSet) -> None:
+        if replica_set.state == "deleted":
+            self._directory.pop(replica_set.deployment_id, None)
+        else:
+            self._directory[replica_set.deployment_id] = replica_set
+        for actor in self._actors.values():
+            if actor.address is not None:  # started: later ones get the directory at start
+                actor.handle.publish.remote(replica_set)
+
+    def queued(self, deployment_id: DeploymentID) -> int:
+        return sum(actor.queued.get(deployment_id, 0) for actor in self._actors.values())
+
+    def describe(self, info: ReplicaInfo) -> dict[str, Any]:
+        address = info.address
+        facts: dict[str, Any] = {}
+        if isinstance(address, RayAddress):
+            facts = {"pid": address.pid, "node": address.node_ip}
+        actor = self._actors.get(info.replica_id)
+        if actor is not None:
+            facts.update(actor.report)
+        return facts
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
+
+
+def _actor_options(spec: ReplicaSpec) -> dict[str, Any]:
+    """Ray actor options for a replica, from the deployment's ray_actor_options."""
+    options: dict[str, Any] = {
+        "max_concurrency": MAX_CONCURRENCY,
+        "max_restarts": 0,  # the controller replaces dead replicas itself
+        "name": f"tandem:{spec.replica_id}",
+    }
+    requested = spec.options.ray_actor_options
+    if requested is not None:
+        options.update(requested.model_dump(exclude_none=True))
+    options.setdefault("num_cpus", 1)  # as Ray Serve: a replica reserves one CPU by default
+    return options
+
+
+def _refuse_unschedulable(spec: ReplicaSpec, options: dict[str, Any]) -> None:
+    """Fail at once when no node of the cluster could ever hold the replica."""
+    wanted: dict[str, float] = {
+        "CPU": options.get("num_cpus", 0),
+        "GPU": options.get("num_gpus", 0),
+        "memory": options.get("memory", 0),
+        **options.get("resources", {}),
+    }
+    if options.get("accelerator_type"):
+        wanted[f"accelerator_type:{options['accelerator_type']}"] = 0.001
+    wanted = {k: v for k, v in wanted.items() if v}
+    if not wanted:
+        return
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+    if any(all(node.get(k, 0) >= v for k, v in wanted.items()) for node in nodes):
+        return
+    largest = {k: max((node.get(k, 0) for node in nodes), default=0) for k in wanted}
+    error = ValueError(
+        f"Deployment {spec.deployment_id.name!r} asks for {_describe(wanted)} per replica, "
+        f"but no node of the Ray cluster has that much (the most any node has: "
+        f"{_describe(largest)}). Lower ray_actor_options or add nodes that have it."
+    )
+    raise ReplicaStartError(spec.replica_id, error, str(error))
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in resources.items())
+
+
+async def _wait_for_start(ref: Any, spec: ReplicaSpec, options: dict[str, Any]) -> Any:
+    """The result of the actor's ``start``, logging while the cluster has no room for it."""
+    waited = 0.0
+    while True:
+        try:
+            return await asyncio.wait_for(asyncio.shield(_awaitable(ref)), PENDING_WARNING_S)
+        except asyncio.TimeoutError:
+            waited += PENDING_WARNING_S
+            logger.warning(
+                "Replica %s has not started after %.0f s; is the Ray cluster out of "
+                "resources for %s? (ray status shows what is free)",
+                spec.replica_id,
+                waited,
+                {k: v for k, v in options.items() if k not in ("max_concurrency", "name")},
+            )
+
+
+async def _awaitable(ref: Any) -> Any:
+    return await ref
+
+
+def _start_error(replica_id: str, exc: Exception) -> ReplicaStartError:
+    if isinstance(exc, RayTaskError | RayActorError | GetTimeoutError):
+        error = unwrap(exc, replica_id)
+        cause = error.__cause__
+        text = cause.text if isinstance(cause, RemoteTraceback) else str(error)
+        return ReplicaStartError(replica_id, error, text)
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return ReplicaStartError(replica_id, exc, text)

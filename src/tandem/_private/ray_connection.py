@@ -1,0 +1,147 @@
+"""Callers' side of the ray backend: a router's line to a replica that is a Ray actor.
+
+A call is an actor task (``actor.call.remote``) whose ObjectRef the caller
+awaits; a stream is a Ray streaming generator. Errors raised by the replica come
+back as their own type with the remote traceback as ``__cause__``, as on the
+process backend; an actor that died fails the requests in flight on it with
+ReplicaUnavailableError, and requests sent after its death is known are retried
+on other replicas.
+
+Imports Ray: only the ray backend (driver and actors) loads this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import (
+    ActorUnavailableError,
+    ObjectLostError,
+    RayActorError,
+    RayTaskError,
+    TaskCancelledError,
+)
+
+from tandem._private.context import RequestMetadata
+from tandem._private.errors import ReplicaNotReached
+from tandem._private.ray_actor import TRACEBACK_ATTRIBUTE
+from tandem._private.router import ReplicaInfo
+from tandem._private.transport import RemoteTraceback
+from tandem.exceptions import ReplicaUnavailableError
+
+
+@dataclass(frozen=True)
+class RayAddress:
+    """A replica actor: its handle and where it runs."""
+
+    actor: Any  # ray.actor.ActorHandle
+    pid: int
+    node_ip: str
+
+
+def unwrap(error: BaseException, replica_id: str) -> BaseException:
+    """The exception a caller should see for an error from awaiting a replica's ObjectRef."""
+    if isinstance(error, RayTaskError):
+        cause = error.cause
+        if isinstance(cause, RayActorError | ObjectLostError):
+            return unwrap(cause, replica_id)
+        if isinstance(cause, BaseException) and not isinstance(cause, TaskCancelledError):
+            text = cause.__dict__.pop(TRACEBACK_ATTRIBUTE, None)
+            if not isinstance(text, str):
+                text = getattr(error, "traceback_str", None) or str(error)
+            cause.__cause__ = RemoteTraceback(text)
+            return cause
+        return error
+    if isinstance(error, RayActorError | ObjectLostError):
+        lost = ReplicaUnavailableError(
+            f"Replica {replica_id} died while handling the request "
+            f"({type(error).__name__}); the request may be retried."
+        )
+        lost.__cause__ = error
+        return lost
+    return error
+
+
+class RayConnection:
+    """Sends requests to one replica actor; knows when the actor is gone."""
+
+    __slots__ = ("_actor", "_dead", "replica_id")
+
+    def __init__(self, info: ReplicaInfo) -> None:
+        address = info.address
+        assert isinstance(address, RayAddress)
+        self.replica_id = info.replica_id
+        self._actor = address.actor
+        self._dead = False
+
+    def _check(self) -> None:
+        if self._dead:
+            raise ReplicaNotReached(f"Replica {self.replica_id} is gone.")
+
+    def submit(self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Start the call; its ObjectRef."""
+        self._check()
+        return self._actor.call.remote(meta, args, kwargs)
+
+    async def call(
+        self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        ref = self.submit(meta, args, kwargs)
+        # Left for DeploymentResponse._to_object_ref, which may be waiting for it.
+        sink = meta.sink
+        if isinstance(sink, asyncio.Future):
+            if not sink.done():
+                sink.set_result(ref)
+        else:
+            meta.sink = ref
+        return await self.result(ref)
+
+    async def result(self, ref: Any) -> Any:
+        """The value of a call's ObjectRef, with errors as the caller should see them."""
+        try:
+            return await ref
+        except asyncio.CancelledError:
+            ray.cancel(ref)  # the replica cancels the request's task, and its downstream calls
+            raise
+        except (RayTaskError, RayActorError, ObjectLostError) as error:
+            translated = self._translate(error)
+            raise translated from translated.__cause__
+
+    async def stream(
+        self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> AsyncGenerator[Any, None]:
+        self._check()
+        refs = self._actor.stream.options(num_returns="streaming").remote(meta, args, kwargs)
+        finished = False
+        try:
+            async for ref in refs:
+                yield await ref
+            finished = True
+        except (RayTaskError, RayActorError, ObjectLostError) as error:
+            finished = True
+            translated = self._translate(error)
+            raise translated from translated.__cause__
+        finally:
+            if not finished:  # closed early or cancelled: stop the generator in the replica
+                ray.cancel(refs)
+
+    def _translate(self, error: BaseException) -> BaseException:
+        if isinstance(error, ActorUnavailableError):
+            return ReplicaUnavailableError(
+                f"Replica {self.replica_id} could not be reached ({error}); retry the request."
+            )
+        translated = unwrap(error, self.replica_id)
+        if isinstance(translated, ReplicaUnavailableError):
+            self._dead = True
+        return translated
+
+    def close(self) -> None:
+        pass  # the actor handle goes with the last reference to it
+
+
+def connect(info: ReplicaInfo) -> RayConnection:
+    return RayConnection(info)

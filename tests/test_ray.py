@@ -1,0 +1,257 @@
+"""What only the ``ray`` backend does: replicas are Ray actors.
+
+Covers: ``ray_actor_options`` reach the actor (resources, runtime_env); a
+replica no node could hold fails ``run`` at once with a clear error; an actor
+killed through Ray is replaced; ``_to_object_ref`` gives the replica's own
+ObjectRef, which a Ray task can take (and ``ray.put`` results elsewhere);
+``tandem run --backend ray`` starts its own Ray and stops it on Ctrl-C.
+
+The shared behaviours run on this backend through the ``backend`` and
+``remote_backend`` fixtures; this file is skipped when Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import tandem as serve
+from tandem.exceptions import DeploymentFailedError, ReplicaUnavailableError
+from tandem.handle import DeploymentHandle, DeploymentResponse
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.skipif(
+    "ray" not in os.environ.get("TANDEM_TEST_BACKENDS", "ray"),
+    reason="the ray backend is not among $TANDEM_TEST_BACKENDS",
+)
+
+
+@pytest.fixture(autouse=True)
+def _ray(local_ray: None) -> None:
+    """Every test here needs the session's local Ray."""
+
+
+def _wait_for(predicate: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------
+# actor options
+# --------------------------------------------------------------------------
+
+
+@serve.deployment(
+    ray_actor_options={
+        "num_cpus": 2,
+        "resources": {"tandem_test_slot": 1},
+        "runtime_env": {"env_vars": {"TANDEM_TEST_FLAVOUR": "vanilla"}},
+    }
+)
+class Placed:
+    def facts(self) -> dict[str, Any]:
+        context = ray.get_runtime_context()
+        return {
+            "resources": context.get_assigned_resources(),
+            "flavour": os.environ.get("TANDEM_TEST_FLAVOUR"),
+            "actor": context.get_actor_id() is not None,
+            "pid": os.getpid(),
+        }
+
+
+def test_ray_actor_options_reach_the_replica_actor() -> None:
+    handle = serve.run(Placed.bind(), name="placed", route_prefix=None, backend="ray")
+    facts = handle.facts.remote().result(timeout_s=30)
+    assert facts["actor"]
+    assert facts["pid"] != os.getpid()
+    assert facts["resources"].get("CPU") == 2
+    assert facts["resources"].get("tandem_test_slot") == 1
+    assert facts["flavour"] == "vanilla"
+    replica = serve.status().applications["placed"].deployments["Placed"].replicas[0]
+    assert replica.pid == facts["pid"]
+
+
+@serve.deployment(ray_actor_options={"num_gpus": 64})
+class Greedy:
+    def __call__(self) -> str:
+        return "never"
+
+
+def test_a_replica_no_node_can_hold_fails_run_at_once() -> None:
+    started = time.monotonic()
+    with pytest.raises(DeploymentFailedError) as info:
+        serve.run(Greedy.bind(), name="greedy", route_prefix=None, backend="ray")
+    assert time.monotonic() - started < 10
+    message = str(info.value)
+    assert "Greedy" in message
+    assert "GPU=64" in message
+    assert "no node of the Ray cluster" in message
+    assert "greedy" not in serve.status().applications
+
+
+# --------------------------------------------------------------------------
+# an actor killed through Ray
+# --------------------------------------------------------------------------
+
+
+@serve.deployment(graceful_shutdown_timeout_s=0.2)
+class Victim:
+    def pid(self) -> int:
+        return os.getpid()
+
+    def slow(self) -> str:
+        time.sleep(30)
+        return "finished"
+
+
+def test_an_actor_killed_through_ray_is_replaced() -> None:
+    handle = serve.run(Victim.bind(), name="victim", route_prefix=None, backend="ray")
+    old_pid = handle.pid.remote().result(timeout_s=30)
+    in_flight = handle.slow.remote()
+    time.sleep(0.3)
+    (actor_name,) = [n for n in ray.util.list_named_actors() if str(n).startswith("tandem:")]
+    ray.kill(ray.get_actor(actor_name))
+
+    with pytest.raises(ReplicaUnavailableError):
+        in_flight.result(timeout_s=10)
+
+    def replaced() -> bool:
+        status = serve.status().applications["victim"].deployments["Victim"]
+        return status.restarts >= 1 and status.running_replicas == 1
+
+    assert _wait_for(replaced, 15), "the killed actor was not replaced"
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            new_pid = handle.pid.remote().result(timeout_s=10)
+            break
+        except ReplicaUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    assert new_pid != old_pid
+
+
+# --------------------------------------------------------------------------
+# ObjectRefs
+# --------------------------------------------------------------------------
+
+
+@ray.remote
+def _shout(text: str) -> str:
+    return text.upper() + "!"
+
+
+@serve.deployment
+class Speaker:
+    def __call__(self, word: str) -> str:
+        return f"hello {word}"
+
+
+@serve.deployment
+class Forwarder:
+    def __init__(self, speaker: DeploymentHandle) -> None:
+        self.speaker = speaker
+
+    async def __call__(self, word: str) -> dict[str, Any]:
+        response: DeploymentResponse = self.speaker.remote(word)
+        ref = await response._to_object_ref()
+        shouted = await _shout.remote(ref)
+        return {"type": type(ref).__name__, "shouted": shouted, "direct": await response}
+
+
+def test_to_object_ref_is_the_replica_call_a_ray_task_can_take() -> None:
+    handle = serve.run(
+        Forwarder.bind(Speaker.bind()), name="refs", route_prefix=None, backend="ray"
+    )
+    result = handle.remote("world").result(timeout_s=30)
+    assert result == {"type": "ObjectRef", "shouted": "HELLO WORLD!", "direct": "hello world"}
+
+
+def test_to_object_ref_sync_from_the_driver_on_every_backend(backend: str) -> None:
+    handle = serve.run(Speaker.bind(), name="sync_refs", route_prefix=None, backend=backend)
+    ref = handle.remote("ray")._to_object_ref_sync()
+    assert isinstance(ref, ray.ObjectRef)
+    assert ray.get(ref, timeout=30) == "hello ray"
+    assert ray.get(_shout.remote(ref), timeout=30) == "HELLO RAY!"
+
+
+def test_to_object_ref_of_a_failed_call_holds_its_error() -> None:
+    handle = serve.run(Speaker.bind(), name="bad_refs", route_prefix=None, backend="ray")
+    ref = handle.missing_method.remote()._to_object_ref_sync()
+    assert isinstance(ref, ray.ObjectRef)  # as in Ray: the error comes with the value
+    with pytest.raises(AttributeError, match="missing_method"):
+        ray.get(ref, timeout=30)
+
+
+# --------------------------------------------------------------------------
+# tandem run --backend ray
+# --------------------------------------------------------------------------
+
+APP = """
+import os
+import tandem as serve
+
+@serve.deployment
+class Where:
+    def __call__(self, request) -> str:
+        import ray
+        return f"{os.getpid()} {ray.get_runtime_context().get_actor_id() is not None}"
+
+app = Where.bind()
+"""
+
+
+def test_tandem_run_on_its_own_ray_serves_and_stops_it(tmp_path: Path) -> None:
+    (tmp_path / "where.py").write_text(APP)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(tmp_path)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tandem", "run", "where:app", "--backend", "ray", "--port", "0"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        url = None
+        seen = []
+        deadline = time.monotonic() + 90
+        while url is None and time.monotonic() < deadline:
+            line = server.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if "serving" in line and "http://" in line:
+                url = "http://" + line.split("http://", 1)[1].split()[0]
+        assert url, "".join(seen)
+        reply = httpx.get(url, timeout=30)
+        assert reply.status_code == 200
+        pid, in_actor = reply.text.split()
+        assert int(pid) != server.pid
+        assert in_actor == "True"
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+        # Its Ray went with it: the replica actor's process is gone.
+        assert _wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
