@@ -437,6 +437,13 @@ def test_client_leaving_a_stream_stops_the_generator(backend: str) -> None:
     events = poll(lambda: handle.seen.remote().result(timeout_s=5), lambda e: "closed" in e)
     assert events == ["closed"]
 
+    # And the request no longer counts against the replica (or shutdown would wait for it).
+    def in_flight() -> int:
+        replicas = serve.status().applications["default"].deployments["Endless"].replicas
+        return sum(r.in_flight or 0 for r in replicas)
+
+    assert poll(in_flight, lambda n: n == 0) == 0
+
 
 # -- timeouts and disconnects cancel the request ---------------------------------
 

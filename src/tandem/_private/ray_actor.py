@@ -19,6 +19,7 @@ import functools
 import os
 import pickle
 import sys
+import time
 import traceback
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -31,6 +32,8 @@ from tandem._private.router import ReplicaSet
 QUEUE_REPORT_S = 0.2
 # A watch returns after this long even when nothing changed.
 WATCH_TIMEOUT_S = 30.0
+# A cancellation that arrives before its request is remembered this long.
+EARLY_CANCEL_TTL_S = 60.0
 # The attribute that carries an exception's traceback text to the caller.
 TRACEBACK_ATTRIBUTE = "_tandem_traceback"
 
@@ -68,6 +71,10 @@ class ReplicaActor:
         self._changed: asyncio.Future[None] | None = None
         self._queued: dict[DeploymentID, int] = {}
         self._reporting: asyncio.Task[None] | None = None
+        # Requests running here by the caller's token, for cancel(); and cancellations
+        # that overtook their request (token -> when they arrived).
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._cancelled_early: dict[str, float] = {}
 
     @_with_traceback
     async def start(
@@ -102,15 +109,20 @@ class ReplicaActor:
 
     @_with_traceback
     async def call(
-        self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, token: str, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         assert self.replica is not None
-        return await self.replica.call(meta, args, kwargs)
+        self._begin(token)
+        try:
+            return await self.replica.call(meta, args, kwargs)
+        finally:
+            self._running.pop(token, None)
 
     async def stream(
-        self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, token: str, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncGenerator[Any, None]:
         assert self.replica is not None
+        self._begin(token)
         source = self.replica.stream(meta, args, kwargs)
         try:
             async for item in source:
@@ -119,7 +131,32 @@ class ReplicaActor:
             _attach_traceback(exc)
             raise
         finally:
+            self._running.pop(token, None)
             await source.aclose()
+
+    async def cancel(self, token: str) -> None:
+        """Cancel the request the caller knows as ``token``, even if it has not started yet.
+
+        Ray's own cancellation can miss a request that is about to start; this
+        cannot, so callers send both.
+        """
+        task = self._running.get(token)
+        if task is not None:
+            task.cancel()
+            return
+        now = time.monotonic()
+        self._cancelled_early[token] = now
+        if len(self._cancelled_early) > 1000:
+            self._cancelled_early = {
+                t: at for t, at in self._cancelled_early.items() if now - at < EARLY_CANCEL_TTL_S
+            }
+
+    def _begin(self, token: str) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self._cancelled_early.pop(token, None) is not None:
+            raise asyncio.CancelledError
+        self._running[token] = task
 
     # -- control -----------------------------------------------------------
 

@@ -13,6 +13,8 @@ Imports Ray: only the ray backend (driver and actors) loads this module.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +73,10 @@ class RayConnection:
 
     __slots__ = ("_actor", "_dead", "replica_id")
 
+    # Names requests for ReplicaActor.cancel: unique per process, cheap per request.
+    _tokens = itertools.count()
+    _prefix = uuid.uuid4().hex[:8]
+
     def __init__(self, info: ReplicaInfo) -> None:
         address = info.address
         assert isinstance(address, RayAddress)
@@ -83,14 +89,15 @@ class RayConnection:
             raise ReplicaNotReached(f"Replica {self.replica_id} is gone.")
 
     def submit(self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Start the call; its ObjectRef."""
+        """Start the call; (its token, its ObjectRef)."""
         self._check()
-        return self._actor.call.remote(meta, args, kwargs)
+        token = f"{self._prefix}{next(self._tokens):x}"
+        return token, self._actor.call.remote(token, meta, args, kwargs)
 
     async def call(
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        ref = self.submit(meta, args, kwargs)
+        token, ref = self.submit(meta, args, kwargs)
         # Left for DeploymentResponse._to_object_ref, which may be waiting for it.
         sink = meta.sink
         if isinstance(sink, asyncio.Future):
@@ -98,14 +105,10 @@ class RayConnection:
                 sink.set_result(ref)
         else:
             meta.sink = ref
-        return await self.result(ref)
-
-    async def result(self, ref: Any) -> Any:
-        """The value of a call's ObjectRef, with errors as the caller should see them."""
         try:
             return await ref
         except asyncio.CancelledError:
-            ray.cancel(ref)  # the replica cancels the request's task, and its downstream calls
+            self._cancel(token, ref)  # the replica cancels the request and its downstream calls
             raise
         except (RayTaskError, RayActorError, ObjectLostError) as error:
             translated = self._translate(error)
@@ -115,7 +118,8 @@ class RayConnection:
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncGenerator[Any, None]:
         self._check()
-        refs = self._actor.stream.options(num_returns="streaming").remote(meta, args, kwargs)
+        token = f"{self._prefix}{next(self._tokens):x}"
+        refs = self._actor.stream.options(num_returns="streaming").remote(token, meta, args, kwargs)
         finished = False
         try:
             async for ref in refs:
@@ -127,7 +131,12 @@ class RayConnection:
             raise translated from translated.__cause__
         finally:
             if not finished:  # closed early or cancelled: stop the generator in the replica
-                ray.cancel(refs)
+                self._cancel(token, refs)
+
+    def _cancel(self, token: str, ref: Any) -> None:
+        ray.cancel(ref)
+        if not self._dead:
+            self._actor.cancel.remote(token)
 
     def _translate(self, error: BaseException) -> BaseException:
         if isinstance(error, ActorUnavailableError):

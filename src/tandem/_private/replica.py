@@ -10,6 +10,7 @@ host it in the caller's process, in a child process or in a Ray actor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -324,10 +325,13 @@ class Replica:
         finally:
             name = "__call__" if http else meta.method_name
             self.stats.record(name, time.perf_counter() - started, failed)
-            _replica_context.reset(ctx_token)
-            _request.reset(req_token)
             if not slot.held_by_thread:
                 slot.release()
+            # A generator its consumer dropped is closed by the event loop's finalizer,
+            # in another context: the variables are not ours to reset there.
+            with contextlib.suppress(ValueError):
+                _replica_context.reset(ctx_token)
+                _request.reset(req_token)
 
     def _serve_http(self, data: Any, slot: _Slot) -> AsyncGenerator[Any, None]:
         if self._obj is None:

@@ -101,11 +101,23 @@ class Proxy:
             log_access(scope["method"], path, 404, time.perf_counter() - started, request_id, None)
             return
         prefix, app, ingress = route
-        status, error = await self._forward(scope, receive, send, request_id, prefix, app, ingress)
-        seconds = time.perf_counter() - started
-        self.metrics.observe(app, ingress, scope["method"], status, seconds, error)
-        if self._options.access_log:
-            log_access(scope["method"], path, status, seconds, request_id, app)
+        recorded = False
+
+        def record(status: int, error: str | None) -> None:
+            """Count and log the request once, as soon as its response is complete."""
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            seconds = time.perf_counter() - started
+            self.metrics.observe(app, ingress, scope["method"], status, seconds, error)
+            if self._options.access_log:
+                log_access(scope["method"], path, status, seconds, request_id, app)
+
+        status, error = await self._forward(
+            scope, receive, send, request_id, prefix, app, ingress, record
+        )
+        record(status, error)
 
     async def _forward(
         self,
@@ -116,8 +128,13 @@ class Proxy:
         prefix: str,
         app: str,
         ingress: str,
+        on_complete: Callable[[int, str | None], None],
     ) -> tuple[int, str | None]:
-        """Send one request to the ingress; return (status, error kind or None)."""
+        """Send one request to the ingress; return (status, error kind or None).
+
+        ``on_complete`` is called once the last message of a response is sent,
+        which may come a moment before the replica's stream ends.
+        """
         body = await _read_body(receive)
         if body is None:
             return 499, "disconnected"
@@ -147,6 +164,8 @@ class Proxy:
                     elif not message.get("more_body", False):
                         exchange.complete = True
                     await send(message)
+                    if exchange.complete:
+                        on_complete(status, "server_error" if status >= 500 else None)
             finally:
                 await stream.aclose()
             return status, ("server_error" if status >= 500 else None)
