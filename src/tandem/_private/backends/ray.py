@@ -46,6 +46,8 @@ logger = logging.getLogger("tandem")
 MAX_CONCURRENCY = 10_000
 # A replica waiting this long for the cluster's resources is reported in the log.
 PENDING_WARNING_S = 10.0
+# Logical CPUs (at least) of a local Ray started by tandem; see _local_cpus.
+LOCAL_MIN_CPUS = 64
 # How long stopping a replica waits for Ray to report its actor dead.
 STOP_WAIT_S = 5.0
 
@@ -74,11 +76,17 @@ class RayBackend(Backend):
 
     def prepare(self) -> None:
         # In the caller's thread (usually the main one), where Ray wants to be started.
-        if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS") or None
-            logger.info("Connecting to Ray%s.", f" at {address}" if address else "")
-            ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
-            self._started_ray = True
+        if ray.is_initialized():
+            return
+        address = os.environ.get("RAY_ADDRESS") or None
+        if address:
+            logger.info("Connecting to the Ray cluster at %s.", address)
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            cpus = _local_cpus()
+            logger.info("Starting a local Ray with %s logical CPUs.", cpus)
+            ray.init(num_cpus=cpus, logging_level=logging.WARNING, include_dashboard=False)
+        self._started_ray = True
 
     async def open(self, on_replica_exit: Callable[[str], None]) -> None:
         picklable_starlette()
@@ -228,6 +236,26 @@ class RayBackend(Backend):
         return facts
 
 
+def _local_cpus() -> int:
+    """Logical CPUs of a local Ray that tandem starts itself.
+
+    A replica reserves one CPU by default, so on a small machine an application
+    with more replicas than cores would wait forever for room. Tandem's own local
+    Ray is for running an application on one machine, as the process backend does,
+    which lets replicas share cores; so it counts at least LOCAL_MIN_CPUS logical
+    CPUs ($TANDEM_RAY_NUM_CPUS overrides). A cluster counts what its nodes declare.
+    """
+    setting = os.environ.get("TANDEM_RAY_NUM_CPUS")
+    if setting:
+        try:
+            return max(1, int(setting))
+        except ValueError:
+            raise ValueError(
+                f"TANDEM_RAY_NUM_CPUS must be a whole number of CPUs, got {setting!r}."
+            ) from None
+    return max(os.cpu_count() or 1, LOCAL_MIN_CPUS)
+
+
 def _current_task() -> asyncio.Task[Any] | None:
     try:
         return asyncio.current_task()
@@ -286,13 +314,23 @@ async def _wait_for_start(ref: Any, spec: ReplicaSpec, options: dict[str, Any]) 
             return await asyncio.wait_for(asyncio.shield(_awaitable(ref)), PENDING_WARNING_S)
         except asyncio.TimeoutError:
             waited += PENDING_WARNING_S
+            wanted = {k: v for k, v in options.items() if k not in ("max_concurrency", "name")}
             logger.warning(
-                "Replica %s has not started after %.0f s; is the Ray cluster out of "
-                "resources for %s? (ray status shows what is free)",
+                "Replica %s has waited %.0f s for the Ray cluster to place it (it asks for "
+                "%s; free now: %s). Lower its ray_actor_options, add nodes, or for a local Ray "
+                "started by tandem, set TANDEM_RAY_NUM_CPUS.",
                 spec.replica_id,
                 waited,
-                {k: v for k, v in options.items() if k not in ("max_concurrency", "name")},
+                wanted,
+                _describe(_free_resources()),
             )
+
+
+def _free_resources() -> dict[str, float]:
+    free: dict[str, float] = ray.available_resources()  # type: ignore[no-untyped-call]
+    return {
+        k: v for k, v in free.items() if not k.startswith("node:") and k != "object_store_memory"
+    }
 
 
 async def _awaitable(ref: Any) -> Any:
