@@ -82,6 +82,7 @@ def test_ray_actor_options_reach_the_replica_actor() -> None:
     assert facts["flavour"] == "vanilla"
     replica = serve.status().applications["placed"].deployments["Placed"].replicas[0]
     assert replica.pid == facts["pid"]
+    assert replica.node == ray.util.get_node_ip_address()
 
 
 @serve.deployment(ray_actor_options={"num_gpus": 64})

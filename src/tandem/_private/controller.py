@@ -650,6 +650,7 @@ class Controller:
                             rank=r.rank,
                             pid=facts.get("pid"),
                             in_flight=facts.get("in_flight", 0),
+                            node=facts.get("node"),
                         )
                     )
                 states: dict[str, int] = {}

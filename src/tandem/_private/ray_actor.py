@@ -54,6 +54,23 @@ def _with_traceback(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaita
     return wrapper
 
 
+_ITEM, _END, _ERROR = range(3)
+
+
+async def _pump(source: AsyncGenerator[Any, None], items: asyncio.Queue[tuple[int, Any]]) -> None:
+    """Move a stream's items into ``items``, then its end or its error."""
+    try:
+        async for item in source:
+            await items.put((_ITEM, item))
+    except Exception as exc:
+        _attach_traceback(exc)
+        await items.put((_ERROR, exc))
+    else:
+        await items.put((_END, None))
+    finally:
+        await source.aclose()
+
+
 def _attach_traceback(exc: BaseException) -> None:
     try:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -121,18 +138,29 @@ class ReplicaActor:
     async def stream(
         self, token: str, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncGenerator[Any, None]:
+        """Yield the replica's items. The replica's generator runs in a task of its own,
+        so a cancellation reaches it as CancelledError wherever it waits, as on every
+        backend (Ray may resume this wrapper from a different task for each item)."""
         assert self.replica is not None
-        self._begin(token)
-        source = self.replica.stream(meta, args, kwargs)
+        if self._cancelled_early.pop(token, None) is not None:
+            return
+        items: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=1)
+        pump = asyncio.ensure_future(_pump(self.replica.stream(meta, args, kwargs), items))
+        self._running[token] = pump
         try:
-            async for item in source:
-                yield item
-        except Exception as exc:
-            _attach_traceback(exc)
-            raise
+            while True:
+                kind, value = await items.get()
+                if kind == _ITEM:
+                    yield value
+                elif kind == _END:
+                    return
+                else:
+                    raise value
         finally:
             self._running.pop(token, None)
-            await source.aclose()
+            if not pump.done():
+                pump.cancel()
+                await asyncio.wait([pump])
 
     async def cancel(self, token: str) -> None:
         """Cancel the request the caller knows as ``token``, even if it has not started yet.

@@ -34,6 +34,7 @@ class ReplicaStatus:
     rank: int
     pid: int | None = None
     in_flight: int = 0
+    node: str | None = None  # the node's address on the ray backend
 
 
 @dataclass(frozen=True)
