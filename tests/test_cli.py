@@ -631,3 +631,11 @@ def test_reload_ctrl_c_lets_in_flight_requests_finish(serve_cli: Any, app_dir: P
     server.wait_exit()
     [answer] = answers
     assert isinstance(answer, httpx.Response) and answer.status_code == 200, answer
+
+
+def test_address_is_for_the_ray_backend_only(app_dir: Path) -> None:
+    result = tandem(
+        "run", "greet:app", "--backend", "process", "--address", "10.0.0.5:6379",
+        cwd=app_dir, timeout=20,
+    )  # fmt: skip
+    assert_clear_failure(result, "--address", "--backend ray")

@@ -52,7 +52,7 @@ def cli() -> None:
 @click.option(
     "--address",
     default=None,
-    help="Ray cluster to run replicas on, e.g. 10.0.0.5:6379 or ray://head:10001 "
+    help="Ray cluster to run replicas on, e.g. 10.0.0.5:6379 "
     "(implies --backend ray) [default: $RAY_ADDRESS, else a new local Ray].",
 )
 @click.option("--reload", is_flag=True, help="Restart when files in the working directory change.")
