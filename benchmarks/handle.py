@@ -11,43 +11,14 @@ import statistics
 import threading
 import time
 
+from apps.chain import build_app  # benchmarks/apps, beside this script
+
 import tandem as serve
-from tandem.handle import DeploymentHandle, DeploymentResponse
 
 # Ray Serve 2.60 on the reference 2-core machine (DESIGN.md).
 RAY_SERVE_P50_MS = 11.4
 RAY_SERVE_THREADS_CALLS_S = 41.0
 RAY_SERVE_RUN_S = 3.5
-
-
-@serve.deployment
-class Adder:
-    def __init__(self, increment: int):
-        self._increment = increment
-
-    def __call__(self, val: int) -> int:
-        return val + self._increment
-
-
-@serve.deployment
-class Multiplier:
-    def __init__(self, multiple: int):
-        self._multiple = multiple
-
-    def __call__(self, val: int) -> int:
-        return val * self._multiple
-
-
-@serve.deployment
-class Ingress:
-    def __init__(self, adder: DeploymentHandle, multiplier: DeploymentHandle):
-        self._adder = adder
-        self._multiplier = multiplier
-
-    async def __call__(self, input: int) -> int:
-        adder_response: DeploymentResponse = self._adder.remote(input)
-        multiplier_response: DeploymentResponse = self._multiplier.remote(adder_response)
-        return await multiplier_response
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -62,7 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16)
     args = parser.parse_args()
 
-    app = Ingress.bind(Adder.bind(increment=1), Multiplier.bind(multiple=2))
+    app = build_app(serve)
     start = time.perf_counter()
     handle = serve.run(app, backend=args.backend)
     assert handle.remote(5).result() == 12
