@@ -229,18 +229,7 @@ def test_tandem_run_on_its_own_ray_serves_and_stops_it(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        assert server.stdout is not None
-        url = None
-        seen = []
-        deadline = time.monotonic() + 90
-        while url is None and time.monotonic() < deadline:
-            line = server.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if "serving" in line and "http://" in line:
-                url = "http://" + line.split("http://", 1)[1].split()[0]
-        assert url, "".join(seen)
+        url = _served_url(server)
         reply = httpx.get(url, timeout=30)
         assert reply.status_code == 200
         pid, in_actor = reply.text.split()
@@ -256,3 +245,79 @@ def test_tandem_run_on_its_own_ray_serves_and_stops_it(tmp_path: Path) -> None:
             server.wait()
         if server.stdout is not None:
             server.stdout.close()
+
+
+CLUSTER_APP = """
+import ray
+import tandem as serve
+
+
+@serve.deployment(ray_actor_options={"resources": {"second_node": 1}})
+class Far:
+    def __call__(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+@serve.deployment(ray_actor_options={"resources": {"first_node": 1}})
+class Near:
+    def __init__(self, far):
+        self.far = far
+
+    async def __call__(self, request) -> str:
+        return ray.get_runtime_context().get_node_id() + " " + await self.far.remote()
+
+
+app = Near.bind(Far.bind())
+"""
+
+
+def test_tandem_run_on_a_running_two_node_cluster(tmp_path: Path) -> None:
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 2, "resources": {"first_node": 1}},
+    )
+    try:
+        cluster.add_node(num_cpus=2, resources={"second_node": 1})
+        cluster.wait_for_nodes()
+        (tmp_path / "spread.py").write_text(CLUSTER_APP)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["PYTHONPATH"] = str(tmp_path)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tandem", "run", "spread:app", "--port", "0",
+             "--address", cluster.address],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            url = _served_url(server)
+            reply = httpx.get(url, timeout=30)
+            assert reply.status_code == 200, reply.text
+            near, far = reply.text.split()
+            assert near != far  # the two replicas run on two nodes and call each other
+            server.send_signal(signal.SIGINT)
+            assert server.wait(timeout=60) == 0
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+            if server.stdout is not None:
+                server.stdout.close()
+    finally:
+        cluster.shutdown()
+
+
+def _served_url(server: subprocess.Popen[str]) -> str:
+    """The URL `tandem run` says it serves at (it logs one line with it)."""
+    assert server.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = server.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if "serving" in line and "http://" in line:
+            return "http://" + line.split("http://", 1)[1].split()[0]
+    raise AssertionError("tandem run never said where it serves:\n" + "".join(seen))
