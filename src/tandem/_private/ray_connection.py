@@ -61,7 +61,7 @@ def unwrap(error: BaseException, replica_id: str) -> BaseException:
     if isinstance(error, RayActorError | ObjectLostError):
         lost = ReplicaUnavailableError(
             f"Replica {replica_id} died while handling the request "
-            f"({type(error).__name__}); the request may be retried."
+            f"({type(error).__name__}); retry it if it can safely run again."
         )
         lost.__cause__ = error
         return lost
