@@ -15,6 +15,7 @@ runtime adopts: handle calls made by the replica run inline, as elsewhere.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import os
 import pickle
@@ -32,6 +33,12 @@ from tandem._private.router import ReplicaSet
 QUEUE_REPORT_S = 0.2
 # A watch returns after this long even when nothing changed.
 WATCH_TIMEOUT_S = 30.0
+# A stream's first call returns the items that arrive within this long of the first.
+GATHER_S = 0.002
+# Items a stream buffers here before its generator waits for the caller.
+STREAM_BUFFER = 64
+# A stream's caller must ask for the rest within this long, or the stream is cancelled.
+ORPHAN_S = 30.0
 # A cancellation that arrives before its request is remembered this long.
 EARLY_CANCEL_TTL_S = 60.0
 # The attribute that carries an exception's traceback text to the caller.
@@ -54,21 +61,83 @@ def _with_traceback(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaita
     return wrapper
 
 
-_ITEM, _END, _ERROR = range(3)
+class _Ended(Exception):
+    """The replica's generator has no more items."""
 
 
-async def _pump(source: AsyncGenerator[Any, None], items: asyncio.Queue[tuple[int, Any]]) -> None:
-    """Move a stream's items into ``items``, then its end or its error."""
-    try:
-        async for item in source:
-            await items.put((_ITEM, item))
-    except Exception as exc:
-        _attach_traceback(exc)
-        await items.put((_ERROR, exc))
-    else:
-        await items.put((_END, None))
-    finally:
-        await source.aclose()
+class _Channel:
+    """A stream's items, from the replica's generator (run by a task of its own) to
+    whoever reads them here. Holds at most STREAM_BUFFER items; the generator waits
+    for room. Cancelling ``pump`` reaches the generator as CancelledError."""
+
+    def __init__(self, source: AsyncGenerator[Any, None]) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.pump = asyncio.ensure_future(self._run(source))
+        self.pump.add_done_callback(lambda _: self._readable.set())
+
+    async def _run(self, source: AsyncGenerator[Any, None]) -> None:
+        try:
+            async for item in source:
+                self._items.append(item)
+                self._readable.set()
+                if len(self._items) >= STREAM_BUFFER:
+                    self._writable.clear()
+                    await self._writable.wait()
+        except Exception as exc:
+            _attach_traceback(exc)
+            raise
+        finally:
+            await source.aclose()
+
+    def take(self) -> list[Any]:
+        """The items buffered now (perhaps none)."""
+        items = list(self._items)
+        self._items.clear()
+        self._writable.set()
+        return items
+
+    @property
+    def ended_cleanly(self) -> bool:
+        """Every item is taken and the generator ended without an error."""
+        pump = self.pump
+        return not self._items and pump.done() and not pump.cancelled() and not pump.exception()
+
+    async def wait(self, timeout_s: float | None = None) -> None:
+        """Until there is an item (or the generator ended), or ``timeout_s`` passed."""
+        if self._items or self.pump.done():
+            return
+        self._readable.clear()
+        try:
+            await asyncio.wait_for(self._readable.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
+    async def next(self) -> Any:
+        while not self._items:
+            self._raise_if_over()
+            await self.wait()
+        item = self._items.popleft()
+        self._writable.set()
+        return item
+
+    def _raise_if_over(self) -> None:
+        pump = self.pump
+        if not pump.done():
+            return
+        if pump.cancelled():
+            raise asyncio.CancelledError
+        error = pump.exception()
+        if error is not None:
+            raise error
+        raise _Ended
+
+    async def close(self) -> None:
+        if not self.pump.done():
+            self.pump.cancel()
+            await asyncio.wait([self.pump])
 
 
 def _attach_traceback(exc: BaseException) -> None:
@@ -92,6 +161,8 @@ class ReplicaActor:
         # that overtook their request (token -> when they arrived).
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._cancelled_early: dict[str, float] = {}
+        # Streams whose first items were returned, waiting for stream_rest.
+        self._open: dict[str, _Channel] = {}
 
     @_with_traceback
     async def start(
@@ -135,32 +206,69 @@ class ReplicaActor:
         finally:
             self._running.pop(token, None)
 
-    async def stream(
+    @_with_traceback
+    async def stream_open(
         self, token: str, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> AsyncGenerator[Any, None]:
-        """Yield the replica's items. The replica's generator runs in a task of its own,
-        so a cancellation reaches it as CancelledError wherever it waits, as on every
-        backend (Ray may resume this wrapper from a different task for each item)."""
+    ) -> tuple[list[Any], bool]:
+        """Start a streaming call; return its first items, and whether that was all.
+
+        Gathers items for up to GATHER_S after the first, so a short stream (most
+        HTTP responses: a start and a body) takes this one call; a longer one
+        continues with :meth:`stream_rest`, which must follow within ORPHAN_S.
+        """
         assert self.replica is not None
         if self._cancelled_early.pop(token, None) is not None:
-            return
-        items: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=1)
-        pump = asyncio.ensure_future(_pump(self.replica.stream(meta, args, kwargs), items))
-        self._running[token] = pump
+            raise asyncio.CancelledError
+        channel = _Channel(self.replica.stream(meta, args, kwargs))
+        self._running[token] = channel.pump
+        loop = asyncio.get_running_loop()
+        try:
+            first = [await channel.next()]
+            deadline = loop.time() + GATHER_S
+            while len(first) < STREAM_BUFFER:
+                first.extend(channel.take())
+                if channel.ended_cleanly:
+                    self._running.pop(token, None)
+                    return first, True
+                remaining = deadline - loop.time()
+                if remaining <= 0 or channel.pump.done():
+                    break  # an error, if any, goes out with stream_rest (after these items)
+                await channel.wait(remaining)
+        except _Ended:
+            self._running.pop(token, None)
+            return [], True
+        except BaseException:
+            self._running.pop(token, None)
+            await channel.close()
+            raise
+        self._open[token] = channel
+        loop.call_later(ORPHAN_S, self._abandon, token)
+        return first, False
+
+    async def stream_rest(self, token: str) -> AsyncGenerator[Any, None]:
+        """The rest of a stream that :meth:`stream_open` started, item by item."""
+        channel = self._open.pop(token, None)
+        if channel is None:
+            raise RuntimeError(
+                f"The stream {token} is not open here (it was cancelled, or its caller "
+                f"took longer than {ORPHAN_S} s to ask for the rest)."
+            )
         try:
             while True:
-                kind, value = await items.get()
-                if kind == _ITEM:
-                    yield value
-                elif kind == _END:
+                try:
+                    item = await channel.next()
+                except _Ended:
                     return
-                else:
-                    raise value
+                yield item
         finally:
             self._running.pop(token, None)
-            if not pump.done():
-                pump.cancel()
-                await asyncio.wait([pump])
+            await channel.close()
+
+    def _abandon(self, token: str) -> None:
+        channel = self._open.pop(token, None)
+        if channel is not None:  # its caller never came back for the rest
+            self._running.pop(token, None)
+            channel.pump.cancel()
 
     async def cancel(self, token: str) -> None:
         """Cancel the request the caller knows as ``token``, even if it has not started yet.
@@ -171,6 +279,9 @@ class ReplicaActor:
         task = self._running.get(token)
         if task is not None:
             task.cancel()
+            channel = self._open.pop(token, None)
+            if channel is not None:
+                self._running.pop(token, None)
             return
         now = time.monotonic()
         self._cancelled_early[token] = now

@@ -117,13 +117,21 @@ class RayConnection:
     async def stream(
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncGenerator[Any, None]:
+        """One call for the first items (often all of them), then a Ray streaming
+        generator for the rest: a streaming call costs Ray about three unary ones."""
         self._check()
         token = f"{self._prefix}{next(self._tokens):x}"
-        refs = self._actor.stream.options(num_returns="streaming").remote(token, meta, args, kwargs)
+        ref: Any = self._actor.stream_open.remote(token, meta, args, kwargs)
         finished = False
         try:
-            async for ref in refs:
-                yield await ref
+            first, finished = await ref
+            for item in first:
+                yield item
+            if finished:
+                return
+            ref = self._actor.stream_rest.options(num_returns="streaming").remote(token)
+            async for item_ref in ref:
+                yield await item_ref
             finished = True
         except (RayTaskError, RayActorError, ObjectLostError) as error:
             finished = True
@@ -131,7 +139,7 @@ class RayConnection:
             raise translated from translated.__cause__
         finally:
             if not finished:  # closed early or cancelled: stop the generator in the replica
-                self._cancel(token, refs)
+                self._cancel(token, ref)
 
     def _cancel(self, token: str, ref: Any) -> None:
         ray.cancel(ref)
