@@ -2,8 +2,10 @@
 
 The driver creates one :class:`ReplicaActor` per replica, then calls ``start``
 with the replica's spec and the replica sets of every deployment. The actor
-serves ``call`` and ``stream`` (the routers of other processes send requests
-straight to it), obeys the control methods (health, reconfigure, rank, stop),
+serves ``call``, and streams as ``stream_open`` (the first items, often all)
+then ``stream_rest`` (the rest, as a Ray streaming generator); the routers of
+other processes send requests straight to it, and may ``cancel`` them by the
+token they gave. It obeys the control methods (health, reconfigure, rank, stop),
 and answers ``watch``: a long poll that returns when the models it holds or the
 requests waiting in its routers change. The driver keeps one ``watch`` pending
 per actor, so it also learns at once when the actor dies.
