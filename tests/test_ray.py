@@ -321,3 +321,32 @@ def _served_url(server: subprocess.Popen[str]) -> str:
         if "serving" in line and "http://" in line:
             return "http://" + line.split("http://", 1)[1].split()[0]
     raise AssertionError("tandem run never said where it serves:\n" + "".join(seen))
+
+
+EXITING_DRIVER = """
+import os, sys
+import tandem as serve  # before Ray: Ray's exit handler is then registered after tandem's
+import ray
+ray.init(address=sys.argv[1])
+
+@serve.deployment
+class Pid:
+    def __call__(self) -> int:
+        return os.getpid()
+
+print(serve.run(Pid.bind(), backend="ray", route_prefix=None).remote().result(), flush=True)
+# No tandem.shutdown(): the interpreter's exit must stop the replicas cleanly.
+"""
+
+
+def test_a_driver_that_exits_without_shutdown_stops_its_replicas_cleanly(tmp_path: Path) -> None:
+    script = tmp_path / "exiting.py"
+    script.write_text(EXITING_DRIVER)
+    address = ray.get_runtime_context().gcs_address
+    done = subprocess.run(
+        [sys.executable, str(script), address], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    pid = int(done.stdout.split()[-1])
+    assert _wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10), "the replica outlived it"

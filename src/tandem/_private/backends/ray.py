@@ -18,6 +18,7 @@ This module imports Ray; nothing else in tandem's core does.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import sys
@@ -52,6 +53,17 @@ LOCAL_MIN_CPUS = 64
 STOP_WAIT_S = 5.0
 
 _RemoteReplica: Any = ray.remote(ReplicaActor)
+
+
+def _shutdown_tandem() -> None:
+    from tandem._private.api import shutdown
+
+    shutdown()
+
+
+# At exit, tandem stops its replicas while Ray is still connected: atexit runs
+# handlers last-in first-out, and Ray registered its own when it was imported.
+atexit.register(_shutdown_tandem)
 
 
 @dataclass
@@ -95,6 +107,9 @@ class RayBackend(Backend):
 
     async def close(self) -> None:
         actors = list(self._actors.values())
+        if not ray.is_initialized():  # Ray went first (its actors went with it)
+            self._actors.clear()
+            return
         for actor in actors:
             actor.stopping = True
             ray.kill(actor.handle, no_restart=True)
@@ -167,6 +182,9 @@ class RayBackend(Backend):
         if actor is None:
             return
         actor.stopping = True
+        if not ray.is_initialized():
+            self._forget(actor)
+            return
         try:
             await asyncio.wait_for(actor.handle.stop.remote(timeout_s), timeout_s + 5)
         except (asyncio.TimeoutError, RayError):
