@@ -482,8 +482,12 @@ def test_failing_constructor_makes_run_raise_promptly(tmp_path: Path, backend: s
 
     @serve.deployment
     class Broken:
-        def __init__(self) -> None:
-            time.sleep(0.1)  # let the sibling finish starting first
+        def __init__(self, path: str) -> None:
+            # Fail once the sibling has started (replicas start at once, in any order).
+            deadline = time.monotonic() + 10
+            while "sibling started" not in _lines(Path(path)) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.1)  # and has finished starting
             raise _ModelLoadError("weights file is corrupt")
 
     @serve.deployment
@@ -493,7 +497,9 @@ def test_failing_constructor_makes_run_raise_promptly(tmp_path: Path, backend: s
 
     start = time.monotonic()
     with pytest.raises(DeploymentFailedError) as info:
-        serve.run(Ingress.bind(Sibling.bind(str(log)), Broken.bind()), name="bad", backend=backend)
+        serve.run(
+            Ingress.bind(Sibling.bind(str(log)), Broken.bind(str(log))), name="bad", backend=backend
+        )
     assert time.monotonic() - start < 5
     message = str(info.value)
     assert "Broken" in message

@@ -326,11 +326,13 @@ def _describe(resources: dict[str, float]) -> str:
 
 async def _wait_for_start(ref: Any, spec: ReplicaSpec, options: dict[str, Any]) -> Any:
     """The result of the actor's ``start``, logging while the cluster has no room for it."""
+    started = asyncio.ensure_future(_awaitable(ref))
     waited = 0.0
-    while True:
-        try:
-            return await asyncio.wait_for(asyncio.shield(_awaitable(ref)), PENDING_WARNING_S)
-        except asyncio.TimeoutError:
+    try:
+        while True:
+            done, _ = await asyncio.wait([started], timeout=PENDING_WARNING_S)
+            if done:
+                return started.result()
             waited += PENDING_WARNING_S
             wanted = {k: v for k, v in options.items() if k not in ("max_concurrency", "name")}
             logger.warning(
@@ -342,6 +344,8 @@ async def _wait_for_start(ref: Any, spec: ReplicaSpec, options: dict[str, Any]) 
                 wanted,
                 _describe(_free_resources()),
             )
+    finally:
+        started.cancel()  # given up (cancelled): nobody will want its outcome
 
 
 def _free_resources() -> dict[str, float]:
