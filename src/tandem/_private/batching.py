@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandem._private.queues import drain
+from tandem._private.queues import drain, wait_event
 from tandem._private.replica import current_replica
 
 
@@ -88,9 +88,7 @@ class _BatchQueue:
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
                     break
-                try:
-                    await asyncio.wait_for(self.arrived.wait(), remaining)
-                except asyncio.TimeoutError:
+                if not await wait_event(self.arrived, remaining):
                     break
             batch = self._take()
             await slots.acquire()

@@ -24,6 +24,7 @@ from tandem._private.autoscaling import AutoscalingPolicy
 from tandem._private.backends.base import Backend, ReplicaStartError
 from tandem._private.context import DeploymentID
 from tandem._private.graph import ApplicationSpec, DeploymentSpec
+from tandem._private.queues import wait_event
 from tandem._private.replica import ReplicaSpec
 from tandem._private.router import ReplicaInfo, ReplicaSet
 from tandem._private.status import (
@@ -506,10 +507,7 @@ class Controller:
                         else:
                             next_due = min(next_due, record.next_sample)
             self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.005, next_due - now))
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._wakeup, max(0.005, next_due - now))
 
     async def _autoscale(self, record: DeploymentRecord) -> None:
         """Sample the deployment's load, ask its policy, and scale if it says so."""

@@ -1,4 +1,4 @@
-"""Reading a queue that a producer task fills: items, then an end marker or an error."""
+"""Waiting on the loop: a queue that a producer task fills, and an event with a timeout."""
 
 from __future__ import annotations
 
@@ -16,3 +16,19 @@ async def drain(items: asyncio.Queue[Any], end: Any) -> AsyncGenerator[Any, None
         if isinstance(item, BaseException):
             raise item
         yield item
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
+    """Wait until ``event`` is set or ``timeout_s`` passed; whether it is set.
+
+    Not ``asyncio.wait_for``: on Python 3.11, a cancellation that arrives just as
+    its timeout fires can be lost, and the cancelled task then waits forever.
+    """
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([waiter], timeout=timeout_s)
+    finally:
+        waiter.cancel()
+    return event.is_set()

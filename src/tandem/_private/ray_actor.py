@@ -28,6 +28,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from tandem._private.context import DeploymentID, RequestMetadata
+from tandem._private.queues import wait_event
 from tandem._private.replica import Replica
 from tandem._private.router import ReplicaSet
 
@@ -112,10 +113,7 @@ class _Channel:
         if self._items or self.pump.done():
             return
         self._readable.clear()
-        try:
-            await asyncio.wait_for(self._readable.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(self._readable, timeout_s)
 
     async def next(self) -> Any:
         while not self._items:
