@@ -42,6 +42,8 @@ GATHER_S = 0.002
 STREAM_BUFFER = 64
 # A stream's caller must ask for the rest within this long, or the stream is cancelled.
 ORPHAN_S = 30.0
+# A stopped replica refuses late requests for this long before its actor is killed.
+STOP_LINGER_S = 0.5
 # A cancellation that arrives before its request is remembered this long.
 EARLY_CANCEL_TTL_S = 60.0
 # The attribute that carries an exception's traceback text to the caller.
@@ -328,6 +330,9 @@ class ReplicaActor:
             self._reporting.cancel()
         if self.replica is not None:
             await self.replica.stop(timeout_s)
+            # Requests sent before the caller learnt of the new replica set may still be
+            # on their way; refused here (not lost with the actor), they go elsewhere.
+            await asyncio.sleep(STOP_LINGER_S)
 
     async def publish(self, replica_set: ReplicaSet) -> None:
         from tandem._private.runtime import current_runtime
