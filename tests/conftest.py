@@ -47,20 +47,21 @@ def local_ray() -> None:
     _start_ray_once()
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
+def _backend_named(request: pytest.FixtureRequest) -> str:
     name = str(request.param)
     if name == "ray":
         _start_ray_once()
     return name
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return _backend_named(request)
 
 
 @pytest.fixture(params=REMOTE_BACKENDS)
 def remote_backend(request: pytest.FixtureRequest) -> str:
-    name = str(request.param)
-    if name == "ray":
-        _start_ray_once()
-    return name
+    return _backend_named(request)
 
 
 @pytest.fixture(autouse=True, scope="session")

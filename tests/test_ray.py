@@ -12,11 +12,13 @@ The shared behaviours run on this backend through the ``backend`` and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -218,18 +220,7 @@ app = Where.bind()
 
 def test_tandem_run_on_its_own_ray_serves_and_stops_it(tmp_path: Path) -> None:
     (tmp_path / "where.py").write_text(APP)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(tmp_path)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tandem", "run", "where:app", "--backend", "ray", "--port", "0"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        url = _served_url(server)
+    with _tandem_run(tmp_path, "where:app", "--backend", "ray") as (server, url):
         reply = httpx.get(url, timeout=30)
         assert reply.status_code == 200
         pid, in_actor = reply.text.split()
@@ -237,14 +228,8 @@ def test_tandem_run_on_its_own_ray_serves_and_stops_it(tmp_path: Path) -> None:
         assert in_actor == "True"
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=60) == 0
-        # Its Ray went with it: the replica actor's process is gone.
-        assert _wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        if server.stdout is not None:
-            server.stdout.close()
+    # Its Ray went with it: the replica actor's process is gone.
+    assert _wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
 
 
 CLUSTER_APP = """
@@ -283,29 +268,37 @@ def test_tandem_run_on_a_running_two_node_cluster(tmp_path: Path) -> None:
         cluster.add_node(num_cpus=2, resources={"second_node": 1})
         cluster.wait_for_nodes()
         (tmp_path / "spread.py").write_text(CLUSTER_APP)
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["PYTHONPATH"] = str(tmp_path)
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tandem", "run", "spread:app", "--port", "0",
-             "--address", cluster.address],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        try:
-            url = _served_url(server)
+        with _tandem_run(tmp_path, "spread:app", "--address", cluster.address) as (
+            server,
+            url,
+        ):
             reply = httpx.get(url, timeout=30)
             assert reply.status_code == 200, reply.text
             near, far = reply.text.split()
             assert near != far  # the two replicas run on two nodes and call each other
             server.send_signal(signal.SIGINT)
             assert server.wait(timeout=60) == 0
-        finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
-            if server.stdout is not None:
-                server.stdout.close()
     finally:
         cluster.shutdown()
+
+
+@contextlib.contextmanager
+def _tandem_run(app_dir: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`tandem run ARGS --port 0` in ``app_dir`` (no $RAY_ADDRESS): the process, its URL."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(app_dir)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tandem", "run", *args, "--port", "0"],
+        cwd=app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        yield server, _served_url(server)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
 
 
 def _served_url(server: subprocess.Popen[str]) -> str:
