@@ -583,6 +583,57 @@ def test_cancel_outer_request_cancels_awaited_downstream_call(backend: str) -> N
     assert handle.report.remote().result(timeout_s=5) == (True, ["started", "cancelled"])
 
 
+def test_cancel_reaches_only_the_calls_the_cancelled_code_awaits(backend: str) -> None:
+    """Cancellation follows the caller's own awaits: a downstream call the replica
+    shields from it runs on, and the replica can still wait for it while cleaning up."""
+
+    @serve.deployment
+    class Child:
+        async def __call__(self) -> str:
+            await asyncio.sleep(0.5)
+            return "child finished"
+
+    @serve.deployment
+    class Shielding:
+        def __init__(self, child: DeploymentHandle) -> None:
+            self.child = child
+            self.events: list[str] = []
+
+        async def __call__(self) -> str:
+            self.events.append("started")
+            pending = asyncio.ensure_future(self._ask_child())
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                self.events.append("cancelled")
+                try:
+                    self.events.append(await pending)
+                except Exception as error:
+                    self.events.append(type(error).__name__)
+                raise
+
+        async def _ask_child(self) -> str:
+            return await self.child.remote()
+
+        def seen(self) -> list[str]:
+            return list(self.events)
+
+    handle = serve.run(Shielding.bind(Child.bind()), backend=backend, route_prefix=None)
+    response = handle.remote()
+    deadline = time.monotonic() + 5
+    while handle.seen.remote().result(timeout_s=5) != ["started"]:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.02)
+    response.cancel()
+    with pytest.raises(RequestCancelledError):
+        response.result(timeout_s=5)
+    deadline = time.monotonic() + 5
+    while len(events := handle.seen.remote().result(timeout_s=5)) < 3:
+        assert time.monotonic() < deadline, events
+        time.sleep(0.05)
+    assert events == ["started", "cancelled", "child finished"]
+
+
 def test_cancel_sync_method_call(backend: str) -> None:
     @serve.deployment
     class SyncWork:

@@ -12,6 +12,7 @@ The shared behaviours run on this backend through the ``backend`` and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -26,7 +27,11 @@ import httpx
 import pytest
 
 import tandem as serve
-from tandem.exceptions import DeploymentFailedError, ReplicaUnavailableError
+from tandem.exceptions import (
+    DeploymentFailedError,
+    ReplicaUnavailableError,
+    RequestCancelledError,
+)
 from tandem.handle import DeploymentHandle, DeploymentResponse
 
 ray = pytest.importorskip("ray")
@@ -198,6 +203,25 @@ def test_to_object_ref_of_a_failed_call_holds_its_error() -> None:
     assert isinstance(ref, ray.ObjectRef)  # as in Ray: the error comes with the value
     with pytest.raises(AttributeError, match="missing_method"):
         ray.get(ref, timeout=30)
+
+
+@serve.deployment
+class Sleeper:
+    async def __call__(self) -> str:
+        await asyncio.sleep(30)
+        return "woke"
+
+
+def test_a_call_cancelled_through_ray_raises_request_cancelled_to_its_caller() -> None:
+    handle = serve.run(Sleeper.bind(), name="ray_cancel", route_prefix=None, backend="ray")
+    response = handle.remote()
+    ref = response._to_object_ref_sync()
+    time.sleep(0.3)  # let it start
+    ray.cancel(ref)  # not the caller's doing: the caller sees tandem's error, not Ray's
+    with pytest.raises(RequestCancelledError, match="cancelled"):
+        response.result(timeout_s=10)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(ref, timeout=10)
 
 
 # --------------------------------------------------------------------------

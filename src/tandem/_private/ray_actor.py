@@ -275,8 +275,8 @@ class ReplicaActor:
     async def cancel(self, token: str) -> None:
         """Cancel the request the caller knows as ``token``, even if it has not started yet.
 
-        Ray's own cancellation can miss a request that is about to start; this
-        cannot, so callers send both.
+        Callers use this rather than ``ray.cancel``, which can miss a request about
+        to start, and can cancel the calls a request made along with it.
         """
         task = self._running.get(token)
         if task is not None:

@@ -19,7 +19,6 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 from ray.exceptions import (
     ActorUnavailableError,
     ObjectLostError,
@@ -33,7 +32,7 @@ from tandem._private.errors import ReplicaNotReached
 from tandem._private.ray_actor import TRACEBACK_ATTRIBUTE
 from tandem._private.router import ReplicaInfo
 from tandem._private.transport import RemoteTraceback
-from tandem.exceptions import ReplicaUnavailableError
+from tandem.exceptions import ReplicaUnavailableError, RequestCancelledError
 
 
 @dataclass(frozen=True)
@@ -51,13 +50,21 @@ def unwrap(error: BaseException, replica_id: str) -> BaseException:
         cause = error.cause
         if isinstance(cause, RayActorError | ObjectLostError):
             return unwrap(cause, replica_id)
-        if isinstance(cause, BaseException) and not isinstance(cause, TaskCancelledError):
+        if isinstance(cause, TaskCancelledError):
+            return unwrap(cause, replica_id)
+        if isinstance(cause, BaseException):
             text = cause.__dict__.pop(TRACEBACK_ATTRIBUTE, None)
             if not isinstance(text, str):
                 text = getattr(error, "traceback_str", None) or str(error)
             cause.__cause__ = RemoteTraceback(text)
             return cause
         return error
+    if isinstance(error, TaskCancelledError):
+        cancelled = RequestCancelledError(
+            f"The request was cancelled in replica {replica_id} by someone other than its caller."
+        )
+        cancelled.__cause__ = error
+        return cancelled
     if isinstance(error, RayActorError | ObjectLostError):
         lost = ReplicaUnavailableError(
             f"Replica {replica_id} died while handling the request "
@@ -108,9 +115,9 @@ class RayConnection:
         try:
             return await ref
         except asyncio.CancelledError:
-            self._cancel(token, ref)  # the replica cancels the request and its downstream calls
+            self._cancel(token)  # the replica cancels the request and its downstream calls
             raise
-        except (RayTaskError, RayActorError, ObjectLostError) as error:
+        except (RayTaskError, RayActorError, ObjectLostError, TaskCancelledError) as error:
             translated = self._translate(error)
             raise translated from translated.__cause__
 
@@ -133,16 +140,19 @@ class RayConnection:
             async for item_ref in ref:
                 yield await item_ref
             finished = True
-        except (RayTaskError, RayActorError, ObjectLostError) as error:
+        except (RayTaskError, RayActorError, ObjectLostError, TaskCancelledError) as error:
             finished = True
             translated = self._translate(error)
             raise translated from translated.__cause__
         finally:
             if not finished:  # closed early or cancelled: stop the generator in the replica
-                self._cancel(token, ref)
+                self._cancel(token)
 
-    def _cancel(self, token: str, ref: Any) -> None:
-        ray.cancel(ref)
+    def _cancel(self, token: str) -> None:
+        # tandem's own cancel, not ray.cancel: Ray's can also cancel the replica's
+        # downstream calls, even ones its code shields (recursive=False or not), so
+        # that code would see their errors instead of its own CancelledError. Here
+        # cancelling a request cancels just what its code awaits, as on every backend.
         if not self._dead:
             self._actor.cancel.remote(token)
 
