@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 
 import tandem
 import tandem as serve
+from helpers import wait_for
 from tandem.exceptions import DeploymentFailedError, DeploymentUnavailableError, TandemError
 
 
@@ -29,15 +29,6 @@ def _append(path: str, line: str) -> None:
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
-
-
-def _wait_for(predicate: Callable[[], bool], timeout_s: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # -- run ------------------------------------------------------------------------
@@ -182,7 +173,7 @@ def test_deployment_removed_on_redeploy_is_stopped(tmp_path: Path, backend: str)
     handle = serve.run(Solo.bind(), name="app", backend=backend)
     assert handle.remote().result() == "solo"
     assert sorted(serve.status().applications["app"].deployments) == ["Solo"]
-    assert _wait_for(lambda: _lines(log) == ["child deleted"])
+    assert wait_for(lambda: _lines(log) == ["child deleted"])
     with pytest.raises(DeploymentUnavailableError):
         child_handle.remote().result(timeout_s=2)
     with pytest.raises(DeploymentUnavailableError):
@@ -211,7 +202,7 @@ def test_delete_stops_one_app_and_leaves_the_others(tmp_path: Path, backend: str
     assert doomed.remote().result() == "a"
 
     serve.delete("a")
-    assert _wait_for(lambda: _lines(log) == ["deleted a"])
+    assert wait_for(lambda: _lines(log) == ["deleted a"])
     with pytest.raises(DeploymentUnavailableError):
         doomed.remote().result(timeout_s=2)
     with pytest.raises(DeploymentUnavailableError):
@@ -511,7 +502,7 @@ def test_failing_constructor_makes_run_raise_promptly(tmp_path: Path, backend: s
     assert "bad" not in serve.status().applications
     with pytest.raises(DeploymentUnavailableError):
         serve.get_app_handle("bad")
-    assert _wait_for(lambda: _lines(log) == ["sibling started", "sibling deleted"])
+    assert wait_for(lambda: _lines(log) == ["sibling started", "sibling deleted"])
 
 
 _SYSTEM_EXIT_SCRIPT = textwrap.dedent(
@@ -622,7 +613,7 @@ def test_unhealthy_replica_is_replaced(backend: str) -> None:
 
     dep = serve.status().applications["fragile"].deployments["Fragile"]
     assert dep.restarts >= 1
-    assert _wait_for(
+    assert wait_for(
         lambda: serve.status().applications["fragile"].deployments["Fragile"].running_replicas == 1
     )
 

@@ -6,6 +6,7 @@ import threading
 import time
 
 import tandem as serve
+from helpers import wait_for
 from tandem._private.autoscaling import AutoscalingPolicy
 from tandem._private.config import AutoscalingConfig
 
@@ -103,15 +104,6 @@ def _deployment(name: str = "Slow"):  # type: ignore[no-untyped-def]
     return serve.status().applications["default"].deployments[name]
 
 
-def _wait_for(predicate, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_scales_from_zero_up_under_load_and_back_to_zero(backend: str) -> None:
     handle = serve.run(Slow.bind(), backend=backend, route_prefix=None)
     assert _deployment().running_replicas == 0, "min_replicas=0 starts with no replica"
@@ -136,7 +128,9 @@ def test_scales_from_zero_up_under_load_and_back_to_zero(backend: str) -> None:
     assert len(seen) >= 2, "no scale-up under load"
     assert "above target" in _deployment().last_scaling_decision
 
-    assert _wait_for(lambda: _deployment().running_replicas == 0), "no scale-down after idling"
+    assert wait_for(lambda: _deployment().running_replicas == 0, timeout_s=10.0), (
+        "no scale-down after idling"
+    )
     assert _deployment().target_replicas == 0
     assert "below target" in _deployment().last_scaling_decision
 

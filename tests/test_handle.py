@@ -24,6 +24,7 @@ import cloudpickle
 import pytest
 
 import tandem as serve
+from helpers import eventually, wait_for
 from tandem.exceptions import BackPressureError, RequestCancelledError
 from tandem.handle import DeploymentHandle, DeploymentResponse
 
@@ -473,16 +474,16 @@ def test_cancel_raises_request_cancelled_and_method_sees_cancelled_error(backend
 
     handle = serve.run(Cancellable.bind(), backend=backend, route_prefix=None)
     response = handle.remote()
-    time.sleep(0.2)  # let the method start
-    assert handle.counts.remote().result(timeout_s=5) == (1, 0, 0)
+    counts = eventually(lambda: handle.counts.remote().result(timeout_s=5), lambda c: c[0])
+    assert counts == (1, 0, 0)
 
     start = time.perf_counter()
     response.cancel()
     with pytest.raises(RequestCancelledError):
         response.result(timeout_s=5)
     assert time.perf_counter() - start < 1
-    time.sleep(0.1)
-    assert handle.counts.remote().result(timeout_s=5) == (1, 1, 0)
+    counts = eventually(lambda: handle.counts.remote().result(timeout_s=5), lambda c: c[1])
+    assert counts == (1, 1, 0)
 
 
 def test_cancel_from_driver_loop(backend: str) -> None:
@@ -511,8 +512,7 @@ def test_cancel_from_driver_loop(backend: str) -> None:
             await response
 
     asyncio.run(main())
-    time.sleep(0.1)
-    assert handle.was_cancelled.remote().result(timeout_s=5) is True
+    assert wait_for(lambda: handle.was_cancelled.remote().result(timeout_s=5)) is True
 
 
 def test_cancel_before_method_starts(backend: str) -> None:
@@ -574,13 +574,13 @@ def test_cancel_outer_request_cancels_awaited_downstream_call(backend: str) -> N
 
     handle = serve.run(Outer.bind(Inner.bind()), backend=backend, route_prefix=None)
     response = handle.remote()
-    time.sleep(0.2)
-    assert handle.report.remote().result(timeout_s=5) == (False, ["started"])
+    report = eventually(lambda: handle.report.remote().result(timeout_s=5), lambda r: r[1])
+    assert report == (False, ["started"])
     response.cancel()
     with pytest.raises(RequestCancelledError):
         response.result(timeout_s=5)
-    time.sleep(0.2)
-    assert handle.report.remote().result(timeout_s=5) == (True, ["started", "cancelled"])
+    report = eventually(lambda: handle.report.remote().result(timeout_s=5), lambda r: r[0])
+    assert report == (True, ["started", "cancelled"])
 
 
 def test_cancel_reaches_only_the_calls_the_cancelled_code_awaits(backend: str) -> None:
@@ -620,17 +620,11 @@ def test_cancel_reaches_only_the_calls_the_cancelled_code_awaits(backend: str) -
 
     handle = serve.run(Shielding.bind(Child.bind()), backend=backend, route_prefix=None)
     response = handle.remote()
-    deadline = time.monotonic() + 5
-    while handle.seen.remote().result(timeout_s=5) != ["started"]:
-        assert time.monotonic() < deadline, "the request never started"
-        time.sleep(0.02)
+    assert eventually(lambda: handle.seen.remote().result(timeout_s=5), bool) == ["started"]
     response.cancel()
     with pytest.raises(RequestCancelledError):
         response.result(timeout_s=5)
-    deadline = time.monotonic() + 5
-    while len(events := handle.seen.remote().result(timeout_s=5)) < 3:
-        assert time.monotonic() < deadline, events
-        time.sleep(0.05)
+    events = eventually(lambda: handle.seen.remote().result(timeout_s=5), lambda e: len(e) >= 3)
     assert events == ["started", "cancelled", "child finished"]
 
 

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 import tandem as serve
+from helpers import eventually
 from tandem._private.api import http_url
 from tandem.handle import DeploymentHandle
 
@@ -434,7 +435,7 @@ def test_client_leaving_a_stream_stops_the_generator(backend: str) -> None:
         with c.stream("GET", url("/")) as r:
             first = next(r.iter_raw())
         assert first.startswith(b"line 0")
-    events = poll(lambda: handle.seen.remote().result(timeout_s=5), lambda e: "closed" in e)
+    events = eventually(lambda: handle.seen.remote().result(timeout_s=5), lambda e: "closed" in e)
     assert events == ["closed"]
 
     # And the request no longer counts against the replica (or shutdown would wait for it).
@@ -442,7 +443,7 @@ def test_client_leaving_a_stream_stops_the_generator(backend: str) -> None:
         replicas = serve.status().applications["default"].deployments["Endless"].replicas
         return sum(r.in_flight or 0 for r in replicas)
 
-    assert poll(in_flight, lambda n: n == 0) == 0
+    assert eventually(in_flight, lambda n: n == 0) == 0
 
 
 # -- timeouts and disconnects cancel the request ---------------------------------
@@ -467,15 +468,6 @@ class Slow:
         return list(self.events)
 
 
-def poll(read: Any, until: Any, timeout_s: float = 3.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    value = read()
-    while not until(value) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        value = read()
-    return value
-
-
 @pytest.fixture
 def request_timeout_half_a_second() -> Any:
     serve.start(http_options={"port": 0, "request_timeout_s": 0.5})
@@ -495,7 +487,9 @@ def test_request_timeout_answers_408_and_cancels_the_ingress(backend: str) -> No
         assert r.status_code == 408, r.text
         assert r.headers["x-request-id"] in r.text
         assert 0.4 < elapsed < 3, elapsed
-        events = poll(lambda: handle.seen.remote().result(timeout_s=5), lambda e: "cancelled" in e)
+        events = eventually(
+            lambda: handle.seen.remote().result(timeout_s=5), lambda e: "cancelled" in e
+        )
         assert events == ["started", "cancelled"]
         # The server keeps serving, and the admin endpoints work.
         assert c.get(url("/-/healthz")).status_code == 200
@@ -544,9 +538,11 @@ def test_client_disconnect_cancels_ingress_and_downstream_call(backend: str) -> 
     with httpx.Client(timeout=httpx.Timeout(10.0, read=0.3)) as c:
         with pytest.raises(httpx.ReadTimeout):
             c.get(url("/"))
-    down = poll(lambda: downstream.seen.remote().result(timeout_s=5), lambda e: "cancelled" in e)
+    down = eventually(
+        lambda: downstream.seen.remote().result(timeout_s=5), lambda e: "cancelled" in e
+    )
     assert down == ["started", "cancelled"]
-    up = poll(lambda: handle.seen.remote().result(timeout_s=5), lambda e: "cancelled" in e)
+    up = eventually(lambda: handle.seen.remote().result(timeout_s=5), lambda e: "cancelled" in e)
     assert up == ["started", "cancelled"]
     with client() as c:  # and the server still answers
         assert c.get(url("/-/healthz")).status_code == 200

@@ -36,6 +36,7 @@ import httpx
 import pytest
 
 import tandem as serve
+from helpers import wait_for
 from tandem._private.api import http_url
 from tandem.exceptions import (
     BackPressureError,
@@ -95,16 +96,6 @@ def _worker_children() -> list[int]:
     return found
 
 
-def _wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy; returns it, or the last falsy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
 def _deployment_status(app: str, name: str) -> Any:
     return serve.status().applications[app].deployments[name]
 
@@ -127,7 +118,7 @@ def _call_until_ok(fn: Callable[[], Any], timeout: float) -> Any:
 
 def _no_worker_children(timeout: float = 3.0) -> list[int]:
     """Wait until no replica process of this driver is alive; returns those still alive."""
-    _wait_for(lambda: not _worker_children(), timeout)
+    wait_for(lambda: not _worker_children(), timeout)
     return _worker_children()
 
 
@@ -144,7 +135,7 @@ def _leftover_replicas(backend: str, timeout: float = 3.0) -> list[Any]:
     def alive() -> list[str]:
         return [n for n in ray.util.list_named_actors() if str(n).startswith("tandem:")]
 
-    _wait_for(lambda: not alive(), timeout)
+    wait_for(lambda: not alive(), timeout)
     return alive()
 
 
@@ -220,7 +211,7 @@ def test_dead_replica_is_replaced_and_in_flight_requests_fail(
             killer.result(timeout_s=5)
 
     # The death is noticed within a second (the replacement counts as a restart).
-    noticed = _wait_for(lambda: _deployment_status("fragile", "Fragile").restarts >= 1, 3.0)
+    noticed = wait_for(lambda: _deployment_status("fragile", "Fragile").restarts >= 1, 3.0)
     assert noticed, "the dead replica was not noticed"
     assert time.monotonic() - started < 1.0
 
@@ -271,10 +262,10 @@ def test_failing_health_check_replaces_the_replica(mode: str, remote_backend: st
         pids = _status_pids("sickly", "Sickly")
         return pids[0] if pids and pids[0] != old_pid else None
 
-    new_pid = _wait_for(replaced, 5.0)
+    new_pid = wait_for(replaced, 5.0)
     assert new_pid, "the unhealthy replica was not replaced"
     assert _call_until_ok(lambda: handle.pid.remote().result(timeout_s=5), 5.0) == new_pid
-    assert _wait_for(lambda: not _alive(old_pid), 3.0), "the unhealthy replica still runs"
+    assert wait_for(lambda: not _alive(old_pid), 3.0), "the unhealthy replica still runs"
     time.sleep(0.6)  # the replacement is healthy: it stays
     status = _deployment_status("sickly", "Sickly")
     assert status.restarts == 1
@@ -303,7 +294,7 @@ def test_replica_survives_garbage_collection(remote_backend: str) -> None:
     serve.shutdown()
     assert time.monotonic() - started < 2.0
     # A process is gone when shutdown() returns; a Ray actor's process a moment later.
-    assert _wait_for(lambda: not _alive(pid), 0 if remote_backend == "process" else 5.0)
+    assert wait_for(lambda: not _alive(pid), 0 if remote_backend == "process" else 5.0)
 
 
 # --------------------------------------------------------------------------
@@ -387,7 +378,7 @@ def test_constructor_failing_on_restart_marks_deployment_failed(
         seen.append((status.status, status.message))
         return status.status == "DEPLOY_FAILED"
 
-    assert _wait_for(failed, 20.0, interval=0.05), f"never marked failed; saw {seen[-3:]}"
+    assert wait_for(failed, 20.0, interval_s=0.05), f"never marked failed; saw {seen[-3:]}"
     for state, message in seen:
         assert state in ("HEALTHY", "UNHEALTHY", "DEPLOY_FAILED"), state
         if state in ("UNHEALTHY", "DEPLOY_FAILED") and message:
@@ -456,7 +447,7 @@ def test_redeploy_with_new_args_fails_no_request(remote_backend: str) -> None:
     assert [handle.get.remote().result(timeout_s=5) for _ in range(10)] == ["v2"] * 10
     new_pids = _status_pids("versioned", "Versioned")
     assert len(new_pids) == 2 and not set(new_pids) & set(old_pids)
-    assert _wait_for(lambda: not any(_alive(p) for p in old_pids), 8.0), "old replicas still run"
+    assert wait_for(lambda: not any(_alive(p) for p in old_pids), 8.0), "old replicas still run"
 
 
 # --------------------------------------------------------------------------
@@ -531,7 +522,7 @@ def test_no_replica_outlives_its_driver(tmp_path: Path, how: str) -> None:
             assert all(_alive(p) for p in pids)
             driver.kill()
         driver.wait(timeout=20)
-        gone = _wait_for(lambda: not any(_alive(p) for p in pids), 3.0)
+        gone = wait_for(lambda: not any(_alive(p) for p in pids), 3.0)
         assert gone, f"replicas outlived the driver ({how}): {[p for p in pids if _alive(p)]}"
     finally:
         _stop_driver(driver, pids)
@@ -548,7 +539,7 @@ def test_driver_exit_stops_replicas_gracefully(tmp_path: Path, how: str) -> None
     driver, pids = _start_driver(tmp_path, how)
     try:
         assert driver.wait(timeout=20) == 0
-        assert _wait_for(lambda: not any(_alive(p) for p in pids), 3.0)
+        assert wait_for(lambda: not any(_alive(p) for p in pids), 3.0)
         errors = (tmp_path / "stderr.txt").read_text()
         assert "Traceback" not in errors, errors
         marks = tmp_path / "destroyed"
@@ -715,7 +706,7 @@ def test_gpus_are_given_out_one_per_replica(monkeypatch: pytest.MonkeyPatch) -> 
         pids = _status_pids("gpu", "OnGPU")
         return len(pids) == 2 and victim not in pids
 
-    assert _wait_for(replaced, 5.0)
+    assert wait_for(replaced, 5.0)
     after = _call_until_ok(lambda: _devices_by_pid(handle, 2), 5.0)
     assert victim not in after
     assert sorted(after.values()) == ["0", "1"], after
@@ -953,7 +944,7 @@ def test_streams_cross_processes_item_by_item_and_stop_when_closed(remote_backen
         def closed(kind: str = kind, number: int = number) -> bool:
             return source.state.remote().result(timeout_s=5)["closed"][kind] == number
 
-        assert _wait_for(closed, 3.0, interval=0.05), (method, source.state.remote().result())
+        assert wait_for(closed, 3.0, interval_s=0.05), (method, source.state.remote().result())
         produced = source.state.remote().result(timeout_s=5)["produced"][kind]
         time.sleep(0.3)
         assert source.state.remote().result(timeout_s=5)["produced"][kind] == produced

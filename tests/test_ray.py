@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 import tandem as serve
+from helpers import wait_for
 from tandem.exceptions import (
     DeploymentFailedError,
     ReplicaUnavailableError,
@@ -45,15 +46,6 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _ray(local_ray: None) -> None:
     """Every test here needs the session's local Ray."""
-
-
-def _wait_for(predicate: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------
@@ -140,7 +132,7 @@ def test_an_actor_killed_through_ray_is_replaced() -> None:
         status = serve.status().applications["victim"].deployments["Victim"]
         return status.restarts >= 1 and status.running_replicas == 1
 
-    assert _wait_for(replaced, 15), "the killed actor was not replaced"
+    assert wait_for(replaced, 15), "the killed actor was not replaced"
     deadline = time.monotonic() + 15
     while True:
         try:
@@ -253,7 +245,7 @@ def test_tandem_run_on_its_own_ray_serves_and_stops_it(tmp_path: Path) -> None:
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=60) == 0
     # Its Ray went with it: the replica actor's process is gone.
-    assert _wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
 
 
 CLUSTER_APP = """
@@ -366,4 +358,4 @@ def test_a_driver_that_exits_without_shutdown_stops_its_replicas_cleanly(tmp_pat
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     pid = int(done.stdout.split()[-1])
-    assert _wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10), "the replica outlived it"
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10), "the replica outlived it"

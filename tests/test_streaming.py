@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import tandem as serve
+from helpers import eventually
 from tandem.exceptions import RequestCancelledError
 from tandem.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -277,12 +278,7 @@ STOPPABLE_KINDS = [
 
 def _wait_stopped(handle: DeploymentHandle) -> dict[str, int]:
     """The replica's state once its generator has stopped (finally ran), else the last seen."""
-    deadline = time.monotonic() + 1.0
-    state = handle.state.remote().result(timeout_s=5)
-    while state["finally_ran"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-        state = handle.state.remote().result(timeout_s=5)
-    return state
+    return eventually(lambda: handle.state.remote().result(timeout_s=5), lambda s: s["finally_ran"])
 
 
 @pytest.mark.parametrize("kind", STOPPABLE_KINDS)
