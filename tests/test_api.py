@@ -459,6 +459,28 @@ class _ModelLoadError(Exception):
     pass
 
 
+def test_runtime_env_vars_reach_replicas_where_the_backend_can_set_them(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    @serve.deployment(
+        ray_actor_options={"runtime_env": {"env_vars": {"TANDEM_TEST_COLOUR": "teal"}}}
+    )
+    def colour() -> str | None:
+        import os
+
+        return os.environ.get("TANDEM_TEST_COLOUR")
+
+    with caplog.at_level("WARNING", logger="tandem"):
+        handle = serve.run(colour.bind(), backend=backend, route_prefix=None)
+        seen = handle.remote().result(timeout_s=30)
+    if backend == "local":  # one process for every replica: it says it cannot
+        assert seen is None
+        assert "runtime_env env_vars, which the local backend does not apply" in caplog.text
+    else:
+        assert seen == "teal"
+        assert "runtime_env" not in caplog.text
+
+
 def test_failing_constructor_makes_run_raise_promptly(tmp_path: Path, backend: str) -> None:
     log = tmp_path / "log"
 

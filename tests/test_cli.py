@@ -459,6 +459,47 @@ def test_bad_num_replicas_names_its_field_path(app_dir: Path, tmp_path: Path) ->
     assert_clear_failure(result, "applications[1].deployments[0].num_replicas")
 
 
+ENV_APP = """
+import os
+import tandem as serve
+
+@serve.deployment(
+    ray_actor_options={"runtime_env": {"env_vars": {"OWN": "mine", "BOTH": "deployment"}}}
+)
+class Env:
+    def __call__(self, request) -> dict:
+        return {name: os.environ.get(name) for name in ("APP", "OWN", "BOTH")}
+
+app = Env.bind()
+"""
+
+
+def test_config_runtime_env_is_inherited_by_deployments(
+    serve_cli: Any, app_dir: Path, tmp_path: Path
+) -> None:
+    (app_dir / "envs.py").write_text(ENV_APP)
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        textwrap.dedent(
+            """
+            applications:
+              - name: envs
+                route_prefix: /
+                import_path: envs:app
+                runtime_env:
+                  working_dir: .
+                  env_vars: {APP: app, BOTH: app}
+            """
+        )
+    )
+    # Replica processes get the env_vars: the application's, under the deployment's own.
+    server = serve_cli(str(config), "--backend", "process")
+    assert server.get("/").json() == {"APP": "app", "OWN": "mine", "BOTH": "deployment"}
+    log = server.output()
+    assert "runtime_env working_dir, which the process backend does not apply" in log, log
+    assert log.count("backend does not apply") == 1, log  # once per deployment
+
+
 @pytest.mark.parametrize(
     ("text", "words"),
     [
@@ -633,9 +674,27 @@ def test_reload_ctrl_c_lets_in_flight_requests_finish(serve_cli: Any, app_dir: P
     assert isinstance(answer, httpx.Response) and answer.status_code == 200, answer
 
 
-def test_address_is_for_the_ray_backend_only(app_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--address", "10.0.0.5:6379"), ("--working-dir", "."), ("--runtime-env-json", "{}")],
+)
+def test_ray_options_are_for_the_ray_backend_only(app_dir: Path, option: str, value: str) -> None:
     result = tandem(
-        "run", "greet:app", "--backend", "process", "--address", "10.0.0.5:6379",
-        cwd=app_dir, timeout=20,
+        "run", "greet:app", "--backend", "process", option, value, cwd=app_dir, timeout=20
     )  # fmt: skip
-    assert_clear_failure(result, "--address", "--backend ray")
+    assert_clear_failure(result, option, "--backend ray")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--runtime-env-json", "{pip: [emoji]}", ["--runtime-env-json", "not valid JSON"]),
+        ("--runtime-env-json", '["emoji"]', ["--runtime-env-json", "JSON object"]),
+        ("--working-dir", "no/such/dir", ["--working-dir", "'no/such/dir'", "not a directory"]),
+    ],
+)
+def test_bad_ray_runtime_env_options_fail_before_anything_starts(
+    app_dir: Path, option: str, value: str, words: list[str]
+) -> None:
+    result = tandem("run", "greet:app", option, value, cwd=app_dir, timeout=20)
+    assert_clear_failure(result, *words)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -226,9 +227,17 @@ import tandem as serve
 
 @serve.deployment
 class Where:
-    def __call__(self, request) -> str:
+    def __call__(self, request) -> dict:
         import ray
-        return f"{os.getpid()} {ray.get_runtime_context().get_actor_id() is not None}"
+        with open("data.txt") as data:  # relative: from the working directory
+            text = data.read()
+        return {
+            "pid": os.getpid(),
+            "in_actor": ray.get_runtime_context().get_actor_id() is not None,
+            "cwd": os.getcwd(),
+            "data": text,
+            "flavour": os.environ.get("TANDEM_TEST_FLAVOUR"),
+        }
 
 app = Where.bind()
 """
@@ -236,12 +245,20 @@ app = Where.bind()
 
 def test_tandem_run_on_its_own_ray_serves_and_stops_it(tmp_path: Path) -> None:
     (tmp_path / "where.py").write_text(APP)
-    with _tandem_run(tmp_path, "where:app", "--backend", "ray") as (server, url):
+    (tmp_path / "data.txt").write_text("shipped")
+    env_json = json.dumps({"env_vars": {"TANDEM_TEST_FLAVOUR": "salty"}})
+    options = ["--working-dir", ".", "--runtime-env-json", env_json]  # imply --backend ray
+    with _tandem_run(tmp_path, "where:app", *options) as (server, url):
         reply = httpx.get(url, timeout=30)
-        assert reply.status_code == 200
-        pid, in_actor = reply.text.split()
-        assert int(pid) != server.pid
-        assert in_actor == "True"
+        assert reply.status_code == 200, reply.text
+        facts = reply.json()
+        pid = facts["pid"]
+        assert pid != server.pid
+        assert facts["in_actor"] is True
+        # The replica works in Ray's copy of the working dir, with the job's env_vars.
+        assert facts["data"] == "shipped"
+        assert Path(facts["cwd"]).resolve() != tmp_path.resolve()
+        assert facts["flavour"] == "salty"
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=60) == 0
     # Its Ray went with it: the replica actor's process is gone.

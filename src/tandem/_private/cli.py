@@ -55,6 +55,18 @@ def cli() -> None:
     help="Ray cluster to run replicas on, e.g. 10.0.0.5:6379 "
     "(implies --backend ray) [default: $RAY_ADDRESS, else a new local Ray].",
 )
+@click.option(
+    "--working-dir",
+    default=None,
+    help="Directory (or remote .zip URI) shipped to every replica on Ray and made its "
+    "working directory, as Ray's runtime_env working_dir (implies --backend ray).",
+)
+@click.option(
+    "--runtime-env-json",
+    default=None,
+    help='Ray runtime_env for every replica, as JSON, e.g. \'{"pip": ["emoji"]}\' '
+    "(implies --backend ray).",
+)
 @click.option("--reload", is_flag=True, help="Restart when files in the working directory change.")
 @click.option("--request-timeout-s", type=float, default=None, help="Answer 408 after this long.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
@@ -68,6 +80,8 @@ def run(
     name: str | None,
     backend: str | None,
     address: str | None,
+    working_dir: str | None,
+    runtime_env_json: str | None,
     reload: bool,
     request_timeout_s: float | None,
     log_format: str,
@@ -81,13 +95,7 @@ def run(
     if reload:
         _run_with_reload()
         return
-    if address is not None:
-        if backend not in (None, "ray"):
-            raise _Failure(
-                f"--address is the address of a Ray cluster; it needs --backend ray, not {backend}."
-            )
-        backend = "ray"
-        os.environ["RAY_ADDRESS"] = address  # read by ray.init when the backend starts
+    backend = _ray_settings(backend, address, working_dir, runtime_env_json)
     from tandem._private.config_file import (
         ApplicationConfig,
         ServeConfig,
@@ -167,6 +175,52 @@ def run(
     finally:
         session.close()
     click.echo("tandem: stopped.", err=True)
+
+
+def _ray_settings(
+    backend: str | None, address: str | None, working_dir: str | None, env_json: str | None
+) -> str | None:
+    """Check the Ray options and hand them to the ray backend (through the environment,
+    which a --reload server inherits); return the backend they imply."""
+    given = [
+        flag
+        for flag, value in (
+            ("--address", address),
+            ("--working-dir", working_dir),
+            ("--runtime-env-json", env_json),
+        )
+        if value is not None
+    ]
+    if not given:
+        return backend
+    if backend not in (None, "ray"):
+        raise _Failure(
+            f"{given[0]} is an option of the ray backend; it needs --backend ray, not {backend}."
+        )
+    runtime_env: dict[str, Any] = {}
+    if env_json is not None:
+        try:
+            runtime_env = json.loads(env_json)
+        except ValueError as exc:
+            raise _Failure(f"--runtime-env-json is not valid JSON ({exc}): {env_json!r}") from None
+        if not isinstance(runtime_env, dict):
+            raise _Failure(f"--runtime-env-json must be a JSON object, got {env_json!r}")
+    if working_dir is not None:
+        if os.path.isdir(working_dir):
+            working_dir = os.path.abspath(working_dir)
+        elif "://" not in working_dir:
+            raise _Failure(
+                f"--working-dir {working_dir!r} is not a directory here (nor a remote URI "
+                "such as s3://bucket/code.zip)."
+            )
+        runtime_env["working_dir"] = working_dir
+    if runtime_env:
+        from tandem._private.backends import RAY_RUNTIME_ENV_VAR
+
+        os.environ[RAY_RUNTIME_ENV_VAR] = json.dumps(runtime_env)
+    if address is not None:
+        os.environ["RAY_ADDRESS"] = address  # read by ray.init when the backend starts
+    return "ray"
 
 
 def _run_with_reload() -> None:

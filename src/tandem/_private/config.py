@@ -75,6 +75,20 @@ class ActorOptions(_Strict):
     accelerator_type: str | None = None
     runtime_env: dict[str, Any] | None = None
 
+    @field_validator("runtime_env")
+    @classmethod
+    def _env_vars_are_strings(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        env_vars = (value or {}).get("env_vars")
+        if env_vars is None:
+            return value
+        if not isinstance(env_vars, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()
+        ):
+            raise ValueError(
+                f"env_vars must map names to strings (quote numbers), got {env_vars!r}"
+            )
+        return value
+
     @field_validator("resources")
     @classmethod
     def _non_negative(cls, value: dict[str, float] | None) -> dict[str, float] | None:

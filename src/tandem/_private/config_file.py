@@ -152,17 +152,26 @@ def build_applications(
         app = build_app(target, app_config.args, app_config.import_path)
         overrides = {d.name: d.options() for d in app_config.deployments}
         try:
-            built.append((app_config, apply_overrides(app, overrides, app_config.name)))
+            built.append(
+                (
+                    app_config,
+                    apply_overrides(app, overrides, app_config.name, app_config.runtime_env),
+                )
+            )
         except ValueError as exc:
             raise ValueError(f"applications[{index}] ({app_config.name!r}): {exc}") from None
     return built
 
 
 def apply_overrides(
-    root: Application, overrides: dict[str, dict[str, Any]], app_name: str
+    root: Application,
+    overrides: dict[str, dict[str, Any]],
+    app_name: str,
+    runtime_env: dict[str, Any] | None = None,
 ) -> Application:
-    """A copy of the graph under ``root`` where named deployments get new options."""
-    if not overrides:
+    """A copy of the graph under ``root`` where named deployments get new options,
+    and every deployment inherits the application's ``runtime_env``."""
+    if not overrides and not runtime_env:
         return root
     found: set[str] = set()
     copies: dict[int, Application] = {}
@@ -174,6 +183,8 @@ def apply_overrides(
                 if deployment.name in overrides:
                     found.add(deployment.name)
                     deployment = _with_overrides(deployment, overrides[deployment.name])
+                if runtime_env:
+                    deployment = _with_runtime_env(deployment, runtime_env)
                 copies[id(value)] = deployment.bind(
                     *copy(list(value.args)), **copy(dict(value.kwargs))
                 )
@@ -211,6 +222,26 @@ def _with_overrides(deployment: Deployment[Any], overrides: dict[str, Any]) -> D
     ):
         options.pop("num_replicas")
     options.update(overrides)
+    return Deployment(
+        deployment.func_or_class,
+        validate_options(options, owner=f"deployment {deployment.name!r}"),
+    )
+
+
+def _with_runtime_env(deployment: Deployment[Any], runtime_env: dict[str, Any]) -> Deployment[Any]:
+    """The deployment with its application's runtime_env under its own.
+
+    The deployment's own fields win; ``env_vars`` are merged name by name.
+    """
+    options = deployment.deployment_options.set_options()
+    current = options.get("ray_actor_options")
+    actor = current.model_dump(exclude_unset=True) if current is not None else {}
+    own = dict(actor.get("runtime_env") or {})
+    merged = {**runtime_env, **own}
+    if "env_vars" in runtime_env and "env_vars" in own:
+        merged["env_vars"] = {**runtime_env["env_vars"], **own["env_vars"]}
+    actor["runtime_env"] = merged
+    options["ray_actor_options"] = actor
     return Deployment(
         deployment.func_or_class,
         validate_options(options, owner=f"deployment {deployment.name!r}"),

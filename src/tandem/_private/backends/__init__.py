@@ -9,6 +9,8 @@ from tandem._private.backends.base import Backend
 BACKEND_NAMES = ("local", "process", "ray")
 DEFAULT_BACKEND = "process"
 BACKEND_ENV_VAR = "TANDEM_BACKEND"
+# The ray backend's job runtime_env, as JSON (set by tandem run --working-dir, ...).
+RAY_RUNTIME_ENV_VAR = "TANDEM_RAY_RUNTIME_ENV"
 
 
 def resolve_backend_name(requested: str | None) -> str:

@@ -7,6 +7,7 @@ the :class:`ReplicaInfo` the controller publishes.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -14,6 +15,8 @@ from typing import Any, ClassVar
 from tandem._private.context import DeploymentID
 from tandem._private.replica import ReplicaSpec
 from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet
+
+logger = logging.getLogger("tandem")
 
 
 class ReplicaStartError(Exception):
@@ -34,6 +37,27 @@ class Backend(ABC):
     # Set by the controller: called with (replica_id, model ids) when a replica's
     # multiplexed models change, so routers can prefer replicas holding a model.
     on_models: Callable[[str, frozenset[str]], None] = staticmethod(lambda *_: None)
+
+    def warn_ignored_runtime_env(
+        self, spec: ReplicaSpec, honoured: frozenset[str] = frozenset()
+    ) -> None:
+        """Say once per deployment which of its runtime_env fields this backend ignores."""
+        actor = spec.options.ray_actor_options
+        ignored = sorted(set(actor.runtime_env or {}) - honoured) if actor else []
+        if not ignored:
+            return
+        warned: set[DeploymentID] = self.__dict__.setdefault("_runtime_env_warned", set())
+        if spec.deployment_id in warned:
+            return
+        warned.add(spec.deployment_id)
+        logger.warning(
+            "Deployment %r sets runtime_env %s, which the %s backend does not apply (the "
+            "ray backend applies all of runtime_env, the process backend its env_vars); "
+            "its replicas run in this machine's environment as it is.",
+            spec.deployment_id.name,
+            ", ".join(ignored),
+            self.name,
+        )
 
     def prepare(self) -> None:  # noqa: B027
         """Set up what must be set up in the caller's thread, before the loop starts."""

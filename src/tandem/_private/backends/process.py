@@ -91,6 +91,9 @@ class ProcessBackend(Backend):
         except ValueError as exc:
             raise ReplicaStartError(spec.replica_id, exc, str(exc)) from exc
         env = dict(os.environ)
+        if actor is not None and actor.runtime_env:
+            self.warn_ignored_runtime_env(spec, honoured=frozenset({"env_vars"}))
+            env.update(_env_vars(actor.runtime_env))
         if claim.gpu_ids or (actor is not None and actor.num_gpus is not None):
             env["CUDA_VISIBLE_DEVICES"] = ",".join(claim.gpu_ids)
         try:
@@ -268,3 +271,8 @@ async def _wait_exit(process: subprocess.Popen[bytes], timeout_s: float) -> int 
             return None
         await asyncio.sleep(0.01)
     return process.returncode
+
+
+def _env_vars(runtime_env: dict[str, Any]) -> dict[str, str]:
+    """The environment variables a runtime_env sets (ActorOptions checked their types)."""
+    return dict(runtime_env.get("env_vars") or {})

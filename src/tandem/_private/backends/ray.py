@@ -8,7 +8,10 @@ in every actor call replica actors directly (see ray_connection.py); the
 driver publishes replica sets to every actor.
 
 Ray is connected on first use: to the cluster ``ray.init`` finds (the address
-in $RAY_ADDRESS, which ``tandem run --address`` sets), or a new local one.
+in $RAY_ADDRESS, which ``tandem run --address`` sets), or a new local one. The
+job's runtime_env, which every replica inherits, comes from
+$TANDEM_RAY_RUNTIME_ENV (JSON; ``tandem run --working-dir/--runtime-env-json``
+set it).
 A Ray session this backend started ends with ``tandem.shutdown()``; one the
 user started (``ray.init`` before ``tandem.run``) is left running.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import os
 import sys
@@ -31,6 +35,7 @@ import cloudpickle
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from tandem._private.backends import RAY_RUNTIME_ENV_VAR
 from tandem._private.backends.base import Backend, ReplicaStartError
 from tandem._private.context import DeploymentID
 from tandem._private.ray_actor import ReplicaActor
@@ -77,6 +82,20 @@ class _Actor:
     address: RayAddress | None = None
 
 
+def job_runtime_env() -> dict[str, Any] | None:
+    """The runtime_env in $TANDEM_RAY_RUNTIME_ENV, if any."""
+    text = os.environ.get(RAY_RUNTIME_ENV_VAR)
+    if not text:
+        return None
+    try:
+        env = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"${RAY_RUNTIME_ENV_VAR} is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(env, dict):
+        raise ValueError(f"${RAY_RUNTIME_ENV_VAR} must be a JSON object, got {text!r}")
+    return env
+
+
 class RayBackend(Backend):
     name = "ray"
 
@@ -88,16 +107,28 @@ class RayBackend(Backend):
 
     def prepare(self) -> None:
         # In the caller's thread (usually the main one), where Ray wants to be started.
+        runtime_env = job_runtime_env()
         if ray.is_initialized():
+            if runtime_env:
+                logger.warning(
+                    "$%s is ignored: Ray was already started in this process. Pass "
+                    "runtime_env to your own ray.init() instead.",
+                    RAY_RUNTIME_ENV_VAR,
+                )
             return
         address = os.environ.get("RAY_ADDRESS") or None
         if address:
             logger.info("Connecting to the Ray cluster at %s.", address)
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
         else:
             cpus = _local_cpus()
             logger.info("Starting a local Ray with %s logical CPUs.", cpus)
-            ray.init(num_cpus=cpus, logging_level=logging.WARNING, include_dashboard=False)
+            ray.init(
+                num_cpus=cpus,
+                runtime_env=runtime_env,
+                logging_level=logging.WARNING,
+                include_dashboard=False,
+            )
         self._started_ray = True
 
     async def open(self, on_replica_exit: Callable[[str], None]) -> None:
