@@ -36,7 +36,7 @@ def measure(framework: str, seconds: float, threads: int) -> dict[str, float]:
     """Run in a child: serve the chain app with ``framework`` and measure it."""
     import ray
 
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, logging_level="ERROR")
     if framework == "tandem":
         serve = importlib.import_module("tandem")
         options: dict[str, Any] = {"backend": "ray", "route_prefix": None}

@@ -33,6 +33,7 @@ def _start_ray_once() -> None:
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a Ray of the tests' own, even if another runs here
             num_cpus=RAY_CPUS,
             include_dashboard=False,
             logging_level="ERROR",

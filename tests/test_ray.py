@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -313,6 +314,55 @@ def test_tandem_run_on_a_running_two_node_cluster(tmp_path: Path) -> None:
             assert server.wait(timeout=60) == 0
     finally:
         cluster.shutdown()
+
+
+def test_tandem_run_through_ray_client_ships_its_working_dir(tmp_path: Path) -> None:
+    gcs_port, client_port = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+            f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
+            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+        ],
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: _accepts(client_port), 60), "the Ray Client server never listened"
+        (tmp_path / "where.py").write_text(APP)
+        (tmp_path / "data.txt").write_text("sent over Ray Client")
+        address = f"ray://127.0.0.1:{client_port}"
+        with _tandem_run(tmp_path, "where:app", "--address", address, "--working-dir", ".") as (
+            server,
+            url,
+        ):
+            reply = httpx.get(url, timeout=60)
+            assert reply.status_code == 200, reply.text
+            facts = reply.json()
+            assert facts["in_actor"] is True
+            assert facts["data"] == "sent over Ray Client"
+            assert Path(facts["cwd"]).resolve() != tmp_path.resolve()
+            server.send_signal(signal.SIGINT)
+            assert server.wait(timeout=60) == 0
+    finally:  # that Ray's processes are all in the group `ray start` leads
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 @contextlib.contextmanager

@@ -7,8 +7,8 @@ memory, resources, accelerator_type, runtime_env). Routers in the driver and
 in every actor call replica actors directly (see ray_connection.py); the
 driver publishes replica sets to every actor.
 
-Ray is connected on first use: to the cluster ``ray.init`` finds (the address
-in $RAY_ADDRESS, which ``tandem run --address`` sets), or a new local one. The
+Ray is connected on first use: to the cluster at $RAY_ADDRESS (which
+``tandem run --address`` sets), else to a new local Ray of tandem's own. The
 job's runtime_env, which every replica inherits, comes from
 $TANDEM_RAY_RUNTIME_ENV (JSON; ``tandem run --working-dir/--runtime-env-json``
 set it).
@@ -124,6 +124,7 @@ class RayBackend(Backend):
             cpus = _local_cpus()
             logger.info("Starting a local Ray with %s logical CPUs.", cpus)
             ray.init(
+                address="local",  # not a cluster `ray start` left on this machine
                 num_cpus=cpus,
                 runtime_env=runtime_env,
                 logging_level=logging.WARNING,
