@@ -238,6 +238,7 @@ class Where:
             "cwd": os.getcwd(),
             "data": text,
             "flavour": os.environ.get("TANDEM_TEST_FLAVOUR"),
+            "gcs": ray.get_runtime_context().gcs_address,
         }
 
 app = Where.bind()
@@ -316,7 +317,10 @@ def test_tandem_run_on_a_running_two_node_cluster(tmp_path: Path) -> None:
         cluster.shutdown()
 
 
-def test_tandem_run_through_ray_client_ships_its_working_dir(tmp_path: Path) -> None:
+@pytest.mark.timeout(240)
+def test_tandem_run_joins_a_ray_start_cluster_as_ray_init_would(tmp_path: Path) -> None:
+    (tmp_path / "where.py").write_text(APP)
+    (tmp_path / "data.txt").write_text("shipped")
     gcs_port, client_port = _free_port(), _free_port()
     head = subprocess.Popen(
         [
@@ -329,21 +333,16 @@ def test_tandem_run_through_ray_client_ships_its_working_dir(tmp_path: Path) -> 
     )  # fmt: skip
     try:
         assert wait_for(lambda: _accepts(client_port), 60), "the Ray Client server never listened"
-        (tmp_path / "where.py").write_text(APP)
-        (tmp_path / "data.txt").write_text("sent over Ray Client")
+        # Through Ray Client, as from outside the cluster, with the code's folder shipped.
         address = f"ray://127.0.0.1:{client_port}"
-        with _tandem_run(tmp_path, "where:app", "--address", address, "--working-dir", ".") as (
-            server,
-            url,
-        ):
-            reply = httpx.get(url, timeout=60)
-            assert reply.status_code == 200, reply.text
-            facts = reply.json()
-            assert facts["in_actor"] is True
-            assert facts["data"] == "sent over Ray Client"
-            assert Path(facts["cwd"]).resolve() != tmp_path.resolve()
-            server.send_signal(signal.SIGINT)
-            assert server.wait(timeout=60) == 0
+        facts = _serve_where(tmp_path, "--address", address, "--working-dir", ".")
+        assert facts["in_actor"] is True
+        assert facts["gcs"].endswith(f":{gcs_port}")
+        assert facts["data"] == "shipped"
+        assert Path(facts["cwd"]).resolve() != tmp_path.resolve()
+        # Without an address: the Ray that `ray start` runs here, as ray.init() joins it.
+        facts = _serve_where(tmp_path, "--working-dir", ".")
+        assert facts["gcs"].endswith(f":{gcs_port}")
     finally:  # that Ray's processes are all in the group `ray start` leads
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGTERM)
@@ -352,6 +351,19 @@ def test_tandem_run_through_ray_client_ships_its_working_dir(tmp_path: Path) -> 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=10)
+    assert wait_for(lambda: not _accepts(gcs_port), 30), "that Ray's GCS outlived it"
+    # Gone, that Ray leaves only its record behind: tandem starts a Ray of its own.
+    assert not _serve_where(tmp_path, "--working-dir", ".")["gcs"].endswith(f":{gcs_port}")
+
+
+def _serve_where(app_dir: Path, *args: str) -> dict[str, Any]:
+    """`tandem run where:app ARGS`: what its replica says about itself; then Ctrl-C."""
+    with _tandem_run(app_dir, "where:app", *args) as (server, url):
+        reply = httpx.get(url, timeout=60)
+        assert reply.status_code == 200, reply.text
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+        return dict(reply.json())
 
 
 def _free_port() -> int:

@@ -7,8 +7,9 @@ memory, resources, accelerator_type, runtime_env). Routers in the driver and
 in every actor call replica actors directly (see ray_connection.py); the
 driver publishes replica sets to every actor.
 
-Ray is connected on first use: to the cluster at $RAY_ADDRESS (which
-``tandem run --address`` sets), else to a new local Ray of tandem's own. The
+Ray is connected on first use, as ``ray.init()`` would: to the cluster at
+$RAY_ADDRESS (which ``tandem run --address`` sets), else to the one ``ray start``
+runs on this machine, else to a new local Ray of tandem's own. The
 job's runtime_env, which every replica inherits, comes from
 $TANDEM_RAY_RUNTIME_ENV (JSON; ``tandem run --working-dir/--runtime-env-json``
 set it).
@@ -25,6 +26,7 @@ import atexit
 import json
 import logging
 import os
+import socket
 import sys
 import traceback
 from collections.abc import Callable
@@ -107,6 +109,8 @@ class RayBackend(Backend):
 
     def prepare(self) -> None:
         # In the caller's thread (usually the main one), where Ray wants to be started.
+        if self._started_ray:
+            return
         runtime_env = job_runtime_env()
         if ray.is_initialized():
             if runtime_env:
@@ -117,14 +121,23 @@ class RayBackend(Backend):
                 )
             return
         address = os.environ.get("RAY_ADDRESS") or None
-        if address:
+        if address is None:
+            address = _cluster_on_this_machine()
+            if address is not None:
+                logger.info(
+                    "Joining the Ray that `ray start` runs on this machine, at %s "
+                    "(--address local starts a Ray of tandem's own instead).",
+                    address,
+                )
+        elif address != "local":
             logger.info("Connecting to the Ray cluster at %s.", address)
+        if address is not None and address != "local":
             ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
         else:
             cpus = _local_cpus()
             logger.info("Starting a local Ray with %s logical CPUs.", cpus)
             ray.init(
-                address="local",  # not a cluster `ray start` left on this machine
+                address="local",  # a new one, even if a record of an old `ray start` is left
                 num_cpus=cpus,
                 runtime_env=runtime_env,
                 logging_level=logging.WARNING,
@@ -284,6 +297,26 @@ class RayBackend(Backend):
         if actor is not None:
             facts.update(actor.report)
         return facts
+
+
+def _cluster_on_this_machine() -> str | None:
+    """The address of the Ray that `ray start` runs on this machine, which ``ray.init()``
+    would join; None if there is none, or only the record of one that has gone."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        address = read_ray_address()
+    except Exception:  # Ray moved its private helper: start a Ray of our own
+        return None
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return str(address)
+    except (OSError, ValueError):
+        logger.info("Not joining the Ray recorded at %s: it has gone.", address)
+        return None
 
 
 def _local_cpus() -> int:
