@@ -347,7 +347,7 @@ class DeploymentResponse:
             ref = await self._replica_object_ref()
             if ref is not None:
                 return ref
-        return ray.put(await self)
+        return _put(ray, await self)
 
     def _to_object_ref_sync(self) -> Any:
         """:meth:`_to_object_ref` for code that is not async."""
@@ -357,7 +357,7 @@ class DeploymentResponse:
             ref = self._runtime.run_sync(self._replica_object_ref())
             if ref is not None:
                 return ref
-        return ray.put(self.result())
+        return _put(ray, self.result())
 
     async def _replica_object_ref(self) -> Any:
         """The ObjectRef of the call to the replica, or None if it never made one."""
@@ -399,6 +399,19 @@ def _import_ray() -> Any:
         ) from None
     return ray
 
+
+def _put(ray: Any, value: Any) -> Any:
+    """``ray.put(value)``, joining Ray first as the ray backend would (not as ray.put's
+    own ``ray.init()``, which fails on the stale record of a ``ray start`` that has gone)."""
+    with _RAY_INIT_LOCK:
+        if not ray.is_initialized():
+            from tandem._private.ray_session import connect_ray
+
+            connect_ray()
+    return ray.put(value)
+
+
+_RAY_INIT_LOCK = threading.Lock()
 
 _END = object()
 

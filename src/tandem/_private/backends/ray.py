@@ -26,7 +26,6 @@ import atexit
 import json
 import logging
 import os
-import socket
 import sys
 import traceback
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from tandem._private.backends.base import Backend, ReplicaStartError
 from tandem._private.context import DeploymentID
 from tandem._private.ray_actor import ReplicaActor
 from tandem._private.ray_connection import RayAddress, RayConnection, unwrap
+from tandem._private.ray_session import connect_ray
 from tandem._private.replica import ReplicaSpec
 from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet
 from tandem._private.transport import RemoteTraceback, picklable_starlette
@@ -54,8 +54,6 @@ logger = logging.getLogger("tandem")
 MAX_CONCURRENCY = 10_000
 # A replica waiting this long for the cluster's resources is reported in the log.
 PENDING_WARNING_S = 10.0
-# Logical CPUs (at least) of a local Ray started by tandem; see _local_cpus.
-LOCAL_MIN_CPUS = 64
 # How long stopping a replica waits for Ray to report its actor dead.
 STOP_WAIT_S = 5.0
 
@@ -120,29 +118,7 @@ class RayBackend(Backend):
                     RAY_RUNTIME_ENV_VAR,
                 )
             return
-        address = os.environ.get("RAY_ADDRESS") or None
-        if address is None:
-            address = _cluster_on_this_machine()
-            if address is not None:
-                logger.info(
-                    "Joining the Ray that `ray start` runs on this machine, at %s "
-                    "(--address local starts a Ray of tandem's own instead).",
-                    address,
-                )
-        elif address != "local":
-            logger.info("Connecting to the Ray cluster at %s.", address)
-        if address is not None and address != "local":
-            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
-        else:
-            cpus = _local_cpus()
-            logger.info("Starting a local Ray with %s logical CPUs.", cpus)
-            ray.init(
-                address="local",  # a new one, even if a record of an old `ray start` is left
-                num_cpus=cpus,
-                runtime_env=runtime_env,
-                logging_level=logging.WARNING,
-                include_dashboard=False,
-            )
+        connect_ray(runtime_env)
         self._started_ray = True
 
     async def open(self, on_replica_exit: Callable[[str], None]) -> None:
@@ -297,46 +273,6 @@ class RayBackend(Backend):
         if actor is not None:
             facts.update(actor.report)
         return facts
-
-
-def _cluster_on_this_machine() -> str | None:
-    """The address of the Ray that `ray start` runs on this machine, which ``ray.init()``
-    would join; None if there is none, or only the record of one that has gone."""
-    try:
-        from ray._private.utils import read_ray_address
-
-        address = read_ray_address()
-    except Exception:  # Ray moved its private helper: start a Ray of our own
-        return None
-    if not address:
-        return None
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=1.0):
-            return str(address)
-    except (OSError, ValueError):
-        logger.info("Not joining the Ray recorded at %s: it has gone.", address)
-        return None
-
-
-def _local_cpus() -> int:
-    """Logical CPUs of a local Ray that tandem starts itself.
-
-    A replica reserves one CPU by default, so on a small machine an application
-    with more replicas than cores would wait forever for room. Tandem's own local
-    Ray is for running an application on one machine, as the process backend does,
-    which lets replicas share cores; so it counts at least LOCAL_MIN_CPUS logical
-    CPUs ($TANDEM_RAY_NUM_CPUS overrides). A cluster counts what its nodes declare.
-    """
-    setting = os.environ.get("TANDEM_RAY_NUM_CPUS")
-    if setting:
-        try:
-            return max(1, int(setting))
-        except ValueError:
-            raise ValueError(
-                f"TANDEM_RAY_NUM_CPUS must be a whole number of CPUs, got {setting!r}."
-            ) from None
-    return max(os.cpu_count() or 1, LOCAL_MIN_CPUS)
 
 
 def _current_task() -> asyncio.Task[Any] | None:
