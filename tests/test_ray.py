@@ -347,7 +347,7 @@ def ray_start_record() -> Iterator[Path]:
 
 
 @pytest.mark.timeout(240)
-def test_tandem_run_joins_a_ray_start_cluster_as_ray_init_would(
+def test_tandem_run_through_ray_client_then_on_its_own_ray_despite_the_record(
     tmp_path: Path, ray_start_record: Path
 ) -> None:
     (tmp_path / "where.py").write_text(APP)
@@ -378,12 +378,6 @@ def test_tandem_run_joins_a_ray_start_cluster_as_ray_init_would(
         assert facts["gcs"].endswith(f":{gcs_port}")
         assert facts["data"] == "shipped"
         assert Path(facts["cwd"]).resolve() != tmp_path.resolve()
-        # Without an address: the Ray that `ray start` runs here, as ray.init() joins it.
-        # (Its record is rewritten now: any Ray started meanwhile on this machine, say
-        # by another test, would have put its own there.)
-        ray_start_record.write_text(facts["gcs"])
-        facts = _serve_where(tmp_path, "--working-dir", ".")
-        assert facts["gcs"].endswith(f":{gcs_port}")
     finally:  # that Ray's processes are all in the group `ray start` leads
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGTERM)
@@ -393,7 +387,8 @@ def test_tandem_run_joins_a_ray_start_cluster_as_ray_init_would(
             os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=10)
     assert wait_for(lambda: not _accepts(gcs_port), 30), "that Ray's GCS outlived it"
-    # Gone, that Ray leaves only its record behind: tandem starts a Ray of its own,
+    # Gone, that Ray leaves its record behind (which ray.init() alone would follow):
+    # without an address tandem starts a Ray of its own,
     ray_start_record.write_text(facts["gcs"])
     assert not _serve_where(tmp_path, "--working-dir", ".")["gcs"].endswith(f":{gcs_port}")
     # as does _to_object_ref on the other backends (ray.put alone would try to join it).

@@ -1,9 +1,9 @@
 """Joining Ray, for the ray backend and for ``_to_object_ref`` on the other backends.
 
-``connect_ray`` does what ``ray.init()`` does about where to connect, with two
-differences: a stale record of a ``ray start`` that has gone is ignored (Ray
-would try to join it and fail), and a local Ray that tandem starts counts enough
-logical CPUs for replicas to share a small machine's cores.
+``connect_ray`` joins the cluster the user names, else starts a Ray of tandem's
+own (``ray.init()`` alone would join whatever ``ray start`` last recorded on this
+machine, and fail or hang when that Ray has gone). A local Ray that tandem
+starts counts enough logical CPUs for replicas to share a small machine's cores.
 
 Imports Ray: only code that needs Ray loads this module.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from typing import Any
 
 import ray
@@ -24,51 +23,22 @@ LOCAL_MIN_CPUS = 64
 
 
 def connect_ray(runtime_env: dict[str, Any] | None = None) -> None:
-    """Join $RAY_ADDRESS, else the Ray that ``ray start`` runs on this machine, else
-    start a local Ray ($RAY_ADDRESS=local, or --address local, asks for that one)."""
+    """Join the cluster at $RAY_ADDRESS (``auto``: the one ``ray start`` runs on this
+    machine), else start a local Ray of tandem's own."""
     address = os.environ.get("RAY_ADDRESS") or None
-    if address is None:
-        address = _cluster_on_this_machine()
-        if address is not None:
-            logger.info(
-                "Joining the Ray that `ray start` runs on this machine, at %s "
-                "(--address local starts a Ray of tandem's own instead).",
-                address,
-            )
-    elif address != "local":
-        logger.info("Connecting to the Ray cluster at %s.", address)
     if address is not None and address != "local":
+        logger.info("Connecting to the Ray cluster at %s.", address)
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
         return
     cpus = _local_cpus()
     logger.info("Starting a local Ray with %s logical CPUs.", cpus)
     ray.init(
-        address="local",  # a new one, even if a record of an old `ray start` is left
+        address="local",  # a new one, even if a `ray start` (or a stale record of one) is here
         num_cpus=cpus,
         runtime_env=runtime_env,
         logging_level=logging.WARNING,
         include_dashboard=False,
     )
-
-
-def _cluster_on_this_machine() -> str | None:
-    """The address of the Ray that `ray start` runs on this machine, which ``ray.init()``
-    would join; None if there is none, or only the record of one that has gone."""
-    try:
-        from ray._private.utils import read_ray_address
-
-        address = read_ray_address()
-    except Exception:  # Ray moved its private helper: start a Ray of our own
-        return None
-    if not address:
-        return None
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=1.0):
-            return str(address)
-    except (OSError, ValueError):
-        logger.info("Not joining the Ray recorded at %s: it has gone.", address)
-        return None
 
 
 def _local_cpus() -> int:

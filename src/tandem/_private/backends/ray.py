@@ -7,9 +7,8 @@ memory, resources, accelerator_type, runtime_env). Routers in the driver and
 in every actor call replica actors directly (see ray_connection.py); the
 driver publishes replica sets to every actor.
 
-Ray is connected on first use, as ``ray.init()`` would: to the cluster at
-$RAY_ADDRESS (which ``tandem run --address`` sets), else to the one ``ray start``
-runs on this machine, else to a new local Ray of tandem's own. The
+Ray is connected on first use: to the cluster at $RAY_ADDRESS (which
+``tandem run --address`` sets), else to a new local Ray of tandem's own. The
 job's runtime_env, which every replica inherits, comes from
 $TANDEM_RAY_RUNTIME_ENV (JSON; ``tandem run --working-dir/--runtime-env-json``
 set it).
