@@ -197,14 +197,14 @@ def _ray_settings(
         raise _Failure(
             f"{given[0]} is an option of the ray backend; it needs --backend ray, not {backend}."
         )
+    from tandem._private.backends import RAY_RUNTIME_ENV_VAR, parse_runtime_env
+
     runtime_env: dict[str, Any] = {}
     if env_json is not None:
         try:
-            runtime_env = json.loads(env_json)
+            runtime_env = parse_runtime_env(env_json, "--runtime-env-json")
         except ValueError as exc:
-            raise _Failure(f"--runtime-env-json is not valid JSON ({exc}): {env_json!r}") from None
-        if not isinstance(runtime_env, dict):
-            raise _Failure(f"--runtime-env-json must be a JSON object, got {env_json!r}")
+            raise _Failure(str(exc)) from None
     if working_dir is not None:
         if os.path.isdir(working_dir):
             working_dir = os.path.abspath(working_dir)
@@ -215,8 +215,6 @@ def _ray_settings(
             )
         runtime_env["working_dir"] = working_dir
     if runtime_env:
-        from tandem._private.backends import RAY_RUNTIME_ENV_VAR
-
         os.environ[RAY_RUNTIME_ENV_VAR] = json.dumps(runtime_env)
     if address is not None:
         os.environ["RAY_ADDRESS"] = address  # read by ray.init when the backend starts

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 from tandem._private.backends.base import Backend
 
@@ -11,6 +13,17 @@ DEFAULT_BACKEND = "process"
 BACKEND_ENV_VAR = "TANDEM_BACKEND"
 # The ray backend's job runtime_env, as JSON (set by tandem run --working-dir, ...).
 RAY_RUNTIME_ENV_VAR = "TANDEM_RAY_RUNTIME_ENV"
+
+
+def parse_runtime_env(text: str, source: str) -> dict[str, Any]:
+    """A Ray runtime_env given as JSON text by ``source`` (named in the error)."""
+    try:
+        env = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{source} is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(env, dict):
+        raise ValueError(f"{source} must be a JSON object, got {text!r}")
+    return env
 
 
 def resolve_backend_name(requested: str | None) -> str:

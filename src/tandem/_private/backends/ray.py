@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import logging
 import os
 import sys
@@ -35,7 +34,7 @@ import cloudpickle
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from tandem._private.backends import RAY_RUNTIME_ENV_VAR
+from tandem._private.backends import RAY_RUNTIME_ENV_VAR, parse_runtime_env
 from tandem._private.backends.base import Backend, ReplicaStartError
 from tandem._private.context import DeploymentID
 from tandem._private.ray_actor import ReplicaActor
@@ -86,13 +85,7 @@ def job_runtime_env() -> dict[str, Any] | None:
     text = os.environ.get(RAY_RUNTIME_ENV_VAR)
     if not text:
         return None
-    try:
-        env = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"${RAY_RUNTIME_ENV_VAR} is not valid JSON ({exc}): {text!r}") from None
-    if not isinstance(env, dict):
-        raise ValueError(f"${RAY_RUNTIME_ENV_VAR} must be a JSON object, got {text!r}")
-    return env
+    return parse_runtime_env(text, f"${RAY_RUNTIME_ENV_VAR}")
 
 
 class RayBackend(Backend):
