@@ -10,7 +10,6 @@ import atexit
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -37,9 +36,6 @@ class _Settings:
 
     http_options: HTTPOptions = HTTPOptions()
     serve_http: bool = True
-    # Admin actions, enabled by the process that owns the server (tandem run).
-    shutdown: Callable[[], None] | None = None
-    apply_config: Callable[[Any], Awaitable[None]] | None = None
 
 
 _settings = _Settings()
@@ -81,16 +77,8 @@ def start(
                 _ensure_http(runtime)
 
 
-def configure_admin(
-    shutdown: Callable[[], None] | None, apply_config: Callable[[Any], Awaitable[None]] | None
-) -> None:
-    """Enable POST /-/shutdown and PUT /-/applications on the next HTTP server."""
-    _settings.shutdown = shutdown
-    _settings.apply_config = apply_config
-
-
 def serve_http_now() -> str | None:
-    """Serve HTTP now, even if no application has a route prefix (for the admin endpoints).
+    """Serve HTTP now, even if no application has a route prefix (``tandem run`` does).
 
     Unlike run(), this raises OSError if the port is taken.
     """
@@ -116,14 +104,7 @@ def _ensure_http(runtime: Runtime, required: bool = False) -> None:
     from tandem._private.http.app import open_http
 
     try:
-        runtime.http = runtime.run_sync(
-            open_http(
-                runtime,
-                _settings.http_options,
-                shutdown=_settings.shutdown,
-                apply_config=_settings.apply_config,
-            )
-        )
+        runtime.http = runtime.run_sync(open_http(runtime, _settings.http_options))
     except OSError as exc:
         if required:
             raise

@@ -1,7 +1,7 @@
 """The ``tandem`` command: run, status, shutdown, build, deploy.
 
 Thin by design: parse the command line, build a config, hand it to a
-:class:`ServeSession` (``run``) or to a running server's admin endpoints.
+:class:`ServeSession` (``run``) or to a running server's control endpoint.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import shlex
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +67,20 @@ def cli() -> None:
 )
 @click.option("--reload", is_flag=True, help="Restart when files in the working directory change.")
 @click.option("--request-timeout-s", type=float, default=None, help="Answer 408 after this long.")
+@click.option(
+    "--control-port",
+    type=int,
+    default=None,
+    help="Also serve the control endpoint on this TCP port, for tandem status/deploy/shutdown "
+    "from another machine; requests need the token the server writes to a 0600 file "
+    "[default: only the owner's Unix socket].",
+)
+@click.option(
+    "--control-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface of the control port (needs --control-port).",
+)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
 @click.option("--log-level", default="INFO", show_default=True)
 def run(
@@ -84,6 +96,8 @@ def run(
     runtime_env_json: str | None,
     reload: bool,
     request_timeout_s: float | None,
+    control_port: int | None,
+    control_host: str,
     log_format: str,
     log_level: str,
 ) -> None:
@@ -141,7 +155,7 @@ def run(
     except ValueError as exc:
         raise _Failure(str(exc)) from None
 
-    session = ServeSession(backend)
+    session = ServeSession(backend, None if control_port is None else (control_host, control_port))
     stops = 0
     first_stop = 0.0
     # Under --reload, one Ctrl-C reaches us twice: from the terminal and from the watcher.
@@ -170,11 +184,47 @@ def run(
         raise _Failure(str(exc)) from None
     names = ", ".join(repr(a.name) for a in config.applications)
     click.echo(f"tandem: serving {names} at {url} (Ctrl-C to stop)", err=True)
+    _describe_control(session, config.http_options.host)
     try:
         session.wait()
     finally:
         session.close()
     click.echo("tandem: stopped.", err=True)
+
+
+def _describe_control(session: Any, http_host: str) -> None:
+    """Say where the control endpoint is, and warn about what the network can reach."""
+    control = session.control
+    if control is None:
+        return
+    if not _is_loopback(http_host):
+        click.echo(
+            f"tandem: --host {http_host}: the data port is reachable from the network; "
+            "the control endpoint is not (it is a Unix socket only you can use).",
+            err=True,
+        )
+    click.echo(f"tandem: control socket {control.socket_path} (owner only)", err=True)
+    if control.tcp_address is not None:
+        host, port = control.tcp_address
+        click.echo(f"tandem: control port {host}:{port}, token in {control.token_path}", err=True)
+        if not _is_loopback(host):
+            click.echo(
+                f"tandem: --control-host {host}: the control port is reachable from the "
+                "network; its token travels in clear text unless you tunnel it (see "
+                "SECURITY.md).",
+                err=True,
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _ray_settings(
@@ -234,32 +284,48 @@ def _run_with_reload() -> None:
         pass
 
 
+def _control_options(command: Any) -> Any:
+    """--address, --control and --token-file: how the CLI reaches a server's control endpoint."""
+    command = click.option(
+        "--token-file",
+        default=None,
+        help="File holding the token of a server's TCP control port "
+        "[default: $TANDEM_CONTROL_TOKEN].",
+    )(command)
+    command = click.option(
+        "--control",
+        default=None,
+        help="The control endpoint of a server on another machine: http://HOST:PORT (its "
+        "control port, or one forwarded to its control socket) or unix:PATH.",
+    )(command)
+    return click.option(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        show_default=True,
+        help="The server's HTTP address; its control socket is found from the port.",
+    )(command)
+
+
 @cli.command()
-@click.option(
-    "--address", default=DEFAULT_ADDRESS, show_default=True, help="The server's HTTP address."
-)
-def status(address: str) -> None:
-    """Print the applications of a running server."""
-    data = _request(address, "GET", "/-/status")
+@_control_options
+def status(address: str, control: str | None, token_file: str | None) -> None:
+    """Print the applications of a running server, with replica details and errors."""
+    data = _request(address, control, token_file, "GET", "/-/status")
     click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
 
 
 @cli.command()
-@click.option(
-    "--address", default=DEFAULT_ADDRESS, show_default=True, help="The server's HTTP address."
-)
-def shutdown(address: str) -> None:
+@_control_options
+def shutdown(address: str, control: str | None, token_file: str | None) -> None:
     """Stop a running server gracefully."""
-    _request(address, "POST", "/-/shutdown")
+    _request(address, control, token_file, "POST", "/-/shutdown")
     click.echo("tandem: the server is shutting down.")
 
 
 @cli.command()
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
-@click.option(
-    "--address", default=DEFAULT_ADDRESS, show_default=True, help="The server's HTTP address."
-)
-def deploy(config_file: str, address: str) -> None:
+@_control_options
+def deploy(config_file: str, address: str, control: str | None, token_file: str | None) -> None:
     """Apply CONFIG_FILE to a running server (it keeps its applications if the file is bad)."""
     from tandem._private.config_file import load_config
 
@@ -267,7 +333,8 @@ def deploy(config_file: str, address: str) -> None:
         config = load_config(config_file)
     except ValueError as exc:
         raise _Failure(str(exc)) from None
-    _request(address, "PUT", "/-/applications", config.model_dump(mode="json", exclude_unset=True))
+    body = config.model_dump(mode="json", exclude_unset=True)
+    _request(address, control, token_file, "PUT", "/-/applications", body)
     click.echo(f"tandem: applied {config_file}.")
 
 
@@ -332,31 +399,20 @@ def _deployment_entries(app: Any) -> list[dict[str, Any]]:
     return entries
 
 
-def _request(address: str, method: str, path: str, body: Any = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        address.rstrip("/") + path,
-        data=data,
-        method=method,
-        headers={"content-type": "application/json"} if data else {},
-    )
+def _request(
+    address: str,
+    control: str | None,
+    token_file: str | None,
+    method: str,
+    path: str,
+    body: Any = None,
+) -> Any:
+    from tandem._private.control_client import ControlError, find_control, request
+
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        try:
-            detail = json.loads(exc.read()).get("error", "")
-        except ValueError:
-            detail = ""
-        raise _Failure(
-            f"The server at {address} answered {exc.code}: {detail or exc.reason}"
-        ) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise _Failure(
-            f"No tandem server answers at {address} ({reason}); start one with `tandem run`, "
-            "or pass --address."
-        ) from None
+        return request(find_control(address, control, token_file), method, path, body)
+    except ControlError as exc:
+        raise _Failure(str(exc)) from None
 
 
 def main() -> None:

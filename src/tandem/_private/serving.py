@@ -1,9 +1,10 @@
 """A serving session: what ``tandem run`` keeps running until it is told to stop.
 
-It deploys the applications of a config, serves HTTP (with the admin actions
-``POST /-/shutdown`` and ``PUT /-/applications`` enabled), and applies new
-configs in place: every application is imported and built before any is
-deployed, so a bad config changes nothing.
+It deploys the applications of a config, serves HTTP, and opens the control
+endpoint (:mod:`tandem._private.http.control`) through which its owner applies
+new configs in place, reads the detailed status and stops it. Every
+application of a new config is imported and built before any is deployed, so
+a bad config changes nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from typing import Any
 from tandem._private import api
 from tandem._private.config_file import ServeConfig, build_applications, validate_config
 from tandem._private.graph import build_application
+from tandem._private.http.control import ControlActions, ControlApp, ControlServer
 from tandem._private.http.server import bind_socket
+from tandem._private.rundir import control_socket_path
 from tandem._private.runtime import current_runtime
+from tandem._private.status import Status
 
 logger = logging.getLogger("tandem")
 
@@ -25,18 +29,21 @@ logger = logging.getLogger("tandem")
 class ServeSession:
     """Start with :meth:`deploy`; :meth:`wait` blocks until a stop is requested."""
 
-    def __init__(self, backend: str | None) -> None:
+    def __init__(self, backend: str | None, control_tcp: tuple[str, int] | None = None) -> None:
+        """``control_tcp``: also serve the control endpoint on this (host, port), with a token."""
         self._backend = backend
+        self._control_tcp = control_tcp
+        self.control: ControlServer | None = None
         self.stop_requested = threading.Event()
 
     def deploy(self, config: ServeConfig) -> str | None:
-        """Deploy every application of ``config`` and serve HTTP; return the URL."""
+        """Deploy every application of ``config``, serve HTTP and the control endpoint;
+        return the URL."""
         built = build_applications(config)
         # A taken port fails now, before any constructor runs.
         bind_socket(config.http_options.host, config.http_options.port).close()
         # HTTP starts once every application runs, so the first request finds them all.
         api.start(http_options=config.http_options, proxy_location="Disabled")
-        api.configure_admin(shutdown=self.request_stop, apply_config=self.apply_config)
         for app_config, app in built:
             api.run(
                 app,
@@ -45,7 +52,32 @@ class ServeSession:
                 backend=self._backend,
             )
         api.start(proxy_location="EveryNode")
-        return api.serve_http_now()
+        url = api.serve_http_now()
+        self._open_control()
+        return url
+
+    def _open_control(self) -> None:
+        runtime = current_runtime()
+        assert runtime is not None and runtime.http is not None
+        controller = runtime.controller
+        assert controller is not None
+
+        async def status() -> Status:
+            await controller.refresh_reports()
+            return controller.status()
+
+        actions = ControlActions(
+            status=status,
+            routes=controller.route_prefixes,
+            apply_config=self.apply_config,
+            shutdown=self.request_stop,
+        )
+        port = runtime.http.address[1]
+        socket_path = control_socket_path(port)
+        token_path = socket_path.with_suffix(".token") if self._control_tcp else None
+        control = ControlServer(ControlApp(actions), socket_path, self._control_tcp, token_path)
+        runtime.run_sync(control.start())
+        self.control = control
 
     def request_stop(self) -> None:
         self.stop_requested.set()
@@ -55,6 +87,10 @@ class ServeSession:
             pass
 
     def close(self) -> None:
+        runtime = current_runtime()
+        control, self.control = self.control, None
+        if control is not None and runtime is not None and runtime.is_open:
+            runtime.run_sync(control.stop(), timeout=30)
         api.shutdown()
 
     async def apply_config(self, data: Any) -> None:

@@ -51,6 +51,8 @@ def log_access(
 ) -> None:
     if not access_logger.isEnabledFor(logging.INFO):
         return
+    if not path.isprintable():  # a percent-encoded newline must not forge a log line
+        path = path.encode("unicode_escape").decode("ascii")
     access_logger.info(
         "%s %s %d %.1fms %s",
         method,

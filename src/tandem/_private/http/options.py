@@ -19,3 +19,5 @@ class HTTPOptions(BaseModel):
     request_timeout_s: float | None = Field(default=None, gt=0)
     keep_alive_timeout_s: float = Field(default=5.0, gt=0)
     access_log: bool = True
+    # Largest request body; past it 413 (set by the lead engineer for the proxy's check).
+    max_body_bytes: int | None = Field(default=100 * 1024 * 1024, ge=0)

@@ -5,12 +5,19 @@ body, and streams the ingress replica's ASGI messages back to the client. A
 client that disconnects, or a request past ``request_timeout_s``, cancels the
 request in the ingress and in every call it made. Errors in user code become a
 500 carrying a request id (also in the ``X-Request-Id`` header and the log).
+
+Clients never see internals: 5xx bodies are a short fixed message and the
+request id; what went wrong (exception text, traceback) goes to the log and to
+the owner's detailed status. A client's ``X-Request-Id`` is kept only if it is
+sane (see :data:`REQUEST_ID`). A body larger than ``max_body_bytes`` gets 413
+before it is buffered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,8 +25,8 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from tandem._private.context import DeploymentID, RequestMetadata
-from tandem._private.http.admin import Admin
 from tandem._private.http.bridge import HTTP_METHOD, HTTPRequestData
+from tandem._private.http.endpoints import ProxyEndpoints
 from tandem._private.http.logs import log_access
 from tandem._private.http.metrics import ProxyMetrics
 from tandem._private.http.options import HTTPOptions
@@ -41,6 +48,21 @@ DISCONNECT_WATCH_DELAY_S = 0.05
 WATCH_INTERVAL_S = 0.02
 
 _MODEL_ID_HEADERS = (b"serve_multiplexed_model_id", b"serve-multiplexed-model-id")
+
+# A client's X-Request-Id is kept if it matches this; otherwise tandem makes one.
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+# What clients see for each failure kind (the details go to the log).
+_PUBLIC_TEXT = {
+    "backpressure": "Service Unavailable: too many requests are waiting; retry later",
+    "unavailable": "Service Unavailable: the application cannot take requests now",
+    "cancelled": "Service Unavailable: the request was cancelled",
+    "replica_unavailable": "Bad Gateway: the replica serving this request went away",
+}
+
+
+class _BodyTooLarge(Exception):
+    """The request's body is over ``max_body_bytes``."""
 
 
 class _Stop(Exception):
@@ -67,13 +89,13 @@ class Proxy:
         self,
         runtime: Runtime,
         routes: RouteTable,
-        admin: Admin,
+        endpoints: ProxyEndpoints,
         options: HTTPOptions,
         metrics: ProxyMetrics,
     ) -> None:
         self._runtime = runtime
         self._routes = routes
-        self._admin = admin
+        self._endpoints = endpoints
         self._options = options
         self.metrics = metrics
         self._exchanges: set[_Exchange] = set()
@@ -91,10 +113,10 @@ class Proxy:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         if path.startswith("/-/") or path == "/metrics":
-            await self._admin(scope, receive, send)
+            await self._endpoints(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _header(scope, b"x-request-id") or RequestMetadata.new_request_id()
+        request_id = _request_id(scope)
         route = match_route(self._routes(), path)
         if route is None:
             await _plain(send, 404, f"Not Found: no application serves {path!r}.\n", request_id)
@@ -135,7 +157,18 @@ class Proxy:
         ``on_complete`` is called once the last message of a response is sent,
         which may come a moment before the replica's stream ends.
         """
-        body = await _read_body(receive)
+        try:
+            body = await _read_body(scope, receive, self._options.max_body_bytes)
+        except _BodyTooLarge:
+            await _plain(
+                send,
+                413,
+                f"Payload Too Large: the body may have at most {self._options.max_body_bytes} "
+                f"bytes (request id {request_id}).\n",
+                request_id,
+                close=True,
+            )
+            return 413, "body_too_large"
         if body is None:
             return 499, "disconnected"
         meta = RequestMetadata(
@@ -196,7 +229,7 @@ class Proxy:
                 text = f"Internal Server Error (request id {request_id}).\n"
             else:
                 logger.warning("Request %s to application %r: %s", request_id, app, exc)
-                text = f"{exc} (request id {request_id}).\n"
+                text = f"{_PUBLIC_TEXT[kind]} (request id {request_id}).\n"
             if response_started:
                 return status, kind  # too late to change the status: the stream just ends
             await _plain(send, status, text, request_id)
@@ -280,15 +313,40 @@ async def _watch_disconnect(receive: Receive, cancel: Callable[[str], None]) -> 
             return
 
 
-async def _read_body(receive: Receive) -> bytes | None:
+async def _read_body(scope: Scope, receive: Receive, limit: int | None) -> bytes | None:
+    """The whole body (None if the client left); raises _BodyTooLarge past ``limit``.
+
+    A declared Content-Length over the limit is refused before a byte of the
+    body is read; a chunked body is refused as soon as it passes the limit.
+    """
+    if limit is not None:
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _BodyTooLarge
     chunks = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        if limit is not None:
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-Id if it is sane, else a new one (never raw text in logs)."""
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            if REQUEST_ID.fullmatch(value):
+                return str(value.decode("ascii"))
+            break
+    return RequestMetadata.new_request_id()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -305,19 +363,18 @@ def _model_id(scope: Scope) -> str:
     return ""
 
 
-async def _plain(send: Send, status: int, text: str, request_id: str) -> None:
+async def _plain(
+    send: Send, status: int, text: str, request_id: str, close: bool = False
+) -> None:
     body = text.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-                (b"x-request-id", request_id.encode()),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    if close:  # e.g. a body left unread: the connection cannot carry another request
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

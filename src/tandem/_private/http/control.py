@@ -1,0 +1,305 @@
+"""The control endpoint: deploy, shutdown and detailed status, for the server's owner only.
+
+``tandem run`` serves it on a Unix socket in the owner's private directory
+(:mod:`tandem._private.rundir`, mode 0700), itself mode 0600, and checks
+every connecting process's user id (``SO_PEERCRED``): only the user who runs
+the server may use it. On request it also serves a TCP port, bound to
+127.0.0.1 unless told otherwise, where every request must carry a random
+bearer token that the server keeps in a 0600 file beside the socket.
+
+It answers (JSON):
+
+    GET  /-/healthz        "success"
+    GET  /-/status         the detailed status (pids, replica ids, errors)
+    GET  /-/routes         route prefix -> application
+    PUT  /-/applications   apply a config file's content; applications it omits are deleted
+    POST /-/shutdown       stop the server gracefully
+
+Nothing here is reachable from the data port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+logger = logging.getLogger("tandem.control")
+
+# Control requests are small; a config file of a few hundred applications fits.
+MAX_CONTROL_BODY = 16 * 1024 * 1024
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+@dataclass
+class ControlActions:
+    """What the control endpoint can do; each runs on the runtime's loop.
+
+    ``apply_config`` raises ValueError for a config it refuses.
+    """
+
+    status: Callable[[], Awaitable[Any]]
+    routes: Callable[[], dict[str, str]]
+    apply_config: Callable[[Any], Awaitable[None]]
+    shutdown: Callable[[], None]
+
+
+class ControlApp:
+    """The control endpoint's ASGI app (see the module docstring)."""
+
+    def __init__(self, actions: ControlActions) -> None:
+        self._actions = actions
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        response = await self._respond(Request(scope, receive))
+        await response(scope, receive, send)
+
+    async def _respond(self, request: Request) -> Response:
+        path, method = request.url.path, request.method
+        actions = self._actions
+        if method == "GET" and path == "/-/healthz":
+            return PlainTextResponse("success")
+        if method == "GET" and path == "/-/status":
+            return JSONResponse((await actions.status()).to_dict())
+        if method == "GET" and path == "/-/routes":
+            return JSONResponse(actions.routes())
+        if method == "POST" and path == "/-/shutdown":
+            actions.shutdown()
+            return JSONResponse({"shutting_down": True})
+        if method == "PUT" and path == "/-/applications":
+            return await self._apply(request)
+        return JSONResponse(
+            {
+                "error": f"{method} {path} is not a control request; the control endpoint "
+                "answers GET /-/healthz, GET /-/status, GET /-/routes, PUT /-/applications "
+                "and POST /-/shutdown."
+            },
+            status_code=404,
+        )
+
+    async def _apply(self, request: Request) -> Response:
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_CONTROL_BODY:
+                return JSONResponse(
+                    {"error": f"The config is larger than {MAX_CONTROL_BODY} bytes."},
+                    status_code=413,
+                )
+        try:
+            config = json.loads(body)
+        except ValueError as exc:
+            return JSONResponse({"error": f"The body is not JSON: {exc}"}, status_code=400)
+        try:
+            await self._actions.apply_config(config)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        except Exception as exc:  # the owner may see it: this is the control endpoint
+            logger.exception("Applying a config failed")
+            return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
+        return JSONResponse({"applied": True})
+
+
+class _RequireToken:
+    """Lets through only requests that carry ``Authorization: Bearer <token>``."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self._app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                given = value
+        if not hmac.compare_digest(given, self._expected):
+            response = JSONResponse(
+                {
+                    "error": "This control port needs the token of the server's token file "
+                    "(Authorization: Bearer TOKEN; tandem's --token-file does this)."
+                },
+                status_code=401,
+                headers={"www-authenticate": "Bearer"},
+            )
+            await response(scope, receive, send)
+            return
+        await self._app(scope, receive, send)
+
+
+class _OwnerOnlyProtocol(H11Protocol):
+    """HTTP over a Unix socket that hangs up on processes of other users."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        sock = transport.get_extra_info("socket")
+        uid = peer_uid(sock) if sock is not None else None
+        if uid is not None and uid != os.getuid():
+            logger.warning(
+                "Refused a control connection from user id %d (only %d may control this server).",
+                uid,
+                os.getuid(),
+            )
+            transport.abort()
+            return
+        super().connection_made(transport)
+
+
+def peer_uid(sock: Any) -> int | None:
+    """The user id of the process at the other end of a Unix socket, where the OS tells."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None or sock.family != socket.AF_UNIX:
+        return None
+    _pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, option, _PEERCRED.size))
+    return int(uid)
+
+
+class ControlServer:
+    """Serves :class:`ControlApp` on a Unix socket (and optionally a TCP port with a token).
+
+    Start with :meth:`start` on the runtime's loop; :meth:`stop` removes the
+    socket and token files it made.
+    """
+
+    def __init__(
+        self,
+        app: ControlApp,
+        socket_path: Path,
+        tcp: tuple[str, int] | None = None,
+        token_path: Path | None = None,
+    ) -> None:
+        self._app = app
+        self.socket_path = socket_path
+        self._tcp = tcp
+        self.token_path = token_path
+        self.tcp_address: tuple[str, int] | None = None
+        self._servers: list[tuple[uvicorn.Server, asyncio.Task[None], socket.socket]] = []
+        self._made: list[Path] = []
+
+    async def start(self) -> None:
+        unix = _bind_unix(self.socket_path)
+        self._made.append(self.socket_path)
+        await self._serve(self._app, unix, _OwnerOnlyProtocol)
+        if self._tcp is not None:
+            assert self.token_path is not None
+            token = secrets.token_urlsafe(32)
+            _write_private(self.token_path, token + "\n")
+            self._made.append(self.token_path)
+            tcp = _bind_tcp(*self._tcp)
+            host, port = tcp.getsockname()[:2]
+            self.tcp_address = (str(host), int(port))
+            await self._serve(_RequireToken(self._app, token), tcp, H11Protocol)
+
+    async def _serve(self, app: ASGIApp, sock: socket.socket, protocol: type[Any]) -> None:
+        config = uvicorn.Config(
+            app,
+            loop="none",
+            lifespan="off",
+            http=protocol,
+            ws="none",
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+            h11_max_incomplete_event_size=64 * 1024,
+            timeout_keep_alive=5,
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        self._servers.append((server, task, sock))
+        while not server.started:
+            if task.done():
+                await task
+                raise RuntimeError("The control endpoint stopped while starting.")
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        for server, _task, _sock in self._servers:
+            server.should_exit = True
+        for server, task, sock in self._servers:
+            server.config.timeout_graceful_shutdown = 5
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 10)
+            except asyncio.TimeoutError:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            sock.close()
+        self._servers.clear()
+        for path in self._made:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._made.clear()
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    if path.exists() or path.is_symlink():
+        if _answers(path):
+            raise OSError(
+                f"Another tandem server of yours already has its control socket at {path} "
+                "(it serves HTTP on the same port); stop it or choose another port."
+            )
+        path.unlink()  # left by a server that was killed
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        # Until this chmod the file has the umask's mode; the 0700 folder keeps
+        # other users out meanwhile.
+        os.chmod(path, 0o600)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno,
+            f"Cannot serve the control port on {host}:{port}: {exc.strerror}. "
+            "Choose another (--control-port N).",
+        ) from None
+    return sock
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (replacing one left by an earlier run)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
