@@ -174,6 +174,13 @@ def test_owner_controls_the_server_through_its_control_socket(
     replicas = status["applications"]["default"]["deployments"]["Front"]["replicas"]
     assert replicas and replicas[0]["replica_id"]  # the details are the owner's
 
+    result = tandem("delete", "nobody", "--address", server.url, cwd=app_dir)
+    assert result.returncode != 0 and "no application 'nobody'" in result.stderr, result
+    result = tandem("delete", "default", "--address", server.url, cwd=app_dir)
+    assert result.returncode == 0, result.stderr
+    assert server.get("/-/routes").json() == {}
+    assert server.post("/", json={"name": "Dora"}).status_code == 404
+
     result = tandem("shutdown", "--address", server.url, cwd=app_dir)
     assert result.returncode == 0, result.stderr
     assert server.wait_exit() == 0

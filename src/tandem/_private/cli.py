@@ -1,4 +1,4 @@
-"""The ``tandem`` command: run, status, shutdown, build, deploy.
+"""The ``tandem`` command: run, status, shutdown, build, deploy, delete.
 
 Thin by design: parse the command line, build a config, hand it to a
 :class:`ServeSession` (``run``) or to a running server's control endpoint.
@@ -320,6 +320,17 @@ def shutdown(address: str, control: str | None, token_file: str | None) -> None:
     """Stop a running server gracefully."""
     _request(address, control, token_file, "POST", "/-/shutdown")
     click.echo("tandem: the server is shutting down.")
+
+
+@cli.command()
+@click.argument("name")
+@_control_options
+def delete(name: str, address: str, control: str | None, token_file: str | None) -> None:
+    """Delete the application NAME from a running server (its replicas drain and stop)."""
+    from urllib.parse import quote
+
+    _request(address, control, token_file, "DELETE", f"/-/applications/{quote(name, safe='')}")
+    click.echo(f"tandem: deleted {name!r}.")
 
 
 @cli.command()

@@ -66,10 +66,18 @@ class ServeSession:
             await controller.refresh_reports()
             return controller.status()
 
+        async def delete(name: str) -> bool:
+            if name not in controller.app_names():
+                return False
+            logger.info("Deleting application %r (tandem delete).", name)
+            await controller.delete(name)
+            return True
+
         actions = ControlActions(
             status=status,
             routes=controller.route_prefixes,
             apply_config=self.apply_config,
+            delete=delete,
             shutdown=self.request_stop,
         )
         port = runtime.http.address[1]

@@ -13,6 +13,7 @@ It answers (JSON):
     GET  /-/status         the detailed status (pids, replica ids, errors)
     GET  /-/routes         route prefix -> application
     PUT  /-/applications   apply a config file's content; applications it omits are deleted
+    DELETE /-/applications/NAME   delete one application
     POST /-/shutdown       stop the server gracefully
 
 Nothing here is reachable from the data port.
@@ -57,6 +58,7 @@ class ControlActions:
     status: Callable[[], Awaitable[Any]]
     routes: Callable[[], dict[str, str]]
     apply_config: Callable[[Any], Awaitable[None]]
+    delete: Callable[[str], Awaitable[bool]]  # False if there is no such application
     shutdown: Callable[[], None]
 
 
@@ -86,11 +88,18 @@ class ControlApp:
             return JSONResponse({"shutting_down": True})
         if method == "PUT" and path == "/-/applications":
             return await self._apply(request)
+        if method == "DELETE" and path.startswith("/-/applications/"):
+            name = path[len("/-/applications/") :]
+            if not await actions.delete(name):
+                return JSONResponse(
+                    {"error": f"There is no application {name!r}."}, status_code=404
+                )
+            return JSONResponse({"deleted": name})
         return JSONResponse(
             {
                 "error": f"{method} {path} is not a control request; the control endpoint "
-                "answers GET /-/healthz, GET /-/status, GET /-/routes, PUT /-/applications "
-                "and POST /-/shutdown."
+                "answers GET /-/healthz, GET /-/status, GET /-/routes, PUT /-/applications, "
+                "DELETE /-/applications/NAME and POST /-/shutdown."
             },
             status_code=404,
         )
