@@ -7,7 +7,6 @@ checks that a user module with postponed annotations works too.
 """
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any

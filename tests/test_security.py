@@ -267,8 +267,8 @@ def test_control_port_needs_the_token_and_works_from_elsewhere(
 
 def test_status_of_a_remote_address_says_how_to_reach_it(app_dir: Path) -> None:
     result = tandem("status", "--address", "http://192.0.2.7:8000", cwd=app_dir)
-    assert result.returncode != 0 and "--control" in result.stderr and "SECURITY.md" in (
-        result.stderr
+    assert (
+        result.returncode != 0 and "--control" in result.stderr and "SECURITY.md" in (result.stderr)
     )
     port = free_port()
     result = tandem("status", "--address", f"http://127.0.0.1:{port}", cwd=app_dir)
@@ -420,9 +420,7 @@ def test_large_body_is_refused_before_it_is_buffered() -> None:
     before = _rss_kb()
     size = 300 * 1024 * 1024
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(
-            f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
-        )
+        sock.sendall(f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
         sent = 0
         chunk = b"x" * (1024 * 1024)
         try:

@@ -13,17 +13,25 @@ Messages are tuples; the first item says what they are:
     ("cancel", id)                   stop serving request id
     ("ok", id, value) ("err", id, packed error) ("item", id, value) ("end", id, None)
     ("note", op, payload)            a one-way message, no reply
+
+Connections to a replica's Unix socket (:func:`open_peer`, :class:`PeerListener`)
+carry frames only after both ends passed the handshake (``handshake``); a
+control line (:func:`peer_on_socket`) is an inherited socket pair, trusted as is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import os
 import socket
+import struct
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
+from tandem._private.handshake import HandshakeError, client_handshake, server_handshake
 from tandem._private.transport import FrameProtocol, pack_error, unpack_error
 from tandem.exceptions import ReplicaUnavailableError
 
@@ -223,11 +231,109 @@ class Peer:
             self.protocol.send(("err", message[1], pack_error(error)))
 
 
-async def open_peer(path: str, name: str) -> Peer:
-    """Connect to a replica's Unix socket."""
-    peer = Peer(name)
-    await asyncio.get_running_loop().create_unix_connection(lambda: peer.protocol, path)
+# After a failed accept (e.g. out of file descriptors), wait this long before the next.
+ACCEPT_RETRY_S = 0.1
+
+
+async def open_peer(path: str, name: str, secret: bytes) -> Peer:
+    """Connect to a replica's Unix socket; both ends prove they hold ``secret`` first.
+
+    Raises ``OSError`` (``HandshakeError`` if the handshake failed) when it cannot.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, path)
+        await client_handshake(loop, sock, secret)
+        peer = Peer(name)
+        await loop.create_unix_connection(lambda: peer.protocol, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     return peer
+
+
+class PeerListener:
+    """Serves whoever connects to a Unix socket and passes the handshake.
+
+    Each connection gets its own task for the handshake and, once through, a
+    peer from ``make_peer``; one that fails is closed and logged, and nothing it
+    sent is ever parsed. :meth:`open` binds and starts accepting; :meth:`close`
+    ends the accept loop and the handshakes in progress (peers already serving
+    stay open).
+    """
+
+    def __init__(self, secret: bytes, make_peer: Callable[[], Peer]) -> None:
+        self._secret = secret
+        self._make_peer = make_peer
+        self.path = ""
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+
+    async def open(self, path: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            # Before listen(), so no one connects while the umask's mode holds.
+            os.chmod(path, 0o600)
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self.path, self._sock = path, sock
+        self._accepting = asyncio.ensure_future(self._accept(sock))
+
+    async def close(self) -> None:
+        tasks = [task for task in (self._accepting, *self._handshakes) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                logger.warning("Accepting a connection on %s failed: %s", self.path, exc)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
+            conn.setblocking(False)
+            task = asyncio.ensure_future(self._admit(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _admit(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await server_handshake(loop, conn, self._secret)
+            peer = self._make_peer()
+            await loop.connect_accepted_socket(lambda: peer.protocol, sock=conn)
+        except OSError as exc:  # HandshakeError included
+            reason = exc if isinstance(exc, HandshakeError) else f"its socket failed ({exc})"
+            logger.warning("Refused a connection to %s%s: %s.", self.path, _caller(conn), reason)
+            conn.close()
+        except BaseException:
+            conn.close()
+            raise
+
+
+def _caller(conn: socket.socket) -> str:
+    """Who is on the other end of ``conn``, for a log line (Linux only)."""
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return ""
+    pid, _, _ = struct.unpack("3i", creds)
+    return f" from pid {pid}"
 
 
 async def peer_on_socket(sock: socket.socket, peer: Peer) -> Peer:

@@ -1,4 +1,8 @@
-"""Callers' side of the process backend: a router's line to a replica in another process."""
+"""Callers' side of the process backend: a router's line to a replica in another process.
+
+The line is opened with the run's secret (see ``handshake``): the driver's
+backend and each replica process hold it and pass it to every connection.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +28,12 @@ class ProcessAddress:
 class ProcessConnection:
     """Opens one connection to the replica on first use; requests share it."""
 
-    def __init__(self, info: ReplicaInfo) -> None:
+    def __init__(self, info: ReplicaInfo, secret: bytes) -> None:
         address = info.address
         assert isinstance(address, ProcessAddress)
         self.replica_id = info.replica_id
         self._path = address.path
+        self._secret = secret
         self._peer: Peer | None = None
         self._opening: asyncio.Future[Peer] | None = None
 
@@ -44,7 +49,7 @@ class ProcessConnection:
 
     async def _connect(self) -> Peer:
         try:
-            self._peer = await open_peer(self._path, f"replica {self.replica_id}")
+            self._peer = await open_peer(self._path, f"replica {self.replica_id}", self._secret)
         except OSError as exc:
             self._opening = None
             raise ReplicaNotReached(
@@ -79,7 +84,3 @@ class ProcessConnection:
             peer.abort()
         elif self._opening is not None:
             self._opening.cancel()
-
-
-def connect(info: ReplicaInfo) -> ProcessConnection:
-    return ProcessConnection(info)

@@ -9,6 +9,11 @@ Wire format of one frame::
 
     u32 count of buffers (n)  u64 len(pickle)  u64 len(buffer) * n
     pickle bytes  buffer bytes * n
+
+A frame holds at most ``MAX_BUFFERS`` out-of-band buffers and ``MAX_FRAME``
+bytes in all; a receiver drops a connection whose frame announces more, and
+takes memory as bytes arrive, never on a header's word. (Who may send frames
+at all is settled before the first one: see ``handshake``.)
 """
 
 from __future__ import annotations
@@ -30,7 +35,19 @@ _HEADER = struct.Struct("!IQ")
 _LENGTH = struct.Struct("!Q")
 # Buffers smaller than this are cheaper inside the pickle than beside it.
 MIN_OUT_OF_BAND = 64 * 1024
-MAX_FRAME = 1 << 40
+# The most one frame may hold, its pickle and buffers summed; larger messages
+# fail at the sender, and a frame announcing more drops the connection.
+MAX_FRAME = 2 << 30
+# The most out-of-band buffers in one frame; the sender keeps any more in-band.
+MAX_BUFFERS = 16 * 1024
+
+
+class FrameTooLargeError(ValueError):
+    """A message over the frame limits (raised where it is sent)."""
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.1f} GiB"
 
 
 def _reduce_starlette_state(state: Any) -> tuple[Any, tuple[dict[str, Any]]]:
@@ -54,7 +71,7 @@ def dumps(message: Any) -> list[bytes | memoryview]:
     buffers: list[pickle.PickleBuffer] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-        if buffer.raw().nbytes < MIN_OUT_OF_BAND:
+        if buffer.raw().nbytes < MIN_OUT_OF_BAND or len(buffers) >= MAX_BUFFERS:
             return True  # keep it in the pickle stream
         buffers.append(buffer)
         return False
@@ -66,6 +83,12 @@ def dumps(message: Any) -> list[bytes | memoryview]:
         # Classes and functions defined in __main__ or a notebook travel by value.
         body = cloudpickle.dumps(message, protocol=5, buffer_callback=out_of_band)
     raws = [b.raw() for b in buffers]
+    size = len(body) + sum(raw.nbytes for raw in raws)
+    if size > MAX_FRAME:
+        raise FrameTooLargeError(
+            f"A message of {_gib(size)} is over tandem's limit of {_gib(MAX_FRAME)} between "
+            "processes; send a path or a reference to the data instead."
+        )
     header = _HEADER.pack(len(raws), len(body)) + b"".join(_LENGTH.pack(raw.nbytes) for raw in raws)
     return [header, body, *raws]
 
@@ -73,6 +96,26 @@ def dumps(message: Any) -> list[bytes | memoryview]:
 # Received parts at least this large are read straight into their own buffer.
 _DIRECT = 64 * 1024
 _STAGING = 256 * 1024
+# A part's own buffer starts this large (or at the part's size, if smaller) and
+# doubles as bytes arrive, so a header cannot make us take memory on its word.
+_FIRST_GROWTH = 1 << 20
+_ZEROS = bytes(_FIRST_GROWTH)
+
+
+def _grow(buffer: bytearray, filled: int, size: int) -> bytearray:
+    """``buffer`` (full with ``filled`` bytes) made up to twice as long, at most ``size``."""
+    target = min(2 * len(buffer), size)
+    zeros = memoryview(_ZEROS)
+    try:
+        # In place, so realloc can grow a large buffer by remapping its pages
+        # rather than copying what arrived; in steps, as Python has no resize.
+        while len(buffer) < target:
+            buffer += zeros[: target - len(buffer)]
+        return buffer
+    except BufferError:  # still exported somewhere: copy into a new one instead
+        bigger = bytearray(target)
+        bigger[:filled] = memoryview(buffer)[:filled]
+        return bigger
 
 
 class FrameProtocol(asyncio.BufferedProtocol):
@@ -82,6 +125,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
     ``recv``); a large part (an out-of-band buffer, or a large pickle) is
     received straight into the buffer the unpickler will adopt, so a 10 MB
     array is copied once on the way in: from the kernel into its own memory.
+    That buffer grows as bytes arrive (see ``_grow``), not on the header's word.
     """
 
     def __init__(
@@ -95,11 +139,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._staging = bytearray(_STAGING)
         self._start = 0  # unparsed bytes are self._staging[self._start:self._end]
         self._end = 0
-        # The frame being read: its part lengths, parts so far, and a part in direct mode.
+        # The frame being read: its part lengths, parts so far, and a part in direct mode
+        # (its buffer, bytes received, and the part's full size).
         self._lengths: list[int] | None = None
         self._parts: list[bytearray] = []
         self._direct: bytearray | None = None
         self._filled = 0
+        self._wanted = 0
         self._paused = False
         self._drained: list[asyncio.Future[None]] = []
 
@@ -110,6 +156,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._direct is not None:
+            if self._filled == len(self._direct):
+                # Grown here, not in buffer_updated: by now the transport has
+                # let go of the view it received into, so the buffer may move.
+                self._direct = _grow(self._direct, self._filled, self._wanted)
             return memoryview(self._direct)[self._filled :]
         if self._end == len(self._staging):
             # Move the unparsed tail to the front to make room.
@@ -121,7 +171,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self._direct is not None:
             self._filled += nbytes
-            if self._filled < len(self._direct):
+            if self._filled < self._wanted:
                 return
             self._parts.append(self._direct)
             self._direct = None
@@ -152,28 +202,37 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     # -- frames --------------------------------------------------------------
 
+    def _read_header(self) -> list[int] | None:
+        """The part lengths of the next frame, once its header is in; checked against the caps."""
+        available = self._end - self._start
+        if available < _HEADER.size:
+            return None
+        count, body_length = _HEADER.unpack_from(self._staging, self._start)
+        if count > MAX_BUFFERS:
+            raise FrameTooLargeError(
+                f"a frame announced {count} buffers, over the limit of {MAX_BUFFERS} (MAX_BUFFERS)"
+            )
+        need = _HEADER.size + _LENGTH.size * count  # fits the staging buffer (MAX_BUFFERS)
+        if available < need:
+            return None
+        lengths = [body_length] + [
+            _LENGTH.unpack_from(self._staging, self._start + _HEADER.size + _LENGTH.size * i)[0]
+            for i in range(count)
+        ]
+        if sum(lengths) > MAX_FRAME:
+            raise FrameTooLargeError(
+                f"a frame announced {_gib(sum(lengths))}, over the limit of {_gib(MAX_FRAME)} "
+                "(MAX_FRAME)"
+            )
+        self._start += need
+        return lengths
+
     def _parse(self) -> None:
         while True:
             if self._lengths is None:
-                available = self._end - self._start
-                if available < _HEADER.size:
+                self._lengths = self._read_header()
+                if self._lengths is None:
                     return
-                count, body_length = _HEADER.unpack_from(self._staging, self._start)
-                need = _HEADER.size + _LENGTH.size * count
-                if available < need:
-                    if need > len(self._staging):
-                        raise ValueError(f"frame header of {need} bytes")
-                    return
-                lengths = [body_length] + [
-                    _LENGTH.unpack_from(
-                        self._staging, self._start + _HEADER.size + _LENGTH.size * i
-                    )[0]
-                    for i in range(count)
-                ]
-                if any(n > MAX_FRAME for n in lengths):
-                    raise ValueError("frame too large")
-                self._start += need
-                self._lengths = lengths
                 self._parts = []
             lengths = self._lengths
             while len(self._parts) < len(lengths):
@@ -185,10 +244,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
                     continue
                 if size >= _DIRECT or size > len(self._staging):
                     # Receive the rest of this part straight into its own buffer.
-                    part = bytearray(size)
+                    part = bytearray(min(size, _FIRST_GROWTH))
                     part[:available] = self._staging[self._start : self._end]
                     self._start = self._end = 0
-                    self._direct, self._filled = part, available
+                    self._direct, self._filled, self._wanted = part, available, size
                 return
             body, *buffers = self._parts
             self._lengths = None

@@ -1,8 +1,9 @@
-"""A replica process: ``python -m tandem._private.worker FD``.
+"""A replica process: ``python -m tandem._private.worker FD PPID``.
 
 The driver starts it with one end of a socket pair (FD) as its control line.
-It waits for its replica's spec, builds the replica, serves calls on a Unix
-socket of its own, and obeys control requests (health, reconfigure, rank,
+It waits for its replica's spec and the run's secret, builds the replica,
+serves calls on a Unix socket of its own (to callers that pass the handshake
+with that secret), and obeys control requests (health, reconfigure, rank,
 stop). It exits when told to stop, or at once when the control line breaks:
 the driver is gone, so nothing may be left behind.
 """
@@ -18,7 +19,12 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tandem._private.peer import Peer, PeerListener
+    from tandem._private.process_connection import ProcessConnection
+    from tandem._private.router import ReplicaInfo
 
 logger = logging.getLogger("tandem.worker")
 
@@ -43,10 +49,20 @@ class _Worker:
         self.replica: Any = None
         self.exit_code: int | None = None
         self.done = threading.Event()
-        self._server: asyncio.AbstractServer | None = None
+        self._secret: bytes | None = None  # the run's, from the start request
+        self._control_peer: Peer | None = None
+        self._listener: PeerListener | None = None
         # Strong references: the loop holds tasks only weakly, and a garbage
         # collection in the replica must not take its connections away.
-        self._peers: set[Any] = set()
+        self._peers: set[Peer] = set()
+
+    def connect(self, info: ReplicaInfo) -> ProcessConnection:
+        """A line to another replica, for this process's routers."""
+        from tandem._private.process_connection import ProcessConnection
+
+        if self._secret is None:  # routers are made only once the replica serves
+            raise RuntimeError("This replica process has not been started yet.")
+        return ProcessConnection(info, self._secret)
 
     async def serve(self) -> None:
         from tandem._private.peer import Peer, peer_on_socket
@@ -54,6 +70,7 @@ class _Worker:
         sock = socket.socket(fileno=self._control_fd)
         control = Peer("the driver", on_call=self._control, on_note=self._note)
         self._peers.add(control)
+        self._control_peer = control
         await peer_on_socket(sock, control)
         reporting = asyncio.ensure_future(self._report_queues(control))
         await control.closed.wait()
@@ -83,8 +100,8 @@ class _Worker:
             return None
         if op == "stop":
             await self.replica.stop(payload)
-            if self._server is not None:
-                self._server.close()
+            if self._listener is not None:
+                await self._listener.close()
             self.exit_code = 0
             asyncio.get_running_loop().call_later(0.05, self.done.set)
             return None
@@ -106,20 +123,27 @@ class _Worker:
         return {"in_flight": self.replica.in_flight, "stats": self.replica.stats}
 
     async def _start(
-        self, spec_blob: bytes, path: list[str], address: str, directory: list[Any]
+        self,
+        spec_blob: bytes,
+        path: list[str],
+        address: str,
+        directory: list[Any],
+        secret: bytes,
     ) -> None:
-        from tandem._private.peer import Peer
+        from tandem._private.peer import Peer, PeerListener
         from tandem._private.replica import Replica
         from tandem._private.runtime import get_runtime
         from tandem._private.transport import picklable_starlette
 
         picklable_starlette()
+        self._secret = secret
         sys.path[:] = path
         for replica_set in directory:
             get_runtime().publish(replica_set)
         spec = pickle.loads(spec_blob)
         self.replica = Replica(spec)
-        control = next(iter(self._peers))
+        control = self._control_peer
+        assert control is not None
         self.replica.on_models_changed = lambda ids: control.note("models", ids)
         await self.replica.start()
         replica = self.replica
@@ -130,13 +154,14 @@ class _Worker:
         def on_stream(op: str, payload: Any) -> Any:
             return replica.stream(*payload)
 
-        def accept() -> asyncio.BaseProtocol:
+        def make_peer() -> Peer:
             peer = Peer("a caller", on_call=on_call, on_stream=on_stream)
             self._peers.add(peer)
             peer.closed_callbacks.append(lambda: self._peers.discard(peer))
-            return peer.protocol
+            return peer
 
-        self._server = await asyncio.get_running_loop().create_unix_server(accept, path=address)
+        self._listener = PeerListener(secret, make_peer)
+        await self._listener.open(address)
 
 
 def main() -> None:
@@ -147,14 +172,13 @@ def main() -> None:
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    from tandem._private.process_connection import connect
     from tandem._private.runtime import Runtime, set_runtime
 
-    runtime = Runtime(connect)
+    worker = _Worker(control_fd)
+    runtime = Runtime(worker.connect)
     runtime.backend_name = "process"
     runtime.open()
     set_runtime(runtime)
-    worker = _Worker(control_fd)
     serving = asyncio.run_coroutine_threadsafe(worker.serve(), runtime.loop)
     worker.done.wait()
     del serving

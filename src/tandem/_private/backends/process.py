@@ -5,6 +5,12 @@ watches and stops them. A replica process that dies is noticed at once (a
 pidfd becomes readable) and reported to the controller, which replaces it;
 requests in flight on it fail with ReplicaUnavailableError when its socket
 closes. Replica processes die with the driver, even if it is killed.
+
+Their sockets live in a folder of this run under tandem's private per-user
+directory (``rundir``; removed on close, or by the next backend to open if the
+driver was killed), and only callers holding this run's secret get through
+them (``handshake``): the backend makes the secret when it opens and hands it
+to each replica in its start request, over the replica's control line.
 """
 
 from __future__ import annotations
@@ -13,11 +19,9 @@ import asyncio
 import itertools
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -28,15 +32,20 @@ import cloudpickle
 
 from tandem._private.backends.base import Backend, ReplicaStartError
 from tandem._private.context import DeploymentID
+from tandem._private.handshake import new_secret
 from tandem._private.peer import Peer, peer_on_socket
 from tandem._private.process_connection import ProcessAddress, ProcessConnection
 from tandem._private.replica import ReplicaSpec
 from tandem._private.resources import Resources
 from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet
+from tandem._private.rundir import RunDir, open_run_dir
 from tandem._private.transport import RemoteTraceback, picklable_starlette
 from tandem.exceptions import ReplicaUnavailableError
 
 logger = logging.getLogger("tandem")
+
+# The longest path a Unix socket may have (sun_path holds 108 bytes with its NUL).
+_MAX_SOCKET_PATH = 107
 
 
 @dataclass
@@ -58,22 +67,33 @@ class ProcessBackend(Backend):
         # Requests waiting in replica processes' routers, per process and deployment.
         self._queued: dict[str, dict[DeploymentID, int]] = {}
         self._directory: dict[DeploymentID, ReplicaSet] = {}
-        self._dir = ""
+        self._run_dir: RunDir | None = None
+        self._secret = b""
         self._ids = itertools.count()
         self._on_exit: Callable[[str], None] = lambda _: None
 
     async def open(self, on_replica_exit: Callable[[str], None]) -> None:
         picklable_starlette()
         self._on_exit = on_replica_exit
-        self._dir = tempfile.mkdtemp(prefix="tandem-")
+        self._secret = new_secret()
+        run_dir = open_run_dir()
+        longest = os.path.join(run_dir.path, "r999999.sock")
+        if len(os.fsencode(longest)) > _MAX_SOCKET_PATH:
+            run_dir.close()
+            raise RuntimeError(
+                f"The folder {run_dir.path} is too long a path for Unix sockets "
+                f"(at most {_MAX_SOCKET_PATH} bytes); set TANDEM_RUNTIME_DIR to a shorter one."
+            )
+        self._run_dir = run_dir
         if self._resources is None:
             self._resources = Resources.detect()
 
     async def close(self) -> None:
         for child in list(self._children.values()):
             self._kill(child)
-        if self._dir:
-            shutil.rmtree(self._dir, ignore_errors=True)
+        if self._run_dir is not None:
+            self._run_dir.close()
+            self._run_dir = None
 
     # -- replicas ----------------------------------------------------------
 
@@ -131,11 +151,18 @@ class ProcessBackend(Backend):
         child = _Child(spec.replica_id, process, control)
         self._children[spec.replica_id] = child
         self._watch(child)
-        address = os.path.join(self._dir, f"r{next(self._ids)}.sock")
+        assert self._run_dir is not None
+        address = os.path.join(self._run_dir.path, f"r{next(self._ids)}.sock")
         try:
             await control.call(
                 "start",
-                (cloudpickle.dumps(spec), list(sys.path), address, list(self._directory.values())),
+                (
+                    cloudpickle.dumps(spec),
+                    list(sys.path),
+                    address,
+                    list(self._directory.values()),
+                    self._secret,
+                ),
             )
         except ReplicaUnavailableError as exc:
             code = await _wait_exit(process, 5) or process.returncode
@@ -237,7 +264,7 @@ class ProcessBackend(Backend):
         return child
 
     def connect(self, info: ReplicaInfo) -> ReplicaConnection:
-        return ProcessConnection(info)
+        return ProcessConnection(info, self._secret)
 
     def publish(self, replica_set: ReplicaSet) -> None:
         if replica_set.state == "deleted":

@@ -363,9 +363,7 @@ def _model_id(scope: Scope) -> str:
     return ""
 
 
-async def _plain(
-    send: Send, status: int, text: str, request_id: str, close: bool = False
-) -> None:
+async def _plain(send: Send, status: int, text: str, request_id: str, close: bool = False) -> None:
     body = text.encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
