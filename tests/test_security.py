@@ -248,6 +248,9 @@ def test_control_port_needs_the_token_and_works_from_elsewhere(
 
     result = tandem("status", "--control", control, cwd=app_dir)
     assert result.returncode != 0 and "401" in result.stderr and "token" in result.stderr
+    # Before any token is checked, the port's own limits hold: a 100 KiB head is refused.
+    huge = raw_request(control_port, "GET", "/-/status", X_Padding="p" * 100_000)
+    assert status_code(huge) == 431
     bad = tmp_path / "bad.token"
     bad.write_text("not-the-token\n")
     result = tandem("status", "--control", control, "--token-file", str(bad), cwd=app_dir)

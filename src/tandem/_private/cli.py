@@ -68,6 +68,37 @@ def cli() -> None:
 @click.option("--reload", is_flag=True, help="Restart when files in the working directory change.")
 @click.option("--request-timeout-s", type=float, default=None, help="Answer 408 after this long.")
 @click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Answer 413 to a request body larger than this [default: 100 MiB].",
+)
+@click.option(
+    "--max-header-bytes",
+    type=click.IntRange(min=1024),
+    default=None,
+    help="Answer 431 (and close) when a request line and headers exceed this [default: 64 KiB].",
+)
+@click.option(
+    "--header-timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Answer 408 (and close) when a request line and headers take longer [default: 30].",
+)
+@click.option(
+    "--keep-alive-timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Close a kept-alive connection idle this long [default: 5].",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Answer 503 (and close) to connections past this many "
+    "[default: the open-file limit less a reserve of 25%, at least 256].",
+)
+@click.option(
     "--control-port",
     type=int,
     default=None,
@@ -96,6 +127,11 @@ def run(
     runtime_env_json: str | None,
     reload: bool,
     request_timeout_s: float | None,
+    max_body_bytes: int | None,
+    max_header_bytes: int | None,
+    header_timeout_s: float | None,
+    keep_alive_timeout_s: float | None,
+    max_connections: int | None,
     control_port: int | None,
     control_host: str,
     log_format: str,
@@ -116,11 +152,15 @@ def run(
         is_config_path,
         load_config,
     )
+    from tandem._private.http.limits import raise_open_file_limit
     from tandem._private.http.logs import configure_logging
     from tandem._private.importing import parse_cli_args
     from tandem._private.serving import ServeSession
 
     configure_logging(log_level, json_format=log_format == "json")
+    # Before the server (whose default max_connections derives from it) and the replicas
+    # (which inherit it) start.
+    raise_open_file_limit()
     try:
         if is_config_path(import_path):
             if arguments:
@@ -147,6 +187,11 @@ def run(
             "host": host,
             "port": port,
             "request_timeout_s": request_timeout_s,
+            "max_body_bytes": max_body_bytes,
+            "max_header_bytes": max_header_bytes,
+            "header_timeout_s": header_timeout_s,
+            "keep_alive_timeout_s": keep_alive_timeout_s,
+            "max_connections": max_connections,
         }
         http = config.http_options.model_copy(
             update={k: v for k, v in updates.items() if v is not None}

@@ -39,12 +39,18 @@ import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from tandem._private.http.limits import ConnectionLimits, Refusals, protocol_class
 
 logger = logging.getLogger("tandem.control")
 
 # Control requests are small; a config file of a few hundred applications fits.
 MAX_CONTROL_BODY = 16 * 1024 * 1024
+# Only the owner (or a token holder) gets past the first request, but anyone who
+# reaches a TCP control port could hold connections open before that.
+CONTROL_LIMITS = ConnectionLimits(
+    max_header_bytes=64 * 1024, header_timeout_s=10.0, max_connections=64
+)
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
 
@@ -155,10 +161,12 @@ class _RequireToken:
         await self._app(scope, receive, send)
 
 
-class _OwnerOnlyProtocol(H11Protocol):
-    """HTTP over a Unix socket that hangs up on processes of other users."""
+class _OwnerOnly:
+    """Mixed into an HTTP protocol: hang up on processes of other users (Unix sockets)."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    transport: Any
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
         sock = transport.get_extra_info("socket")
         uid = peer_uid(sock) if sock is not None else None
         if uid is not None and uid != os.getuid():
@@ -167,9 +175,17 @@ class _OwnerOnlyProtocol(H11Protocol):
                 uid,
                 os.getuid(),
             )
+            self.transport = transport  # connection_lost, which follows, closes it
             transport.abort()
             return
-        super().connection_made(transport)
+        super().connection_made(transport)  # type: ignore[misc]
+
+
+def _protocol(owner_only: bool) -> type[Any]:
+    http = protocol_class(CONTROL_LIMITS, Refusals(CONTROL_LIMITS), parser="h11")
+    if not owner_only:
+        return http
+    return type("OwnerOnlyHTTP", (_OwnerOnly, http), {})
 
 
 def peer_uid(sock: Any) -> int | None:
@@ -206,7 +222,7 @@ class ControlServer:
     async def start(self) -> None:
         unix = _bind_unix(self.socket_path)
         self._made.append(self.socket_path)
-        await self._serve(self._app, unix, _OwnerOnlyProtocol)
+        await self._serve(self._app, unix, _protocol(owner_only=True))
         if self._tcp is not None:
             assert self.token_path is not None
             token = secrets.token_urlsafe(32)
@@ -215,7 +231,7 @@ class ControlServer:
             tcp = _bind_tcp(*self._tcp)
             host, port = tcp.getsockname()[:2]
             self.tcp_address = (str(host), int(port))
-            await self._serve(_RequireToken(self._app, token), tcp, H11Protocol)
+            await self._serve(_RequireToken(self._app, token), tcp, _protocol(owner_only=False))
 
     async def _serve(self, app: ASGIApp, sock: socket.socket, protocol: type[Any]) -> None:
         config = uvicorn.Config(
@@ -227,7 +243,7 @@ class ControlServer:
             log_level="warning",
             access_log=False,
             server_header=False,
-            h11_max_incomplete_event_size=64 * 1024,
+            h11_max_incomplete_event_size=CONTROL_LIMITS.max_header_bytes,
             timeout_keep_alive=5,
         )
         server = uvicorn.Server(config)

@@ -1,4 +1,5 @@
-"""uvicorn serving the proxy on tandem's event loop (no extra thread, no extra hop)."""
+"""uvicorn serving the proxy on tandem's event loop (no extra thread, no extra hop),
+behind the connection limits of :mod:`tandem._private.http.limits`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import uvicorn
 
+from tandem._private.http.limits import ConnectionLimits, Refusals, protocol_class
 from tandem._private.http.options import HTTPOptions
 
 logger = logging.getLogger("tandem.proxy")
@@ -42,6 +44,7 @@ class HTTPServer:
         self._task: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._socket: socket.socket | None = None
+        self._refusals: Refusals | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -56,13 +59,18 @@ class HTTPServer:
 
     async def start(self) -> None:
         self._socket = bind_socket(self._options.host, self._options.port)
+        limits = ConnectionLimits.from_options(self._options)
+        self._refusals = Refusals(limits)
         config = uvicorn.Config(
             self._app,
             loop="none",
             lifespan="off",
             log_level="warning",
             access_log=False,
-            timeout_keep_alive=int(self._options.keep_alive_timeout_s),
+            http=protocol_class(limits, self._refusals),
+            # uvicorn annotates an int but only hands it to loop.call_later: a float works.
+            timeout_keep_alive=self._options.keep_alive_timeout_s,  # type: ignore[arg-type]
+            h11_max_incomplete_event_size=limits.max_header_bytes,  # for the h11 fallback
             server_header=False,
         )
         self._server = uvicorn.Server(config)
@@ -94,3 +102,5 @@ class HTTPServer:
             self._watcher = None
         if self._socket is not None:
             self._socket.close()
+        if self._refusals is not None:
+            self._refusals.flush()  # log the refusals the last interval held back
