@@ -6,11 +6,8 @@ start-up and an import of the user's module.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -22,60 +19,14 @@ import httpx
 import pytest
 import yaml
 
-TANDEM_MODULE = [sys.executable, "-m", "tandem"]
-TANDEM_SCRIPT = [str(Path(sys.executable).with_name("tandem"))]
-
-GREETER = """
-import asyncio
-import os
-
-import tandem as serve
-from starlette.requests import Request
-from tandem.handle import DeploymentHandle
-
-
-@serve.deployment
-class Responder:
-    def say_hello(self, name: str) -> str:
-        return f"Hola {name}"
-
-
-@serve.deployment
-class Front:
-    def __init__(self, responder: DeploymentHandle) -> None:
-        self.responder = responder
-
-    async def __call__(self, request: Request) -> str:
-        if request.query_params.get("sleep"):
-            await asyncio.sleep(float(request.query_params["sleep"]))
-            return "slept"
-        body = await request.json()
-        return await self.responder.say_hello.remote(body["name"])
-
-
-app = Front.bind(Responder.bind())
-
-
-@serve.deployment
-class Greeter:
-    def __init__(self, prefix: str = "") -> None:
-        self.prefix = prefix
-        self.message = "unconfigured"
-        self.instance = os.urandom(4).hex()
-
-    def reconfigure(self, config: dict) -> None:
-        self.message = config["message"]
-
-    async def __call__(self, request: Request) -> str:
-        if request.query_params.get("sleep"):
-            await asyncio.sleep(float(request.query_params["sleep"]))
-        if request.query_params.get("instance"):
-            return self.instance
-        return f"{self.prefix}{self.message}"
-
-
-greeter = Greeter.bind()
-"""
+from helpers import (
+    GREETER,
+    TANDEM_MODULE,
+    Server,
+    assert_clear_failure,
+    free_port,
+    tandem,
+)
 
 BUILDERS = """
 from pydantic import BaseModel
@@ -104,78 +55,6 @@ class Options(BaseModel):
 def typed(options: Options) -> serve.Application:
     return Say.bind(" ".join([options.greeting] * options.times))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "TANDEM_BACKEND": "local", "PYTHONUNBUFFERED": "1"}
-
-
-class Server:
-    """A ``tandem run`` process in its own process group (as a shell job would be)."""
-
-    def __init__(self, args: list[str], cwd: Path, log: Path, port: int) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log
-        self._log = log.open("w")
-        self.proc = subprocess.Popen(
-            args,
-            cwd=cwd,
-            env=env(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text()
-
-    def wait_ready(self, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"tandem run exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/-/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"tandem run did not answer /-/healthz within {timeout_s} s:\n{self.output()}")
-
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=kwargs.pop("timeout", 10), **kwargs)
-
-    def post(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=kwargs.pop("timeout", 10), **kwargs)
-
-    def ctrl_c(self) -> None:
-        """What a terminal's Ctrl-C does: SIGINT to the whole foreground process group."""
-        os.killpg(self.proc.pid, signal.SIGINT)
-
-    def wait_exit(self, timeout_s: float = 15.0) -> int:
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"tandem run did not exit within {timeout_s} s:\n{self.output()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(timeout=10)
-        self._log.close()
 
 
 @pytest.fixture
@@ -210,24 +89,6 @@ def serve_cli(app_dir: Path, tmp_path: Path) -> Iterator[Any]:
     yield start
     for server in servers:
         server.kill()
-
-
-def tandem(
-    *args: str, cwd: Path, script: bool = False, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    """Run one short ``tandem`` command and return what it printed."""
-    command = TANDEM_SCRIPT if script else TANDEM_MODULE
-    return subprocess.run(
-        [*command, *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout
-    )
-
-
-def assert_clear_failure(result: subprocess.CompletedProcess[str], *words: str) -> None:
-    """Non-zero exit, a message on stderr that names the problem, and no traceback."""
-    assert result.returncode != 0, result
-    assert "Traceback" not in result.stderr, result.stderr
-    for word in words:
-        assert word in result.stderr, (word, result.stderr)
 
 
 # -- tandem run module:app ----------------------------------------------------

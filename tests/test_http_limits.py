@@ -28,7 +28,7 @@ import uvicorn
 import yaml
 
 import tandem as serve
-from helpers import wait_for
+from helpers import GREETER, Server, assert_clear_failure, free_port, tandem, wait_for
 from tandem._private.api import http_url
 from tandem._private.config_file import validate_config
 from tandem._private.http.limits import (
@@ -37,7 +37,6 @@ from tandem._private.http.limits import (
     default_max_connections,
     protocol_class,
 )
-from test_cli import GREETER, Server, assert_clear_failure, free_port, tandem
 
 GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 

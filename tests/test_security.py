@@ -27,10 +27,9 @@ import pytest
 import yaml
 
 import tandem as serve
-from helpers import wait_for
+from helpers import GREETER, Server, free_port, tandem, wait_for
 from tandem._private.api import http_url
 from tandem._private.rundir import control_socket_path, user_dir
-from test_cli import GREETER, Server, free_port, tandem
 
 # A config whose "application" is logging.config.dictConfig with a handler
 # whose factory is os.system: applying it runs a shell command.
