@@ -36,11 +36,12 @@ import httpx
 import pytest
 
 import tandem as serve
-from helpers import wait_for
+from helpers import eventually, wait_for
 from tandem._private.api import http_url
 from tandem.exceptions import (
     BackPressureError,
     DeploymentFailedError,
+    DeploymentUnavailableError,
     ReplicaUnavailableError,
     TandemError,
 )
@@ -349,49 +350,55 @@ def test_constructor_that_raises_fails_run_and_leaves_no_process(
 
 
 @serve.deployment(graceful_shutdown_timeout_s=0.2)
-class OnlyOnce:
-    """Constructs once; every later construction (a restart) raises."""
+class Flaky:
+    """Constructs unless its flag file exists (its model store is down, say)."""
 
-    def __init__(self, marker: str) -> None:
-        if os.path.exists(marker):
-            raise RuntimeError("cannot be built twice 9c1e")
-        Path(marker).write_text("built")
+    def __init__(self, down: str) -> None:
+        if os.path.exists(down):
+            raise RuntimeError("model store unreachable 9c1e")
 
     def pid(self) -> int:
         return os.getpid()
 
 
-def test_constructor_failing_on_restart_marks_deployment_failed(
+def test_constructor_failing_after_a_healthy_start_is_retried_until_it_recovers(
     tmp_path: Path, remote_backend: str
 ) -> None:
-    marker = str(tmp_path / "built")
+    down = tmp_path / "down"
     handle = serve.run(
-        OnlyOnce.bind(marker), name="once", route_prefix=None, backend=remote_backend
+        Flaky.bind(str(down)), name="flaky", route_prefix=None, backend=remote_backend
     )
     pid = handle.pid.remote().result(timeout_s=10)
+    down.write_text("")
     os.kill(pid, signal.SIGKILL)
 
-    seen: list[tuple[str, str]] = []
+    # It keeps trying, with backoff, and says so in one line: what is missing, the
+    # last error, the next try.
+    status = eventually(
+        lambda: _deployment_status("flaky", "Flaky"),
+        lambda s: s.status == "UNHEALTHY" and "failed 2 time(s)" in s.message,
+        timeout_s=30,
+    )
+    assert status.status == "UNHEALTHY", status
+    assert "0 of 1 replicas running" in status.message
+    assert "RuntimeError: model store unreachable 9c1e" in status.message
+    assert "next try in" in status.message or "trying again now" in status.message
+    assert "Traceback" not in status.message
+    assert status.replica_states.get("FAILED", 0) >= 2
+    assert serve.status().applications["flaky"].status == "UNHEALTHY"
+    # Callers are answered at once instead of waiting for a replica.
+    with pytest.raises(DeploymentUnavailableError, match="model store unreachable 9c1e"):
+        handle.pid.remote().result(timeout_s=10)
 
-    def failed() -> bool:
-        status = _deployment_status("once", "OnlyOnce")
-        seen.append((status.status, status.message))
-        return status.status == "DEPLOY_FAILED"
-
-    assert wait_for(failed, 20.0, interval_s=0.05), f"never marked failed; saw {seen[-3:]}"
-    for state, message in seen:
-        assert state in ("HEALTHY", "UNHEALTHY", "DEPLOY_FAILED"), state
-        if state in ("UNHEALTHY", "DEPLOY_FAILED") and message:
-            assert "cannot be built twice 9c1e" in message
-    status = _deployment_status("once", "OnlyOnce")
-    assert "cannot be built twice 9c1e" in status.message
-    assert "Traceback" in status.message
-    assert "RuntimeError" in status.message
-    assert serve.status().applications["once"].status != "RUNNING"
-    # Nothing keeps retrying, and requests fail instead of waiting forever.
-    assert _leftover_replicas(remote_backend) == []
-    with pytest.raises(TandemError):
-        handle.pid.remote().result(timeout_s=5)
+    down.unlink()  # the store is back: the deployment recovers by itself
+    healthy = eventually(
+        lambda: _deployment_status("flaky", "Flaky"),
+        lambda s: s.status == "HEALTHY" and s.running_replicas == 1,
+        timeout_s=30,
+    )
+    assert healthy.status == "HEALTHY" and healthy.message == "", healthy
+    assert handle.pid.remote().result(timeout_s=10) != pid
+    assert serve.status().applications["flaky"].status == "RUNNING"
 
 
 # --------------------------------------------------------------------------

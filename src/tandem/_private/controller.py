@@ -2,10 +2,21 @@
 
 It deploys applications (starting replicas in dependency order, so a parent's
 constructor can already call its children), updates them in place, deletes
-them, replaces replicas that die or fail health checks, and publishes each
-deployment's replica set to the routers. It runs on the runtime's event loop;
-its one background task (the watch loop) is started by :meth:`open` and
-awaited by :meth:`close`.
+them, and publishes each deployment's replica set to the routers. Only a
+deploy can fail for good: it makes ``run()`` raise and leaves nothing behind.
+
+Once a deployment runs, one reconciliation loop (:meth:`Controller._watch`)
+keeps it at its target: it retires replicas that exit or fail health checks,
+starts the missing ones, stops the surplus when the autoscaler lowers the
+target, and keeps the status truthful. A replica that fails to start, for
+any reason, is retried with exponential backoff and jitter for as long as the
+deployment exists, so a deployment recovers by itself once the cause is gone.
+The loop decides without waiting: starting and stopping replicas run as tasks
+of their own, so a slow constructor in one deployment delays no other.
+
+It runs on the runtime's event loop; its background tasks (the loop, health
+checks, starts, stops) are started by :meth:`open` or the loop and awaited by
+:meth:`close`.
 """
 
 from __future__ import annotations
@@ -14,8 +25,10 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import random
 import secrets
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,8 +53,11 @@ from tandem.exceptions import DeploymentFailedError
 
 logger = logging.getLogger("tandem")
 
-# A deployment whose replicas keep failing to start is marked failed after this many tries.
-MAX_START_ATTEMPTS = 3
+# A replica that failed to start is tried again after a delay that starts here and
+# doubles with every failure in a row, up to the cap, with jitter of +-20%.
+FIRST_RETRY_S = 0.5
+MAX_RETRY_S = 30.0
+RETRY_JITTER = 0.2
 # Autoscaled deployments report their load at least this often (seconds).
 AUTOSCALE_SAMPLE_S = 0.5
 
@@ -65,7 +81,13 @@ class DeploymentRecord:
     status: str = DeploymentState.UPDATING
     message: str = ""
     restarts: int = 0
-    failed_starts: int = 0
+    # Replicas being started by the reconciliation loop, by rank.
+    starting: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    stopping: int = 0
+    # Starts that failed in a row (0 once one succeeds), the last error, the next try.
+    start_failures: int = 0
+    last_error: str = ""
+    retry_at: float = 0.0
     # Set once the deployment left its application: nothing may restart its replicas.
     removed: bool = False
     # Autoscaling: the policy, the target it chose (None: the initial count), and timing.
@@ -73,6 +95,11 @@ class DeploymentRecord:
     scaled_target: int | None = None
     scaling: bool = False
     next_sample: float = 0.0
+
+    def missing_ranks(self) -> list[int]:
+        """Ranks below the target that no running or starting replica holds."""
+        taken = {r.rank for r in self.replicas} | set(self.starting)
+        return [rank for rank in range(self.target) if rank not in taken]
 
     def __post_init__(self) -> None:
         auto = self.spec.options.autoscaling
@@ -127,7 +154,11 @@ class Controller:
         self._background: set[asyncio.Task[Any]] = set()
         self._checks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._random = random.Random()
         self.route_table: tuple[tuple[str, str, str], ...] = ()
+        # Counts for /metrics: (application, deployment, reason) -> events.
+        self.replica_restarts: dict[tuple[str, str, str], int] = {}
+        self.start_failures: dict[tuple[str, str, str], int] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -146,6 +177,9 @@ class Controller:
         for check in list(self._checks):  # a hanging check_health must not delay shutdown
             check.cancel()
         await asyncio.gather(*self._checks, return_exceptions=True)
+        for app in self._apps.values():
+            for record in app.deployments.values():
+                await self._cancel_starts(record)
         async with self._lock:
             await asyncio.gather(*(self._remove_app(name) for name in list(self._apps)))
         if self._background:
@@ -182,16 +216,16 @@ class Controller:
         async with self._lock:
             self._check_route_prefix(spec)
             old = self._apps.get(spec.name)
+            if old is not None:
+                # The deploy decides the replica count now; the loop's starts would race it.
+                for running in old.deployments.values():
+                    await self._cancel_starts(running)
             app = ApplicationRecord(spec, {})
             fresh: list[DeploymentRecord] = []
             kept: list[tuple[DeploymentRecord, DeploymentSpec]] = []
             for dspec in spec.deployments:
                 prev = old.deployments.get(dspec.name) if old else None
-                if (
-                    prev is not None
-                    and prev.status != DeploymentState.DEPLOY_FAILED
-                    and prev.spec.same_code(dspec)
-                ):
+                if prev is not None and prev.spec.same_code(dspec):
                     kept.append((prev, dspec))
                     app.deployments[dspec.name] = prev
                     continue
@@ -288,7 +322,7 @@ class Controller:
         retired: list[ReplicaRecord] = []
         for record in fresh:
             record.replicas = sorted(started.get(record.spec.name, []), key=lambda r: r.rank)
-            record.status = DeploymentState.HEALTHY
+            self._refresh_state(record)
             self._publish(record)
             prev = old.deployments.get(record.spec.name) if old else None
             if prev is not None:
@@ -296,6 +330,7 @@ class Controller:
                 retired.extend(prev.replicas)
         problems: list[str] = []
         for prev, dspec in kept:
+            prev.message = ""
             old_config = prev.spec.options.user_config
             if prev.spec.options.autoscaling != dspec.options.autoscaling:
                 auto = dspec.options.autoscaling
@@ -314,6 +349,7 @@ class Controller:
                 await asyncio.gather(
                     *(self.backend.set_rank(r.info, r.rank, prev.target) for r in prev.replicas)
                 )
+            self._refresh_state(prev)
             if dspec.options.user_config != old_config and dspec.options.user_config is not None:
                 results = await asyncio.gather(
                     *(
@@ -324,8 +360,8 @@ class Controller:
                 )
                 errors = [r for r in results if isinstance(r, BaseException)]
                 if errors:
-                    prev.status = DeploymentState.UNHEALTHY
                     prev.message = f"reconfigure raised {type(errors[0]).__name__}: {errors[0]}"
+                    self._refresh_state(prev)
                     problems.append(f"Deployment {dspec.name!r}: {prev.message}")
             self._publish(prev)
         if old is not None:
@@ -358,6 +394,7 @@ class Controller:
         for record in app.deployments.values():
             record.removed = True
             self._publish(record, replicas=(), state="deleted")
+            await self._cancel_starts(record)
             replicas.extend(record.replicas)
         await self._stop_replicas(replicas)
         for record in app.deployments.values():
@@ -412,17 +449,28 @@ class Controller:
         )
 
     async def _stop_replicas(
-        self, replicas: list[ReplicaRecord], timeout_s: float | None = None
+        self,
+        replicas: list[ReplicaRecord],
+        timeout_s: float | None = None,
+        record: DeploymentRecord | None = None,
     ) -> None:
-        async def stop(replica: ReplicaRecord) -> None:
-            replica.state = ReplicaState.STOPPING
-            timeout = replica.graceful_shutdown_timeout_s if timeout_s is None else timeout_s
-            try:
-                await self.backend.stop_replica(replica.info, timeout)
-            except Exception:
-                logger.exception("Stopping replica %s failed", replica.replica_id)
+        """Stop replicas (each within its graceful timeout, or ``timeout_s``), counted
+        as stopping in ``record``'s status meanwhile."""
+        if record is not None:
+            record.stopping += len(replicas)
+        try:
+            await asyncio.gather(*(self._stop_one(r, timeout_s) for r in replicas))
+        finally:
+            if record is not None:
+                record.stopping -= len(replicas)
 
-        await asyncio.gather(*(stop(r) for r in replicas))
+    async def _stop_one(self, replica: ReplicaRecord, timeout_s: float | None) -> None:
+        replica.state = ReplicaState.STOPPING
+        timeout = replica.graceful_shutdown_timeout_s if timeout_s is None else timeout_s
+        try:
+            await self.backend.stop_replica(replica.info, timeout)
+        except Exception:
+            logger.exception("Stopping replica %s failed", replica.replica_id)
 
     def _publish(
         self,
@@ -435,14 +483,20 @@ class Controller:
             if replicas is None
             else replicas
         )
-        failed = record.status == DeploymentState.DEPLOY_FAILED
+        # No replica, and starting one fails: callers get an answer now, not a wait.
+        failed = not infos and record.start_failures > 0
         self._broadcast(
             ReplicaSet(
                 deployment_id=record.id,
                 replicas=infos,
                 max_queued_requests=record.spec.options.max_queued_requests,
                 state="failed" if failed and state == "running" else state,
-                message=record.message if failed else "",
+                message=(
+                    f"no replica is running; starting one failed {record.start_failures} "
+                    f"time(s) in a row (last: {record.last_error}), and tandem keeps trying"
+                    if failed
+                    else ""
+                ),
                 version=next(self._versions),
             )
         )
@@ -472,45 +526,183 @@ class Controller:
         self._wakeup.set()
 
     async def _watch(self) -> None:
+        """The reconciliation loop: bring every running deployment to its target."""
         while True:
             now = self._clock()
             next_due = now + 1.0
             for app in list(self._apps.values()):
-                if app.status == ApplicationState.DEPLOYING:
-                    continue
+                if app.status in (ApplicationState.DEPLOYING, ApplicationState.DELETING):
+                    continue  # deploy() and delete() own it meanwhile
                 for record in list(app.deployments.values()):
-                    for replica in list(record.replicas):
-                        if replica.replica_id in self._exited:
-                            self._exited.discard(replica.replica_id)
-                            self._in_background(
-                                self._replace(record, replica, "the replica exited")
-                            )
-                            continue
-                        if replica.checking or replica.state != ReplicaState.RUNNING:
-                            continue
-                        if replica.next_health_check <= now:
-                            replica.checking = True
-                            check = asyncio.ensure_future(self._check(record, replica))
-                            self._checks.add(check)
-                            check.add_done_callback(self._checks.discard)
-                        else:
-                            next_due = min(next_due, replica.next_health_check)
-                    if (
-                        len(record.replicas) < record.target
-                        and record.status == DeploymentState.UNHEALTHY
-                    ):
-                        self._in_background(self._refill(record))
-                    if record.autoscaler is not None and not record.scaling:
-                        if record.next_sample <= now:
-                            record.scaling = True
-                            self._in_background(self._autoscale(record))
-                        else:
-                            next_due = min(next_due, record.next_sample)
+                    next_due = min(next_due, self._reconcile(record, now))
             self._wakeup.clear()
             await wait_event(self._wakeup, max(0.005, next_due - now))
 
+    def _reconcile(self, record: DeploymentRecord, now: float) -> float:
+        """One pass over one deployment (decisions only; work runs in tasks).
+
+        Returns when it next needs a look.
+        """
+        next_due = now + 1.0
+        for replica in list(record.replicas):
+            if replica.replica_id in self._exited:
+                self._exited.discard(replica.replica_id)
+                self._retire(record, replica, "the replica exited", "exited", timeout_s=0)
+                continue
+            if replica.checking or replica.state != ReplicaState.RUNNING:
+                continue
+            if replica.next_health_check <= now:
+                replica.checking = True
+                check = asyncio.ensure_future(self._check(record, replica))
+                self._checks.add(check)
+                check.add_done_callback(self._checks.discard)
+            else:
+                next_due = min(next_due, replica.next_health_check)
+        # Too many (the target went down): drop starts first, then the highest ranks.
+        for rank in sorted(record.starting, reverse=True):
+            if len(record.replicas) + len(record.starting) <= record.target:
+                break
+            if rank >= record.target:
+                record.starting.pop(rank).cancel()
+        if len(record.replicas) > record.target:
+            record.replicas.sort(key=lambda r: r.rank)
+            surplus = record.replicas[record.target :]
+            del record.replicas[record.target :]
+            self._publish(record)
+            self._in_background(self._stop_replicas(surplus, record=record))
+        # Too few: start what is missing, once the backoff allows.
+        missing = record.missing_ranks()
+        if missing:
+            if record.retry_at <= now:
+                for rank in missing:
+                    task = asyncio.ensure_future(self._start_one(record, rank))
+                    record.starting[rank] = task
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+            else:
+                next_due = min(next_due, record.retry_at)
+        if record.autoscaler is not None and not record.scaling:
+            if record.next_sample <= now:
+                record.scaling = True
+                self._in_background(self._autoscale(record))
+            else:
+                next_due = min(next_due, record.next_sample)
+        self._refresh_state(record)
+        return next_due
+
+    async def _start_one(self, record: DeploymentRecord, rank: int) -> None:
+        """Start the replica of ``rank`` for the loop; on failure, schedule the next try."""
+        try:
+            replica = await self._start_replica(record, rank)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._start_failed(record, exc)
+            return
+        finally:
+            if record.starting.get(rank) is asyncio.current_task():
+                del record.starting[rank]
+            self._wakeup.set()
+        if self._closing or record.removed:
+            self._in_background(self._stop_replicas([replica], timeout_s=0))
+            return
+        if record.start_failures:
+            logger.info(
+                "Deployment %s recovered: replica %s started after %d failed start(s).",
+                record.id, replica.replica_id, record.start_failures,
+            )  # fmt: skip
+        record.start_failures = 0
+        record.last_error = ""
+        record.retry_at = 0.0
+        record.replicas.append(replica)
+        record.replicas.sort(key=lambda r: r.rank)
+        self._refresh_state(record)
+        self._publish(record)
+
+    def _start_failed(self, record: DeploymentRecord, exc: Exception) -> None:
+        record.start_failures += 1
+        delay = min(MAX_RETRY_S, FIRST_RETRY_S * 2 ** (record.start_failures - 1))
+        delay *= 1 + self._random.uniform(-RETRY_JITTER, RETRY_JITTER)
+        record.retry_at = self._clock() + delay
+        if isinstance(exc, _StartFailed):
+            error = exc.error
+            reason = "constructor" if "Traceback" in error.traceback_text else "refused"
+            record.last_error = _last_line(error.traceback_text) or str(error)
+            details = error.traceback_text
+        else:  # the backend itself could not start it (e.g. out of file descriptors)
+            reason = "backend"
+            record.last_error = f"{type(exc).__name__}: {exc}"
+            details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        key = (record.id.app_name, record.id.name, reason)
+        self.start_failures[key] = self.start_failures.get(key, 0) + 1
+        # The whole traceback the first time; one line for each failure after it.
+        logger.warning(
+            "Starting a replica of %s failed (%d in a row): %s; next try in %.1f s.%s",
+            record.id, record.start_failures, record.last_error, delay,
+            f"\n{details}" if record.start_failures == 1 else "",
+        )  # fmt: skip
+        self._refresh_state(record)
+        self._publish(record)
+
+    def _retire(
+        self,
+        record: DeploymentRecord,
+        replica: ReplicaRecord,
+        reason: str,
+        kind: str,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Take a replica out of service and stop it; the loop starts its replacement."""
+        if self._closing or record.removed or replica not in record.replicas:
+            return
+        logger.warning("Replacing replica %s of %s: %s.", replica.replica_id, record.id, reason)
+        record.replicas.remove(replica)
+        record.restarts += 1
+        key = (record.id.app_name, record.id.name, kind)
+        self.replica_restarts[key] = self.replica_restarts.get(key, 0) + 1
+        self._refresh_state(record)
+        self._publish(record)
+        self._in_background(self._stop_replicas([replica], timeout_s=timeout_s, record=record))
+        self._wakeup.set()
+
+    async def _cancel_starts(self, record: DeploymentRecord) -> None:
+        tasks = list(record.starting.values())
+        record.starting.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _refresh_state(self, record: DeploymentRecord) -> None:
+        """The deployment's state from its facts: HEALTHY only at its target."""
+        running, target = len(record.replicas), record.target
+        if record.message:  # e.g. reconfigure raised: every replica runs, but not as asked
+            record.status = DeploymentState.UNHEALTHY
+        elif running >= target and not record.starting:
+            record.status = DeploymentState.HEALTHY
+        elif record.start_failures:
+            record.status = DeploymentState.UNHEALTHY
+        else:
+            record.status = DeploymentState.UPDATING
+
+    def _describe(self, record: DeploymentRecord) -> str:
+        """One sentence on what is missing, the last error and the next try."""
+        running, target = len(record.replicas), record.target
+        if record.status == DeploymentState.HEALTHY:
+            return ""
+        text = f"{running} of {target} replicas running"
+        if record.starting:
+            text += f", {len(record.starting)} starting"
+        if record.start_failures:
+            wait = max(0.0, record.retry_at - self._clock())
+            text += (
+                f"; starting a replica failed {record.start_failures} time(s) in a row, "
+                f"last: {record.last_error}; "
+                + ("trying again now" if record.starting else f"next try in {wait:.1f} s")
+            )
+        return text + "."
+
     async def _autoscale(self, record: DeploymentRecord) -> None:
-        """Sample the deployment's load, ask its policy, and scale if it says so."""
+        """Sample the deployment's load, ask its policy, and set the target it chooses."""
         policy = record.autoscaler
         assert policy is not None
         try:
@@ -526,25 +718,17 @@ class Controller:
             queued = self._queued(record.id) + self.backend.queued(record.id)
             policy.record(now, in_flight + queued)
             target = policy.decide(now, record.target)
-            if target == record.target:
+            if target == record.target or self._closing or record.removed:
                 return
-            async with self._lock:
-                if self._closing or record.removed:
-                    return
-                logger.info(
-                    "Scaling %s from %d to %d replicas (%s).",
-                    record.id, record.target, target,
-                    policy.last_decision.reason if policy.last_decision else "",
-                )  # fmt: skip
-                record.scaled_target = target
-                if target > len(record.replicas):
-                    await self._start_missing(record, "scaling up")
-                elif target < len(record.replicas):
-                    record.replicas.sort(key=lambda r: r.rank)
-                    surplus = record.replicas[target:]
-                    del record.replicas[target:]
-                    self._publish(record)
-                    self._in_background(self._stop_replicas(surplus))
+            logger.info(
+                "Scaling %s from %d to %d replicas (%s).",
+                record.id, record.target, target,
+                policy.last_decision.reason if policy.last_decision else "",
+            )  # fmt: skip
+            record.scaled_target = target
+            if target > record.target:
+                record.retry_at = 0.0  # new demand: do not wait out an old backoff
+            self._wakeup.set()  # the loop starts or stops replicas to match
         finally:
             record.scaling = False
             interval = min(policy.config.metrics_interval_s, AUTOSCALE_SAMPLE_S)
@@ -557,54 +741,23 @@ class Controller:
                 self.backend.check_health(replica.info), timeout=options.health_check_timeout_s
             )
         except asyncio.TimeoutError:
-            await self._replace(
-                record, replica, f"check_health took longer than {options.health_check_timeout_s} s"
+            self._retire(
+                record,
+                replica,
+                f"check_health took longer than {options.health_check_timeout_s} s",
+                "health_check",
             )
         except Exception as exc:
-            await self._replace(record, replica, f"check_health raised {type(exc).__name__}: {exc}")
+            self._retire(
+                record,
+                replica,
+                f"check_health raised {type(exc).__name__}: {exc}",
+                "health_check",
+            )
         finally:
             replica.checking = False
             replica.next_health_check = self._clock() + options.health_check_period_s
             self._wakeup.set()
-
-    async def _replace(self, record: DeploymentRecord, replica: ReplicaRecord, reason: str) -> None:
-        async with self._lock:
-            if self._closing or record.removed or replica not in record.replicas:
-                return
-            logger.warning("Replacing replica %s: %s", replica.replica_id, reason)
-            record.replicas.remove(replica)
-            record.restarts += 1
-            self._publish(record)
-            self._in_background(self._stop_replicas([replica], timeout_s=0))
-            await self._start_missing(record, reason)
-
-    async def _refill(self, record: DeploymentRecord) -> None:
-        async with self._lock:
-            await self._start_missing(record, record.message)
-
-    async def _start_missing(self, record: DeploymentRecord, reason: str) -> None:
-        if self._closing or record.removed or record.status == DeploymentState.DEPLOY_FAILED:
-            return
-        taken = {r.rank for r in record.replicas}
-        missing = [rank for rank in range(record.target) if rank not in taken]
-        for rank in missing:
-            try:
-                replica = await self._start_replica(record, rank)
-            except _StartFailed as failure:
-                record.failed_starts += 1
-                record.message = f"{reason}; restarting failed: {failure.error.traceback_text}"
-                if record.failed_starts >= MAX_START_ATTEMPTS:
-                    record.status = DeploymentState.DEPLOY_FAILED
-                    self._publish(record)
-                else:
-                    record.status = DeploymentState.UNHEALTHY
-                return
-            record.failed_starts = 0
-            record.replicas.append(replica)
-            record.replicas.sort(key=lambda r: r.rank)
-        record.status = DeploymentState.HEALTHY
-        record.message = ""
-        self._publish(record)
 
     # -- status ------------------------------------------------------------
 
@@ -654,10 +807,17 @@ class Controller:
                 states: dict[str, int] = {}
                 for r in record.replicas:
                     states[r.state] = states.get(r.state, 0) + 1
+                for state, count in (
+                    (ReplicaState.STARTING, len(record.starting)),
+                    (ReplicaState.STOPPING, record.stopping),
+                    (ReplicaState.FAILED, record.start_failures),
+                ):
+                    if count:
+                        states[state] = states.get(state, 0) + count
                 deployments[dname] = DeploymentStatus(
                     name=dname,
                     status=record.status,
-                    message=record.message,
+                    message=record.message or self._describe(record),
                     target_replicas=record.target,
                     last_scaling_decision=(
                         record.autoscaler.last_decision.reason
@@ -671,7 +831,7 @@ class Controller:
                 )
             app_status = app.status
             if app_status == ApplicationState.RUNNING and any(
-                d.status != DeploymentState.HEALTHY for d in deployments.values()
+                d.status == DeploymentState.UNHEALTHY for d in deployments.values()
             ):
                 app_status = ApplicationState.UNHEALTHY
             apps[name] = ApplicationStatus(
@@ -684,6 +844,12 @@ class Controller:
                 deployments=deployments,
             )
         return Status(backend=self.backend.name, applications=apps)
+
+
+def _last_line(traceback_text: str) -> str:
+    """The exception line of a traceback ("ValueError: ..."), for one-line messages."""
+    lines = [line for line in traceback_text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 def _failure_error(failure: _StartFailed) -> DeploymentFailedError:

@@ -25,6 +25,7 @@ class ReplicaState:
     STARTING = "STARTING"
     RUNNING = "RUNNING"
     STOPPING = "STOPPING"
+    FAILED = "FAILED"  # in status counts: starts that failed in a row
 
 
 @dataclass(frozen=True)
