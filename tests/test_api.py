@@ -7,6 +7,7 @@ tests observe them the same way whichever backend hosts the replicas.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ import pytest
 
 import tandem
 import tandem as serve
-from helpers import wait_for
+from helpers import eventually, wait_for
 from tandem.exceptions import DeploymentFailedError, DeploymentUnavailableError, TandemError
 
 
@@ -638,6 +639,77 @@ def test_unhealthy_replica_is_replaced(backend: str) -> None:
     assert wait_for(
         lambda: serve.status().applications["fragile"].deployments["Fragile"].running_replicas == 1
     )
+
+
+@serve.deployment(health_check_period_s=0.1, health_check_timeout_s=2)
+class StoreBacked:
+    """Healthy while its store is up; cannot be built while it is down."""
+
+    def __init__(self, down: str) -> None:
+        self.down = down
+        if os.path.exists(down):
+            raise RuntimeError("store down 51ab")
+
+    def check_health(self) -> None:
+        if os.path.exists(self.down):
+            raise RuntimeError("store gone 51ab")
+
+    def __call__(self, *args: Any) -> str:
+        return "ok"
+
+
+def test_replacement_that_fails_is_retried_logged_and_counted(
+    tmp_path: Path, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import httpx
+
+    from tandem._private.api import http_url
+
+    down = tmp_path / "down"
+    handle = serve.run(
+        StoreBacked.bind(str(down)), name="store", route_prefix="/store", backend=backend
+    )
+    assert handle.remote().result(timeout_s=10) == "ok"
+    with caplog.at_level("INFO", logger="tandem"):
+        down.write_text("")
+        status = eventually(
+            lambda: serve.status().applications["store"].deployments["StoreBacked"],
+            lambda d: d.status == "UNHEALTHY" and d.replica_states.get("FAILED", 0) >= 2,
+            timeout_s=30,
+        )
+        assert status.status == "UNHEALTHY", status
+        assert "RuntimeError: store down 51ab" in status.message
+        down.unlink()
+        healthy = eventually(
+            lambda: serve.status().applications["store"].deployments["StoreBacked"],
+            lambda d: d.status == "HEALTHY",
+            timeout_s=30,
+        )
+        assert healthy.status == "HEALTHY" and healthy.running_replicas == 1, healthy
+    assert handle.remote().result(timeout_s=10) == "ok"
+    text = caplog.text
+    assert "Replacing replica store#StoreBacked#" in text and "store gone 51ab" in text
+    assert "Starting a replica of" in text and "next try in" in text
+    assert "recovered" in text
+    base = http_url()
+    assert base is not None
+    metrics = httpx.get(base + "/metrics", timeout=10).text
+    restarts = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("tandem_replica_restarts_total")
+        and 'deployment="StoreBacked"' in line
+        and 'reason="health_check"' in line
+    ]
+    assert restarts and float(restarts[0].rsplit(" ", 1)[1]) >= 1, metrics
+    failures = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("tandem_replica_start_failures_total")
+        and 'deployment="StoreBacked"' in line
+        and 'reason="constructor"' in line
+    ]
+    assert failures and float(failures[0].rsplit(" ", 1)[1]) >= 2, metrics
 
 
 # -- route prefixes -------------------------------------------------------------------------

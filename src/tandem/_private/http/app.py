@@ -14,7 +14,12 @@ async def open_http(runtime: Runtime, options: HTTPOptions) -> HTTPServer:
     """Serve the runtime's applications over HTTP; runs on the runtime's loop."""
     controller = runtime.controller
     assert controller is not None
-    metrics = ProxyMetrics(controller.status, controller.deployment_series)
+    metrics = ProxyMetrics(
+        controller.status,
+        controller.deployment_series,
+        restarts=lambda: controller.replica_restarts,
+        start_failures=lambda: controller.start_failures,
+    )
     endpoints = ProxyEndpoints(routes=controller.route_prefixes, metrics=metrics.render)
     proxy = Proxy(runtime, controller.routes, endpoints, options, metrics)
     server = HTTPServer(proxy, options)

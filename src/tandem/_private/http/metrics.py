@@ -22,6 +22,8 @@ _LABELS = ["application", "deployment", "method"]
 
 # (application, deployment, method, series) for every replica's methods.
 DeploymentSeries = Callable[[], Iterable[tuple[str, str, str, Series]]]
+# (application, deployment, reason) -> count, for replica restarts and failed starts.
+EventCounts = Callable[[], dict[tuple[str, str, str], int]]
 
 
 @dataclass
@@ -36,9 +38,17 @@ class _HTTPSeries:
 class ProxyMetrics(Collector):
     """Requests, errors, latency and in-flight requests per application, deployment and method."""
 
-    def __init__(self, status: Callable[[], Any], deployment_series: DeploymentSeries) -> None:
+    def __init__(
+        self,
+        status: Callable[[], Any],
+        deployment_series: DeploymentSeries,
+        restarts: EventCounts = dict,
+        start_failures: EventCounts = dict,
+    ) -> None:
         self._status = status
         self._deployment_series = deployment_series
+        self._restarts = restarts
+        self._start_failures = start_failures
         self._series: dict[tuple[str, str, str], _HTTPSeries] = {}
         self._in_flight: dict[str, int] = {}
         self.registry = CollectorRegistry(auto_describe=False)
@@ -106,7 +116,28 @@ class ProxyMetrics(Collector):
                 if not dep.replica_states:
                     replicas.add_metric([app_status.name, dep.name, "RUNNING"], 0)
         yield from (requests, errors, latency, in_flight, replicas)
+        yield from self._replica_events()
         yield from self._deployment_families()
+
+    def _replica_events(self) -> Iterator[Any]:
+        """Replicas replaced and starts that failed, by deployment and reason."""
+        labels = ["application", "deployment", "reason"]
+        restarts = CounterMetricFamily(
+            "tandem_replica_restarts",
+            "Replicas taken out of service and replaced (reason: exited, health_check).",
+            labels=labels,
+        )
+        for key, count in sorted(self._restarts().items()):
+            restarts.add_metric(list(key), count)
+        failures = CounterMetricFamily(
+            "tandem_replica_start_failures",
+            "Replica starts that failed and will be retried (reason: constructor, refused, "
+            "backend).",
+            labels=labels,
+        )
+        for key, count in sorted(self._start_failures().items()):
+            failures.add_metric(list(key), count)
+        yield from (restarts, failures)
 
     def _deployment_families(self) -> Iterator[Any]:
         """Calls served by replicas (through handles and HTTP), per deployment method."""
