@@ -712,6 +712,54 @@ def test_replacement_that_fails_is_retried_logged_and_counted(
     assert failures and float(failures[0].rsplit(" ", 1)[1]) >= 2, metrics
 
 
+@serve.deployment
+class SlowToBuild:
+    def __init__(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def __call__(self) -> str:
+        return "built"
+
+
+@pytest.mark.parametrize("backend", ["local", "process"])
+def test_slow_deploy_of_one_application_does_not_delay_healing_another(
+    tmp_path: Path, backend: str
+) -> None:
+    import threading
+
+    down = tmp_path / "down"
+    healthy = serve.run(
+        StoreBacked.bind(str(down)), name="store", route_prefix=None, backend=backend
+    )
+    first = healthy.remote().result(timeout_s=10)
+    assert first == "ok"
+    slow = threading.Thread(
+        target=lambda: serve.run(
+            SlowToBuild.bind(8.0), name="slow", route_prefix=None, backend=backend
+        )
+    )
+    slow.start()
+    try:
+        assert wait_for(lambda: "slow" in serve.status().applications, 10)
+        down.write_text("")  # the health check fails: "store" needs a replacement ...
+        restarted = wait_for(
+            lambda: serve.status().applications["store"].deployments["StoreBacked"].restarts,
+            timeout_s=3.5,
+        )
+        down.unlink()  # ... which can now start
+        assert restarted, "the replica was not replaced while another application deployed"
+        back = wait_for(
+            lambda: (
+                serve.status().applications["store"].deployments["StoreBacked"].status == "HEALTHY"
+            ),
+            timeout_s=4,
+        )
+        assert back
+        assert serve.status().applications["slow"].status == "DEPLOYING"
+    finally:
+        slow.join(timeout=60)
+
+
 # -- route prefixes -------------------------------------------------------------------------
 
 
