@@ -543,3 +543,24 @@ def test_buffers_beyond_the_cap_travel_in_band() -> None:
     assert _HEADER.unpack_from(header)[0] == transport.MAX_BUFFERS
     back = pickle.loads(body, buffers=buffers)
     assert len(back) == len(views) and all(np.array_equal(v, base) for v in back)
+
+
+def test_a_request_on_a_closing_connection_is_not_sent_so_it_may_go_elsewhere() -> None:
+    """A connection the OS is closing (its replica just died) refuses a new request with
+    ReplicaNotReached, which routers retry on another replica, not a server error."""
+    from tandem._private.errors import ReplicaNotReached
+    from tandem._private.peer import Peer, peer_on_socket
+
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        peer = await peer_on_socket(ours, Peer("replica r1"))
+        assert peer.protocol.transport is not None
+        peer.protocol.transport.close()  # closing; connection_lost has not run yet
+        with pytest.raises(ReplicaNotReached, match="not sent"):
+            await peer.call("call", None)
+        await peer.closed.wait()
+        with pytest.raises(ReplicaNotReached, match="not sent"):
+            await peer.call("call", None)
+        theirs.close()
+
+    asyncio.run(scenario())

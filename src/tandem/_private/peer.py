@@ -31,6 +31,7 @@ import struct
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
+from tandem._private.errors import ReplicaNotReached
 from tandem._private.handshake import HandshakeError, client_handshake, server_handshake
 from tandem._private.transport import FrameProtocol, pack_error, unpack_error
 from tandem.exceptions import ReplicaUnavailableError
@@ -82,9 +83,17 @@ class Peer:
     # -- sending -----------------------------------------------------------
 
     def _send(self, message: tuple[Any, ...]) -> None:
-        if self.closed.is_set():
-            raise self._broken()
-        self.protocol.send(message)
+        """Send a request; if the connection is closed (or closing), nothing went out,
+        so the caller may safely send the request elsewhere."""
+        if not self.closed.is_set():
+            try:
+                self.protocol.send(message)
+                return
+            except ConnectionError:
+                pass  # closing: connection_lost has not run yet
+        raise ReplicaNotReached(
+            f"The connection to {self.name} is closed; the request was not sent."
+        )
 
     def note(self, op: str, payload: Any) -> None:
         """Send a one-way message (dropped if the connection is closed)."""
