@@ -314,7 +314,11 @@ class ReplicaActor:
         replica = self.replica
         if replica is None:
             return {}
-        return {"in_flight": replica.in_flight, "stats": replica.stats}
+        return {
+            "in_flight": replica.in_flight,
+            "abandoned": replica.abandoned,
+            "stats": replica.stats,
+        }
 
     @_with_traceback
     async def reconfigure(self, user_config: Any) -> None:

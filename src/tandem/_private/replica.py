@@ -5,6 +5,12 @@ and async methods on the event loop, drives generators for streaming calls,
 applies ``user_config`` through ``reconfigure``, answers health checks, and
 drains before it stops. It knows nothing about where it lives: the backends
 host it in the caller's process, in a child process or in a Ray actor.
+
+A request whose caller gave up (cancelled it) may still run: a sync method in
+a worker thread cannot be interrupted, and an async one may swallow the
+CancelledError. It keeps its slot, since the work really goes on; once such a
+request is older than ``health_check_timeout_s`` the health check fails, so
+the controller replaces the replica instead of leaving it wedged.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from tandem._private.context import (
 )
 from tandem._private.errors import ReplicaNotReached
 from tandem._private.stats import RequestStats
-from tandem._private.workers import WorkerThreads, contain
+from tandem._private.workers import Job, WorkerThreads, contain
 from tandem.exceptions import ReplicaUnavailableError
 
 # The method name the HTTP proxy calls (kept here so replicas need no HTTP import).
@@ -41,6 +47,10 @@ HTTP_METHOD = "__tandem_http__"
 
 _DONE = object()
 _GENERATOR_TYPES = frozenset({types.GeneratorType, types.AsyncGeneratorType})
+
+
+class AbandonedRequestsError(RuntimeError):
+    """Requests their callers gave up on still run past the grace period: the replica is wedged."""
 
 
 def current_replica() -> Replica | None:
@@ -102,8 +112,9 @@ class _Slot:
 class Replica:
     """Hosts the user's object and serves calls to it (see the module docstring)."""
 
-    def __init__(self, spec: ReplicaSpec) -> None:
+    def __init__(self, spec: ReplicaSpec, clock: Callable[[], float] = time.monotonic) -> None:
         self.spec = spec
+        self._clock = clock
         self.replica_id = spec.replica_id
         self.deployment_id = spec.deployment_id
         self._options = spec.options
@@ -118,6 +129,12 @@ class Replica:
         self._drained: asyncio.Future[None] | None = None
         self._accepting = False
         self._stopped = False
+        # Requests whose caller gave up while a worker thread runs them, until the
+        # thread ends: slot -> (when the caller gave up, method name).
+        self._abandoned: dict[_Slot, tuple[float, str]] = {}
+        # Tasks serving a request here that were cancelled but go on (the method
+        # swallowed the CancelledError): task -> (first seen so, method name).
+        self._cancelled_tasks: dict[asyncio.Task[Any], tuple[float, str]] = {}
         self.context = ReplicaContext(
             app_name=spec.deployment_id.app_name,
             deployment=spec.deployment_id.name,
@@ -150,6 +167,18 @@ class Replica:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def abandoned(self) -> int:
+        """Requests their callers gave up on that still hold a slot (part of ``in_flight``).
+
+        Cancelled async requests that go on are counted as the last health check saw them.
+        """
+        return len(self._abandoned) + sum(not task.done() for task in self._cancelled_tasks)
+
+    def abandoned_threads(self) -> list[str]:
+        """The methods worker threads still run for callers that gave up."""
+        return [method for _, method in self._abandoned.values()]
 
     @property
     def name(self) -> str:
@@ -202,9 +231,14 @@ class Replica:
         self._options = self._options.model_copy(update={"user_config": user_config})
 
     async def check_health(self) -> None:
-        """Run the user's check_health (if any), bounded by health_check_timeout_s."""
+        """Fail if abandoned requests outlived the grace period (health_check_timeout_s);
+        else run the user's check_health (if any), bounded by health_check_timeout_s.
+
+        The first part needs no slot and no worker thread: it works when every one is stuck.
+        """
         if self._stopped:
             raise ReplicaUnavailableError(f"Replica {self.replica_id} is stopped.")
+        self._refuse_if_wedged()
         method = None if self._is_function else getattr(self._obj, "check_health", None)
         if method is None:
             return
@@ -213,12 +247,15 @@ class Replica:
         )
 
     async def stop(self, timeout_s: float | None = None) -> None:
-        """Stop taking requests, wait for in-flight ones (bounded), then destroy the object."""
+        """Stop taking requests, wait for in-flight ones (bounded), then destroy the object.
+
+        Requests abandoned in worker threads are not waited for: nobody wants their results.
+        """
         if self._stopped:
             return
         self._accepting = False
         timeout = self._options.graceful_shutdown_timeout_s if timeout_s is None else timeout_s
-        if self._in_flight and self._loop is not None:
+        if self._in_flight > len(self._abandoned) and self._loop is not None:
             self._drained = self._loop.create_future()
             try:
                 await asyncio.wait_for(asyncio.shield(self._drained), timeout)
@@ -236,6 +273,45 @@ class Replica:
             close()
         self.closers.clear()
         self._destroy()
+
+    def _refuse_if_wedged(self) -> None:
+        grace = self._options.health_check_timeout_s
+        now = self._clock()
+        self._find_cancelled_tasks(now)
+        stuck = [
+            method
+            for since, method in (*self._abandoned.values(), *self._cancelled_tasks.values())
+            if now - since >= grace
+        ]
+        if not stuck:
+            return
+        names = sorted(set(stuck))
+        what = (
+            "1 request abandoned by its caller still holds a slot"
+            if len(stuck) == 1
+            else f"{len(stuck)} requests abandoned by their callers still hold slots"
+        )
+        methods = ("method " if len(names) == 1 else "methods ") + ", ".join(map(repr, names))
+        raise AbandonedRequestsError(f"{what} after {grace:g} s ({methods}); replacing the replica")
+
+    def _find_cancelled_tasks(self, now: float) -> None:
+        """Look for cancelled tasks that still run a request here (see ``_cancelled_tasks``).
+
+        Done at health-check time, so requests pay nothing for it. Needs
+        ``Task.cancelling`` (Python 3.11+); before that, only threads are tracked.
+        """
+        seen = self._cancelled_tasks
+        found: dict[asyncio.Task[Any], tuple[float, str]] = {}
+        if self._loop is not None and self._in_flight > len(self._abandoned):
+            for task in asyncio.all_tasks(self._loop):
+                cancelling = getattr(task, "cancelling", None)
+                if cancelling is None:
+                    break
+                if cancelling():
+                    method = _request_served(task, self)
+                    if method is not None:
+                        found[task] = (seen[task][0] if task in seen else now, method)
+        self._cancelled_tasks = found
 
     def _destroy(self) -> None:
         obj, self._obj = self._obj, None
@@ -400,10 +476,8 @@ class Replica:
         try:
             return await job.future
         except asyncio.CancelledError:
-            # The thread cannot be interrupted: keep its slot until it really ends.
             if slot is not None and not job.finished:
-                slot.held_by_thread = True
-                job.on_finished = slot.release
+                self._leave_to_thread(slot, job, _name_of(fn))
             raise
 
     async def _iterate_in_thread(self, gen: Any, slot: _Slot) -> AsyncGenerator[Any, None]:
@@ -420,15 +494,28 @@ class Replica:
         finally:
             if job is not None and not job.finished:
                 # Still inside next(): close the generator once the thread leaves it.
-                slot.held_by_thread = True
-
-                def close_then_release() -> None:
-                    gen.close()
-                    slot.release()
-
-                job.on_finished = close_then_release
+                self._leave_to_thread(slot, job, _name_of(gen), then=gen.close)
             else:
                 gen.close()
+
+    def _leave_to_thread(
+        self, slot: _Slot, job: Job, method: str, then: Callable[[], object] | None = None
+    ) -> None:
+        """The caller gave up, but the thread cannot be interrupted: the slot stays taken
+        until the thread ends (then ``then()`` runs), and counts as abandoned till then."""
+        slot.held_by_thread = True
+        self._abandoned[slot] = (self._clock(), method)
+        self._check_drained()
+
+        def finished() -> None:
+            try:
+                if then is not None:
+                    then()
+            finally:
+                del self._abandoned[slot]
+                slot.release()
+
+        job.on_finished = finished
 
     # -- admission ---------------------------------------------------------
 
@@ -454,13 +541,19 @@ class Replica:
 
     def _release(self) -> None:
         self._in_flight -= 1
-        if not self._in_flight and self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        if self._drained is not None:
+            self._check_drained()
         while self._waiters:
             waiter = self._waiters.pop(0)
             if not waiter.done():
                 waiter.set_result(None)
                 break
+
+    def _check_drained(self) -> None:
+        """While stopping: done waiting once only abandoned requests are left."""
+        drained = self._drained
+        if drained is not None and self._in_flight <= len(self._abandoned) and not drained.done():
+            drained.set_result(None)
 
     def _unavailable(self) -> ReplicaUnavailableError:
         return ReplicaNotReached(
@@ -476,6 +569,39 @@ def _http_bridge() -> tuple[Callable[..., AsyncGenerator[Any, None]], Callable[[
     from tandem._private.ingress import asgi_app_for
 
     return serve_http, asgi_app_for
+
+
+_SERVING = (Replica.call.__code__, Replica.stream.__code__)
+
+
+def _request_served(task: asyncio.Task[Any], replica: Replica) -> str | None:
+    """The method of the request ``replica`` serves in ``task`` (None if it serves none).
+
+    Follows what the task awaits, coroutine by coroutine, to a ``call`` or ``stream``
+    frame of the replica. An async generator's ``__anext__`` shows its generator
+    only to the garbage collector.
+    """
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        if frame is not None and frame.f_code in _SERVING:
+            local = frame.f_locals
+            if local.get("self") is replica:
+                meta = local.get("meta")
+                name = getattr(meta, "method_name", "__call__")
+                return "__call__" if name == HTTP_METHOD else str(name)
+        following = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+        if following is None and type(awaited).__name__ == "async_generator_asend":
+            following = next((r for r in gc.get_referents(awaited) if inspect.isasyncgen(r)), None)
+        awaited = following
+    return None
+
+
+def _name_of(fn: Any) -> str:
+    """A method's name, for messages (through partials and generators)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return str(getattr(fn, "__name__", None) or type(fn).__name__)
 
 
 def _weakref_or_none(obj: Any) -> Any:

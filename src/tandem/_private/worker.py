@@ -120,7 +120,12 @@ class _Worker:
                 last = queued
 
     def report(self) -> dict[str, Any]:
-        return {"in_flight": self.replica.in_flight, "stats": self.replica.stats}
+        replica = self.replica
+        return {
+            "in_flight": replica.in_flight,
+            "abandoned": replica.abandoned,
+            "stats": replica.stats,
+        }
 
     async def _start(
         self,

@@ -2,10 +2,15 @@
 
 A call is a coroutine hop (plus a thread-pool hop for sync methods), so this
 is the fastest backend and the one for tests, notebooks and I/O-bound apps.
+
+A worker thread still running a request its caller gave up on cannot be
+killed here: stopping its replica leaves it behind (with a warning), and the
+replacement replica has threads of its own.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import traceback
 from collections.abc import AsyncIterator
@@ -15,6 +20,8 @@ from tandem._private.backends.base import Backend, ReplicaStartError
 from tandem._private.context import RequestMetadata
 from tandem._private.replica import Replica, ReplicaSpec
 from tandem._private.router import ReplicaConnection, ReplicaInfo
+
+logger = logging.getLogger("tandem")
 
 
 class LocalConnection:
@@ -59,7 +66,24 @@ class LocalBackend(Backend):
         return ReplicaInfo(spec.replica_id, replica, spec.options.max_ongoing_requests)
 
     async def stop_replica(self, info: ReplicaInfo, timeout_s: float) -> None:
-        await _replica(info).stop(timeout_s)
+        replica = _replica(info)
+        await replica.stop(timeout_s)
+        stuck = replica.abandoned_threads()
+        if len(stuck) == 1:
+            logger.warning(
+                "A thread of replica %s is still running method %r after its caller gave up; "
+                "it is abandoned.",
+                info.replica_id,
+                stuck[0],
+            )
+        elif stuck:
+            logger.warning(
+                "%d threads of replica %s are still running %s after their callers gave up; "
+                "they are abandoned.",
+                len(stuck),
+                info.replica_id,
+                _methods(stuck),
+            )
 
     async def check_health(self, info: ReplicaInfo) -> None:
         await _replica(info).check_health()
@@ -75,7 +99,12 @@ class LocalBackend(Backend):
 
     def describe(self, info: ReplicaInfo) -> dict[str, Any]:
         replica = _replica(info)
-        return {"pid": os.getpid(), "in_flight": replica.in_flight, "stats": replica.stats}
+        return {
+            "pid": os.getpid(),
+            "in_flight": replica.in_flight,
+            "abandoned": replica.abandoned,
+            "stats": replica.stats,
+        }
 
     async def refresh(self, info: ReplicaInfo) -> None:
         pass  # describe() reads the replica directly
@@ -85,3 +114,8 @@ def _replica(info: ReplicaInfo) -> Replica:
     replica = info.address
     assert isinstance(replica, Replica)
     return replica
+
+
+def _methods(names: list[str]) -> str:
+    distinct = sorted(set(names))
+    return ("method " if len(distinct) == 1 else "methods ") + ", ".join(map(repr, distinct))
