@@ -26,6 +26,7 @@ from helpers import (
     assert_clear_failure,
     free_port,
     tandem,
+    wait_for,
 )
 
 BUILDERS = """
@@ -458,6 +459,7 @@ def test_commands_without_a_server_fail_clearly(app_dir: Path, tmp_path: Path) -
 
 RELOADABLE = """
 import asyncio
+from pathlib import Path
 
 import tandem as serve
 
@@ -465,6 +467,8 @@ import tandem as serve
 @serve.deployment
 class Version:
     async def __call__(self, request) -> str:
+        if request.query_params.get("started"):
+            Path(request.query_params["started"]).touch()
         if request.query_params.get("sleep"):
             await asyncio.sleep(float(request.query_params["sleep"]))
         return "version one"
@@ -514,25 +518,52 @@ def test_reload_restarts_when_the_module_changes(serve_cli: Any, app_dir: Path) 
         server.get("/-/healthz", timeout=2)
 
 
-def test_reload_ctrl_c_lets_in_flight_requests_finish(serve_cli: Any, app_dir: Path) -> None:
+def test_reload_ctrl_c_lets_in_flight_requests_finish(
+    serve_cli: Any, app_dir: Path, tmp_path: Path
+) -> None:
     (app_dir / "reloadable.py").write_text(RELOADABLE)
     server = serve_cli("reloadable:app", "--reload")
+    # Outside app_dir: a file written there would reload the server.
+    started = tmp_path / "request-started"
     answers: list[Any] = []
 
     def slow_request() -> None:
         try:
-            answers.append(server.get("/", params={"sleep": "1"}, timeout=15))
+            params = {"sleep": "1", "started": str(started)}
+            answers.append(server.get("/", params=params, timeout=15))
         except httpx.HTTPError as exc:
             answers.append(exc)
 
     client = threading.Thread(target=slow_request)
     client.start()
-    time.sleep(0.3)
+    # Ctrl-C once the request runs; before, a loaded machine may not have sent it yet.
+    assert wait_for(started.exists, timeout_s=10), server.output()
     server.ctrl_c()
     client.join(timeout=15)
-    server.wait_exit()
+    assert server.wait_exit() == 0, server.output()
     [answer] = answers
     assert isinstance(answer, httpx.Response) and answer.status_code == 200, answer
+
+
+def test_reload_ctrl_c_stops_a_server_started_with_sigint_ignored(
+    app_dir: Path, tmp_path: Path
+) -> None:
+    """`tandem run --reload ... &` in a script: a background job of a non-interactive
+    shell starts with SIGINT ignored, yet Ctrl-C (kill -INT) stops the server process,
+    so it must stop the watcher too."""
+    (app_dir / "reloadable.py").write_text(RELOADABLE)
+    port = free_port()
+    ignoring_sigint = ["sh", "-c", 'trap "" INT; exec "$@"', "sh"]
+    command = [*TANDEM_MODULE, "run", "reloadable:app", "--reload", "--port", str(port)]
+    server = Server([*ignoring_sigint, *command], app_dir, tmp_path / "server.log", port)
+    try:
+        server.wait_ready()
+        server.ctrl_c()
+        assert server.wait_exit() == 0, server.output()
+        with pytest.raises(httpx.ConnectError):  # the served child stopped too
+            server.get("/-/healthz", timeout=2)
+    finally:
+        server.kill()
 
 
 @pytest.mark.parametrize(

@@ -323,6 +323,11 @@ def _run_with_reload() -> None:
     command = shlex.join([sys.executable, "-m", "tandem", *argv])
     click.echo(f"tandem: watching {os.getcwd()} for changes", err=True)
     os.environ[_RELOAD_CHILD_ENV] = "1"  # inherited by the server process
+    # The watcher stops on KeyboardInterrupt, which Python raises only if SIGINT was not
+    # ignored when it started; a background job of a non-interactive shell starts with it
+    # ignored. The server process sets its own handler either way, so without this it
+    # would stop on Ctrl-C and leave the watcher running for ever.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         watchfiles.run_process(".", target=command, target_type="command")
     except KeyboardInterrupt:
