@@ -121,7 +121,9 @@ def test_run_module_app_serves_until_ctrl_c_and_finishes_in_flight_requests(
 
     client = threading.Thread(target=slow_request)
     client.start()
-    time.sleep(0.3)
+    # Ctrl-C once the request is in flight; a loaded machine may not have sent it yet.
+    in_flight = 'tandem_http_requests_in_flight{application="default"} 1.0'
+    assert wait_for(lambda: in_flight in server.get("/metrics").text, timeout_s=10)
     server.ctrl_c()
     client.join(timeout=15)
     assert server.wait_exit() == 0, server.output()
