@@ -401,6 +401,72 @@ def test_constructor_failing_after_a_healthy_start_is_retried_until_it_recovers(
     assert serve.status().applications["flaky"].status == "RUNNING"
 
 
+EMFILE_DRIVER = """
+import os
+import resource
+import signal
+import time
+
+import tandem as serve
+
+
+@serve.deployment(num_replicas=2)
+class Pid:
+    def __call__(self) -> int:
+        return os.getpid()
+
+
+def status():
+    return serve.status().applications["fd"].deployments["Pid"]
+
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+serve.run(Pid.bind(), name="fd", route_prefix=None, backend="process")
+victim = status().replicas[0].pid
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+os.kill(victim, signal.SIGKILL)
+failed = None
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and failed is None:
+    current = status()
+    if current.replica_states.get("FAILED"):
+        failed = (current.status, current.running_replicas, current.message)
+    time.sleep(0.05)
+for fd in held:
+    os.close(fd)
+deadline = time.monotonic() + 40
+while time.monotonic() < deadline:
+    current = status()
+    if current.status == "HEALTHY" and current.running_replicas == 2:
+        break
+    time.sleep(0.1)
+print("FAILED", failed)
+pids = [r.pid for r in current.replicas]
+print("FINAL", current.status, current.running_replicas, victim in pids)
+serve.shutdown()
+"""
+
+
+def test_replacement_that_fails_for_lack_of_file_descriptors_recovers(tmp_path: Path) -> None:
+    """The driver runs out of file descriptors as a replica dies: its replacement
+    fails (EMFILE), the status says so, and once descriptors are back it recovers."""
+    script = tmp_path / "driver.py"
+    script.write_text(EMFILE_DRIVER)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    failed_line, final_line = result.stdout.strip().splitlines()[-2:]
+    assert "UNHEALTHY" in failed_line and "Too many open files" in failed_line, result.stdout
+    assert "1 of 2 replicas running" in failed_line
+    assert final_line == "FINAL HEALTHY 2 False", (final_line, result.stderr[-3000:])
+
+
 # --------------------------------------------------------------------------
 # redeploys
 # --------------------------------------------------------------------------

@@ -137,6 +137,9 @@ class ProcessBackend(Backend):
                 env=env,
                 cwd=os.getcwd(),
             )
+        except BaseException:
+            ours.close()  # e.g. out of file descriptors: give back what we took
+            raise
         finally:
             theirs.close()
         replica_id = spec.replica_id
