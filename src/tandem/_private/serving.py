@@ -40,10 +40,14 @@ class ServeSession:
         """Deploy every application of ``config``, serve HTTP and the control endpoint;
         return the URL."""
         built = build_applications(config)
-        # A taken port fails now, before any constructor runs.
-        bind_socket(config.http_options.host, config.http_options.port).close()
+        # A taken port fails now, before any constructor runs; port 0 becomes a real one,
+        # which names the control socket.
+        probe = bind_socket(config.http_options.host, config.http_options.port)
+        port = int(probe.getsockname()[1])
+        probe.close()
+        http_options = config.http_options.model_copy(update={"port": port})
         # HTTP starts once every application runs, so the first request finds them all.
-        api.start(http_options=config.http_options, proxy_location="Disabled")
+        api.start(http_options=http_options, proxy_location="Disabled")
         for app_config, app in built:
             api.run(
                 app,
@@ -51,14 +55,14 @@ class ServeSession:
                 route_prefix=app_config.route_prefix,
                 backend=self._backend,
             )
+        # The control endpoint first: whoever finds the data port up can control the server.
+        self._open_control(port)
         api.start(proxy_location="EveryNode")
-        url = api.serve_http_now()
-        self._open_control()
-        return url
+        return api.serve_http_now()
 
-    def _open_control(self) -> None:
+    def _open_control(self, port: int) -> None:
         runtime = current_runtime()
-        assert runtime is not None and runtime.http is not None
+        assert runtime is not None
         controller = runtime.controller
         assert controller is not None
 
@@ -80,7 +84,6 @@ class ServeSession:
             delete=delete,
             shutdown=self.request_stop,
         )
-        port = runtime.http.address[1]
         socket_path = control_socket_path(port)
         token_path = socket_path.with_suffix(".token") if self._control_tcp else None
         control = ControlServer(ControlApp(actions), socket_path, self._control_tcp, token_path)
