@@ -193,3 +193,24 @@ def assert_clear_failure(result: subprocess.CompletedProcess[str], *words: str) 
     assert "Traceback" not in result.stderr, result.stderr
     for word in words:
         assert word in result.stderr, (word, result.stderr)
+
+
+class Servers:
+    """The ``tandem run`` servers one test starts, each ready when returned; call
+    :meth:`kill_all` at the end to stop any left running."""
+
+    def __init__(self, cwd: Path, log_dir: Path) -> None:
+        self._cwd = cwd
+        self._log_dir = log_dir
+        self._servers: list[Server] = []
+
+    def start(self, command: list[str], port: int) -> Server:
+        log = self._log_dir / f"server{len(self._servers)}.log"
+        server = Server(command, self._cwd, log, port)
+        self._servers.append(server)
+        server.wait_ready()
+        return server
+
+    def kill_all(self) -> None:
+        for server in self._servers:
+            server.kill()

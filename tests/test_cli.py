@@ -23,6 +23,7 @@ from helpers import (
     GREETER,
     TANDEM_MODULE,
     Server,
+    Servers,
     assert_clear_failure,
     free_port,
     tandem,
@@ -71,25 +72,16 @@ def app_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def serve_cli(app_dir: Path, tmp_path: Path) -> Iterator[Any]:
     """Start ``tandem run ...`` servers; any left running are killed at the end."""
-    servers: list[Server] = []
+    servers = Servers(app_dir, tmp_path)
 
     def start(*args: str, port: int | None = None, port_flag: bool = True) -> Server:
         """``tandem run ARGS --port PORT`` (without --port if ``port_flag`` is false)."""
         port = free_port() if port is None else port
         port_args = ["--port", str(port)] if port_flag else []
-        server = Server(
-            [*TANDEM_MODULE, "run", *args, *port_args],
-            app_dir,
-            tmp_path / f"server{len(servers)}.log",
-            port,
-        )
-        servers.append(server)
-        server.wait_ready()
-        return server
+        return servers.start([*TANDEM_MODULE, "run", *args, *port_args], port)
 
     yield start
-    for server in servers:
-        server.kill()
+    servers.kill_all()
 
 
 # -- tandem run module:app ----------------------------------------------------

@@ -28,7 +28,7 @@ import uvicorn
 import yaml
 
 import tandem as serve
-from helpers import GREETER, Server, assert_clear_failure, free_port, tandem, wait_for
+from helpers import GREETER, Server, Servers, assert_clear_failure, free_port, tandem, wait_for
 from tandem._private.api import http_url
 from tandem._private.config_file import validate_config
 from tandem._private.http.limits import (
@@ -365,7 +365,7 @@ def app_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def run_server(app_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start ``tandem run ARGS --port P``, under an open-file limit (soft, hard) if given."""
-    servers: list[Server] = []
+    servers = Servers(app_dir, tmp_path)
 
     def start(*args: str, open_files: tuple[int, int] | None = None) -> Server:
         port = free_port()
@@ -378,19 +378,10 @@ def run_server(app_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Server]]
                 f"resource.setrlimit(resource.RLIMIT_NOFILE, {open_files}); "
                 "from tandem._private.cli import main; main()",
             ]
-        server = Server(
-            [*command, "run", *args, "--port", str(port)],
-            app_dir,
-            tmp_path / f"server{len(servers)}.log",
-            port,
-        )
-        servers.append(server)
-        server.wait_ready()
-        return server
+        return servers.start([*command, "run", *args, "--port", str(port)], port)
 
     yield start
-    for server in servers:
-        server.kill()
+    servers.kill_all()
 
 
 def test_tandem_run_flags_reach_the_server(run_server: Callable[..., Server]) -> None:

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 import tandem as serve
-from helpers import GREETER, Server, free_port, tandem, wait_for
+from helpers import GREETER, Server, Servers, free_port, tandem, wait_for
 from tandem._private.api import http_url
 from tandem._private.rundir import control_socket_path, user_dir
 
@@ -104,23 +104,15 @@ def app_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def cli_server(app_dir: Path, tmp_path: Path) -> Iterator[Any]:
     """Start ``tandem run ARGS`` servers (local backend) and kill any left at the end."""
-    servers: list[Server] = []
+    servers = Servers(app_dir, tmp_path)
 
     def start(*args: str) -> Server:
         port = free_port()
-        server = Server(
-            [sys.executable, "-m", "tandem", "run", *args, "--port", str(port)],
-            app_dir,
-            tmp_path / f"server{len(servers)}.log",
-            port,
-        )
-        servers.append(server)
-        server.wait_ready()
-        return server
+        command = [sys.executable, "-m", "tandem", "run", *args, "--port", str(port)]
+        return servers.start(command, port)
 
     yield start
-    for server in servers:
-        server.kill()
+    servers.kill_all()
 
 
 # -- the data port is no control plane --------------------------------------------

@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tandem._private.http.limits import ConnectionLimits, Refusals, protocol_class
+from tandem._private.http.server import bind_socket
 
 logger = logging.getLogger("tandem.control")
 
@@ -228,7 +229,7 @@ class ControlServer:
             token = secrets.token_urlsafe(32)
             _write_private(self.token_path, token + "\n")
             self._made.append(self.token_path)
-            tcp = _bind_tcp(*self._tcp)
+            tcp = bind_socket(*self._tcp, what="the control port", advice="--control-port N")
             host, port = tcp.getsockname()[:2]
             self.tcp_address = (str(host), int(port))
             await self._serve(_RequireToken(self._app, token), tcp, _protocol(owner_only=False))
@@ -303,22 +304,6 @@ def _answers(path: Path) -> bool:
     finally:
         probe.close()
     return True
-
-
-def _bind_tcp(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(
-            exc.errno,
-            f"Cannot serve the control port on {host}:{port}: {exc.strerror}. "
-            "Choose another (--control-port N).",
-        ) from None
-    return sock
 
 
 def _write_private(path: Path, text: str) -> None:

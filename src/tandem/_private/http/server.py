@@ -16,8 +16,13 @@ from tandem._private.http.options import HTTPOptions
 logger = logging.getLogger("tandem.proxy")
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind the listening socket ourselves, so a taken port is a clear OSError, not an exit."""
+def bind_socket(
+    host: str,
+    port: int,
+    what: str = "HTTP",
+    advice: str = "tandem run --port N, or tandem.start(http_options={'port': N})",
+) -> socket.socket:
+    """Bind a listening socket ourselves, so a taken port is a clear OSError, not an exit."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -27,8 +32,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise OSError(
             exc.errno,
-            f"Cannot serve HTTP on {host}:{port}: {exc.strerror}. Choose another port "
-            "(tandem run --port N, or tandem.start(http_options={'port': N})).",
+            f"Cannot serve {what} on {host}:{port}: {exc.strerror}. Choose another port "
+            f"({advice}).",
         ) from None
     sock.set_inheritable(True)
     return sock
