@@ -46,7 +46,7 @@ from pathlib import Path
 import httpx
 from apps.chaos_app import FLAG_ENV_VAR, STAGE_MAX_ONGOING  # benchmarks/apps, beside this script
 
-from tandem._private.control_client import find_control
+from tandem._private.cli.control_client import find_control
 
 APPS = Path(__file__).resolve().parent / "apps"
 BIN = Path(sys.executable).parent

@@ -7,8 +7,8 @@ import time
 
 import tandem as serve
 from helpers import wait_for
-from tandem._private.autoscaling import AutoscalingPolicy
-from tandem._private.config import AutoscalingConfig
+from tandem._private.app.options import AutoscalingConfig
+from tandem._private.controller.autoscaling import AutoscalingPolicy
 
 
 def _policy(**overrides: float) -> AutoscalingPolicy:

@@ -30,7 +30,7 @@ import yaml
 import tandem as serve
 from helpers import GREETER, Server, Servers, assert_clear_failure, free_port, tandem, wait_for
 from tandem._private.api import http_url
-from tandem._private.config_file import validate_config
+from tandem._private.app.config_file import validate_config
 from tandem._private.http.limits import (
     ConnectionLimits,
     Refusals,
@@ -376,7 +376,7 @@ def run_server(app_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Server]]
                 "-c",
                 "import resource, sys; "
                 f"resource.setrlimit(resource.RLIMIT_NOFILE, {open_files}); "
-                "from tandem._private.cli import main; main()",
+                "from tandem._private.cli.main import main; main()",
             ]
         return servers.start([*command, "run", *args, "--port", str(port)], port)
 

@@ -51,7 +51,7 @@ pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc; the process backend targets Linux"
 )
 
-WORKER_MODULE = b"tandem._private.worker"
+WORKER_MODULE = b"tandem._private.backends.process.worker"
 
 
 # --------------------------------------------------------------------------

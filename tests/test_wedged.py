@@ -29,9 +29,9 @@ from starlette.requests import Request
 import tandem as serve
 from helpers import wait_for
 from tandem._private.api import http_url
-from tandem._private.config import DeploymentOptions
-from tandem._private.context import DeploymentID, RequestMetadata
-from tandem._private.replica import AbandonedRequestsError, Replica, ReplicaSpec
+from tandem._private.app.options import DeploymentOptions
+from tandem._private.calls.context import DeploymentID, RequestMetadata
+from tandem._private.replica.replica import AbandonedRequestsError, Replica, ReplicaSpec
 from tandem.exceptions import ReplicaUnavailableError, RequestCancelledError
 
 GRACE_S = 30.0

@@ -39,10 +39,12 @@ import pytest
 
 import tandem as serve
 from helpers import wait_for
-from tandem._private import handshake, rundir, transport
-from tandem._private.handshake import HandshakeError
-from tandem._private.peer import open_peer
-from tandem._private.runtime import get_runtime
+from tandem._private import rundir
+from tandem._private.backends.process import frames as transport
+from tandem._private.backends.process import handshake
+from tandem._private.backends.process.handshake import HandshakeError
+from tandem._private.backends.process.peer import open_peer
+from tandem._private.calls.runtime import get_runtime
 from tandem.handle import DeploymentHandle
 
 pytestmark = pytest.mark.skipif(
@@ -548,8 +550,8 @@ def test_buffers_beyond_the_cap_travel_in_band() -> None:
 def test_a_request_on_a_closing_connection_is_not_sent_so_it_may_go_elsewhere() -> None:
     """A connection the OS is closing (its replica just died) refuses a new request with
     ReplicaNotReached, which routers retry on another replica, not a server error."""
-    from tandem._private.errors import ReplicaNotReached
-    from tandem._private.peer import Peer, peer_on_socket
+    from tandem._private.backends.process.peer import Peer, peer_on_socket
+    from tandem._private.calls.errors import ReplicaNotReached
 
     async def scenario() -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

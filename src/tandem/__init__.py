@@ -13,17 +13,17 @@ from tandem._private.api import (
     start,
     status,
 )
-from tandem._private.batching import batch
-from tandem._private.config import AutoscalingConfig
-from tandem._private.context import (
+from tandem._private.app.deployment import Application, Deployment, deployment
+from tandem._private.app.options import AutoscalingConfig
+from tandem._private.calls.context import (
     ReplicaContext,
     get_multiplexed_model_id,
     get_replica_context,
 )
-from tandem._private.deployment import Application, Deployment, deployment
-from tandem._private.ingress import ingress
-from tandem._private.multiplex import multiplexed
-from tandem._private.status import Status
+from tandem._private.controller.status import Status
+from tandem._private.replica.batching import batch
+from tandem._private.replica.ingress import ingress
+from tandem._private.replica.multiplex import multiplexed
 from tandem.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 """``python -m tandem`` is the ``tandem`` command."""
 
-from tandem._private.cli import main
+from tandem._private.cli.main import main
 
 main()

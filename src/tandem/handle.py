@@ -14,8 +14,8 @@ import threading
 from collections.abc import AsyncIterator, Coroutine, Generator, Iterator
 from typing import Any
 
-from tandem._private.context import DeploymentID, RequestMetadata, current_request
-from tandem._private.runtime import Runtime, get_runtime
+from tandem._private.calls.context import DeploymentID, RequestMetadata, current_request
+from tandem._private.calls.runtime import Runtime, get_runtime
 from tandem.exceptions import RequestCancelledError
 
 __all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"]
@@ -405,7 +405,7 @@ def _put(ray: Any, value: Any) -> Any:
     own ``ray.init()``, which fails on the stale record of a ``ray start`` that has gone)."""
     with _RAY_INIT_LOCK:
         if not ray.is_initialized():
-            from tandem._private.ray_session import connect_ray
+            from tandem._private.backends.ray.session import connect_ray
 
             connect_ray()
     return ray.put(value)

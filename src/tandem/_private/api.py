@@ -14,15 +14,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tandem._private.app.deployment import Application, Deployment
+from tandem._private.app.graph import build_application
+from tandem._private.app.options import describe_validation_error
 from tandem._private.backends import create_backend, resolve_backend_name
-from tandem._private.config import describe_validation_error
-from tandem._private.context import DeploymentID, current_replica_context
-from tandem._private.controller import Controller
-from tandem._private.deployment import Application, Deployment
-from tandem._private.graph import build_application
+from tandem._private.calls.context import DeploymentID, current_replica_context
+from tandem._private.calls.runtime import Runtime, current_runtime, set_runtime
+from tandem._private.controller.controller import Controller
+from tandem._private.controller.status import Status
 from tandem._private.http.options import HTTPOptions
-from tandem._private.runtime import Runtime, current_runtime, set_runtime
-from tandem._private.status import Status
 from tandem.exceptions import DeploymentUnavailableError
 from tandem.handle import DeploymentHandle
 

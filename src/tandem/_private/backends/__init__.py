@@ -44,7 +44,7 @@ def create_backend(name: str) -> Backend:
 
         return LocalBackend()
     if name == "process":
-        from tandem._private.backends.process import ProcessBackend
+        from tandem._private.backends.process.backend import ProcessBackend
 
         return ProcessBackend()
     if name == "ray":
@@ -54,7 +54,7 @@ def create_backend(name: str) -> Backend:
             raise ImportError(
                 'The ray backend needs Ray: pip install "tandem-serve[ray]".'
             ) from None
-        from tandem._private.backends.ray import RayBackend
+        from tandem._private.backends.ray.backend import RayBackend
 
         return RayBackend()
     raise ValueError(f"Unknown backend {name!r}; choose one of: {', '.join(BACKEND_NAMES)}.")

@@ -12,9 +12,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from tandem._private.context import DeploymentID
-from tandem._private.replica import ReplicaSpec
-from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet
+from tandem._private.calls.context import DeploymentID
+from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet
+from tandem._private.replica.replica import ReplicaSpec
 
 logger = logging.getLogger("tandem")
 

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from tandem._private.backends.base import Backend, ReplicaStartError
-from tandem._private.context import RequestMetadata
-from tandem._private.replica import Replica, ReplicaSpec
-from tandem._private.router import ReplicaConnection, ReplicaInfo
+from tandem._private.calls.context import RequestMetadata
+from tandem._private.calls.router import ReplicaConnection, ReplicaInfo
+from tandem._private.replica.replica import Replica, ReplicaSpec
 
 logger = logging.getLogger("tandem")
 

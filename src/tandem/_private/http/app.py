@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from tandem._private.calls.runtime import Runtime
 from tandem._private.http.endpoints import ProxyEndpoints
 from tandem._private.http.metrics import ProxyMetrics
 from tandem._private.http.options import HTTPOptions
 from tandem._private.http.proxy import Proxy
 from tandem._private.http.server import HTTPServer
-from tandem._private.runtime import Runtime
 
 
 async def open_http(runtime: Runtime, options: HTTPOptions) -> HTTPServer:

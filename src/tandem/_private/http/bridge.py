@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from tandem._private.queues import drain
-from tandem._private.replica import HTTP_METHOD
+from tandem._private.replica.replica import HTTP_METHOD
 
 __all__ = ["HTTP_METHOD", "HTTPRequestData", "serve_http", "to_response"]
 

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from tandem._private.replica import current_replica
+from tandem._private.replica.replica import current_replica
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 

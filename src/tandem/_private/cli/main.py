@@ -146,16 +146,16 @@ def run(
         _run_with_reload()
         return
     backend = _ray_settings(backend, address, working_dir, runtime_env_json)
-    from tandem._private.config_file import (
+    from tandem._private.app.config_file import (
         ApplicationConfig,
         ServeConfig,
         is_config_path,
         load_config,
     )
+    from tandem._private.app.importing import parse_cli_args
+    from tandem._private.cli.serving import ServeSession
     from tandem._private.http.limits import raise_open_file_limit
     from tandem._private.http.logs import configure_logging
-    from tandem._private.importing import parse_cli_args
-    from tandem._private.serving import ServeSession
 
     configure_logging(log_level, json_format=log_format == "json")
     # Before the server (whose default max_connections derives from it) and the replicas
@@ -388,7 +388,7 @@ def delete(name: str, address: str, control: str | None, token_file: str | None)
 @_control_options
 def deploy(config_file: str, address: str, control: str | None, token_file: str | None) -> None:
     """Apply CONFIG_FILE to a running server (it keeps its applications if the file is bad)."""
-    from tandem._private.config_file import load_config
+    from tandem._private.app.config_file import load_config
 
     try:
         config = load_config(config_file)
@@ -410,7 +410,7 @@ def deploy(config_file: str, address: str, control: str | None, token_file: str 
 )
 def build(import_paths: tuple[str, ...], output: str | None) -> None:
     """Write a config file for one or more IMPORT_PATHS (module:app)."""
-    from tandem._private.importing import build_app, import_attribute
+    from tandem._private.app.importing import build_app, import_attribute
 
     applications = []
     for index, import_path in enumerate(import_paths):
@@ -441,7 +441,7 @@ def build(import_paths: tuple[str, ...], output: str | None) -> None:
 
 
 def _deployment_entries(app: Any) -> list[dict[str, Any]]:
-    from tandem._private.graph import build_application
+    from tandem._private.app.graph import build_application
 
     entries = []
     for spec in build_application(app, "default", "/").deployments:
@@ -468,7 +468,7 @@ def _request(
     path: str,
     body: Any = None,
 ) -> Any:
-    from tandem._private.control_client import ControlError, find_control, request
+    from tandem._private.cli.control_client import ControlError, find_control, request
 
     try:
         return request(find_control(address, control, token_file), method, path, body)

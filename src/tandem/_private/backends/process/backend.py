@@ -31,15 +31,15 @@ from typing import Any
 import cloudpickle
 
 from tandem._private.backends.base import Backend, ReplicaStartError
-from tandem._private.context import DeploymentID
-from tandem._private.handshake import new_secret
-from tandem._private.peer import Peer, peer_on_socket
-from tandem._private.process_connection import ProcessAddress, ProcessConnection
-from tandem._private.replica import ReplicaSpec
-from tandem._private.resources import Resources
-from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet
+from tandem._private.backends.process.connection import ProcessAddress, ProcessConnection
+from tandem._private.backends.process.frames import RemoteTraceback, picklable_starlette
+from tandem._private.backends.process.handshake import new_secret
+from tandem._private.backends.process.peer import Peer, peer_on_socket
+from tandem._private.backends.process.resources import Resources
+from tandem._private.calls.context import DeploymentID
+from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet
+from tandem._private.replica.replica import ReplicaSpec
 from tandem._private.rundir import RunDir, open_run_dir
-from tandem._private.transport import RemoteTraceback, picklable_starlette
 from tandem.exceptions import ReplicaUnavailableError
 
 logger = logging.getLogger("tandem")
@@ -129,7 +129,7 @@ class ProcessBackend(Backend):
                 [
                     sys.executable,
                     "-m",
-                    "tandem._private.worker",
+                    "tandem._private.backends.process.worker",
                     str(theirs.fileno()),
                     str(os.getpid()),
                 ],

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tandem._private.config import DeploymentOptions
-from tandem._private.deployment import Application, Deployment
+from tandem._private.app.deployment import Application, Deployment
+from tandem._private.app.options import DeploymentOptions
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tandem._private.queues import drain, wait_event
-from tandem._private.replica import current_replica
+from tandem._private.replica.replica import current_replica
 
 
 class _END:

@@ -16,13 +16,13 @@ import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from tandem._private.context import DeploymentID, RequestMetadata
-from tandem._private.errors import ReplicaNotReached
-from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet, Router
+from tandem._private.calls.context import DeploymentID, RequestMetadata
+from tandem._private.calls.errors import ReplicaNotReached
+from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet, Router
 from tandem.exceptions import DeploymentUnavailableError
 
 if TYPE_CHECKING:
-    from tandem._private.controller import Controller
+    from tandem._private.controller.controller import Controller
 
 T = TypeVar("T")
 

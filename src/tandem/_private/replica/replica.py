@@ -29,17 +29,17 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tandem._private.config import DeploymentOptions
-from tandem._private.context import (
+from tandem._private.app.options import DeploymentOptions
+from tandem._private.calls.context import (
     DeploymentID,
     ReplicaContext,
     RequestMetadata,
     _replica_context,
     _request,
 )
-from tandem._private.errors import ReplicaNotReached
+from tandem._private.calls.errors import ReplicaNotReached
+from tandem._private.replica.threads import Job, WorkerThreads, contain
 from tandem._private.stats import RequestStats
-from tandem._private.workers import Job, WorkerThreads, contain
 from tandem.exceptions import ReplicaUnavailableError
 
 # The method name the HTTP proxy calls (kept here so replicas need no HTTP import).
@@ -566,7 +566,7 @@ class Replica:
 def _http_bridge() -> tuple[Callable[..., AsyncGenerator[Any, None]], Callable[[Any], Any | None]]:
     """The HTTP side, imported on the first HTTP request (replicas without HTTP skip it)."""
     from tandem._private.http.bridge import serve_http
-    from tandem._private.ingress import asgi_app_for
+    from tandem._private.replica.ingress import asgi_app_for
 
     return serve_http, asgi_app_for
 

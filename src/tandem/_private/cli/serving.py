@@ -15,13 +15,13 @@ import threading
 from typing import Any
 
 from tandem._private import api
-from tandem._private.config_file import ServeConfig, build_applications, validate_config
-from tandem._private.graph import build_application
+from tandem._private.app.config_file import ServeConfig, build_applications, validate_config
+from tandem._private.app.graph import build_application
+from tandem._private.calls.runtime import current_runtime
+from tandem._private.controller.status import Status
 from tandem._private.http.control import ControlActions, ControlApp, ControlServer
 from tandem._private.http.server import bind_socket
 from tandem._private.rundir import control_socket_path
-from tandem._private.runtime import current_runtime
-from tandem._private.status import Status
 
 logger = logging.getLogger("tandem")
 

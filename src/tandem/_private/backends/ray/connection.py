@@ -27,11 +27,11 @@ from ray.exceptions import (
     TaskCancelledError,
 )
 
-from tandem._private.context import RequestMetadata
-from tandem._private.errors import ReplicaNotReached
-from tandem._private.ray_actor import TRACEBACK_ATTRIBUTE
-from tandem._private.router import ReplicaInfo
-from tandem._private.transport import RemoteTraceback
+from tandem._private.backends.process.frames import RemoteTraceback
+from tandem._private.backends.ray.actor import TRACEBACK_ATTRIBUTE
+from tandem._private.calls.context import RequestMetadata
+from tandem._private.calls.errors import ReplicaNotReached
+from tandem._private.calls.router import ReplicaInfo
 from tandem.exceptions import ReplicaUnavailableError, RequestCancelledError
 
 

@@ -31,9 +31,13 @@ import struct
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
-from tandem._private.errors import ReplicaNotReached
-from tandem._private.handshake import HandshakeError, client_handshake, server_handshake
-from tandem._private.transport import FrameProtocol, pack_error, unpack_error
+from tandem._private.backends.process.frames import FrameProtocol, pack_error, unpack_error
+from tandem._private.backends.process.handshake import (
+    HandshakeError,
+    client_handshake,
+    server_handshake,
+)
+from tandem._private.calls.errors import ReplicaNotReached
 from tandem.exceptions import ReplicaUnavailableError
 
 logger = logging.getLogger("tandem")

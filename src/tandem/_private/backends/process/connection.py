@@ -11,10 +11,10 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from tandem._private.context import RequestMetadata
-from tandem._private.errors import ReplicaNotReached
-from tandem._private.peer import Peer, open_peer
-from tandem._private.router import ReplicaInfo
+from tandem._private.backends.process.peer import Peer, open_peer
+from tandem._private.calls.context import RequestMetadata
+from tandem._private.calls.errors import ReplicaNotReached
+from tandem._private.calls.router import ReplicaInfo
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""A replica process: ``python -m tandem._private.worker FD PPID``.
+"""A replica process: ``python -m tandem._private.backends.process.worker FD PPID``.
 
 The driver starts it with one end of a socket pair (FD) as its control line.
 It waits for its replica's spec and the run's secret, builds the replica,
@@ -22,9 +22,9 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tandem._private.peer import Peer, PeerListener
-    from tandem._private.process_connection import ProcessConnection
-    from tandem._private.router import ReplicaInfo
+    from tandem._private.backends.process.connection import ProcessConnection
+    from tandem._private.backends.process.peer import Peer, PeerListener
+    from tandem._private.calls.router import ReplicaInfo
 
 logger = logging.getLogger("tandem.worker")
 
@@ -58,14 +58,14 @@ class _Worker:
 
     def connect(self, info: ReplicaInfo) -> ProcessConnection:
         """A line to another replica, for this process's routers."""
-        from tandem._private.process_connection import ProcessConnection
+        from tandem._private.backends.process.connection import ProcessConnection
 
         if self._secret is None:  # routers are made only once the replica serves
             raise RuntimeError("This replica process has not been started yet.")
         return ProcessConnection(info, self._secret)
 
     async def serve(self) -> None:
-        from tandem._private.peer import Peer, peer_on_socket
+        from tandem._private.backends.process.peer import Peer, peer_on_socket
 
         sock = socket.socket(fileno=self._control_fd)
         control = Peer("the driver", on_call=self._control, on_note=self._note)
@@ -80,7 +80,7 @@ class _Worker:
 
     def _note(self, op: str, payload: Any) -> None:
         if op == "publish":
-            from tandem._private.runtime import get_runtime
+            from tandem._private.calls.runtime import get_runtime
 
             get_runtime().publish(payload)
 
@@ -109,7 +109,7 @@ class _Worker:
 
     async def _report_queues(self, control: Any) -> None:
         """Tell the driver how many requests wait here for each deployment (autoscaling)."""
-        from tandem._private.runtime import get_runtime
+        from tandem._private.calls.runtime import get_runtime
 
         last: dict[Any, int] = {}
         while True:
@@ -135,10 +135,10 @@ class _Worker:
         directory: list[Any],
         secret: bytes,
     ) -> None:
-        from tandem._private.peer import Peer, PeerListener
-        from tandem._private.replica import Replica
-        from tandem._private.runtime import get_runtime
-        from tandem._private.transport import picklable_starlette
+        from tandem._private.backends.process.frames import picklable_starlette
+        from tandem._private.backends.process.peer import Peer, PeerListener
+        from tandem._private.calls.runtime import get_runtime
+        from tandem._private.replica.replica import Replica
 
         picklable_starlette()
         self._secret = secret
@@ -177,7 +177,7 @@ def main() -> None:
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    from tandem._private.runtime import Runtime, set_runtime
+    from tandem._private.calls.runtime import Runtime, set_runtime
 
     worker = _Worker(control_fd)
     runtime = Runtime(worker.connect)

@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tandem._private.context import current_replica_context
+from tandem._private.calls.context import current_replica_context
 
 C = TypeVar("C", bound=type)
 

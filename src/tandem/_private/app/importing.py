@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from tandem._private.deployment import Application, Deployment
+from tandem._private.app.deployment import Application, Deployment
 
 
 def import_attribute(import_path: str, reload: bool = False) -> Any:

@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, overload
 
-from tandem._private.config import DeploymentOptions, validate_options
+from tandem._private.app.options import DeploymentOptions, validate_options
 
 T = TypeVar("T")
 

@@ -33,14 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandem._private.autoscaling import AutoscalingPolicy
+from tandem._private.app.graph import ApplicationSpec, DeploymentSpec
 from tandem._private.backends.base import Backend, ReplicaStartError
-from tandem._private.context import DeploymentID
-from tandem._private.graph import ApplicationSpec, DeploymentSpec
-from tandem._private.queues import wait_event
-from tandem._private.replica import ReplicaSpec
-from tandem._private.router import ReplicaInfo, ReplicaSet
-from tandem._private.status import (
+from tandem._private.calls.context import DeploymentID
+from tandem._private.calls.router import ReplicaInfo, ReplicaSet
+from tandem._private.controller.autoscaling import AutoscalingPolicy
+from tandem._private.controller.status import (
     ApplicationState,
     ApplicationStatus,
     DeploymentState,
@@ -49,6 +47,8 @@ from tandem._private.status import (
     ReplicaStatus,
     Status,
 )
+from tandem._private.queues import wait_event
+from tandem._private.replica.replica import ReplicaSpec
 from tandem.exceptions import DeploymentFailedError
 
 logger = logging.getLogger("tandem")

@@ -22,10 +22,10 @@ from pydantic import (
     model_validator,
 )
 
-from tandem._private.config import ActorOptions, AutoscalingConfig, validate_options
-from tandem._private.deployment import Application, Deployment
+from tandem._private.app.deployment import Application, Deployment
+from tandem._private.app.importing import build_app, import_attribute
+from tandem._private.app.options import ActorOptions, AutoscalingConfig, validate_options
 from tandem._private.http.options import HTTPOptions
-from tandem._private.importing import build_app, import_attribute
 
 
 class _Model(BaseModel):

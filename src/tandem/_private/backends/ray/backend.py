@@ -36,13 +36,13 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 
 from tandem._private.backends import RAY_RUNTIME_ENV_VAR, parse_runtime_env
 from tandem._private.backends.base import Backend, ReplicaStartError
-from tandem._private.context import DeploymentID
-from tandem._private.ray_actor import ReplicaActor
-from tandem._private.ray_connection import RayAddress, RayConnection, unwrap
-from tandem._private.ray_session import connect_ray
-from tandem._private.replica import ReplicaSpec
-from tandem._private.router import ReplicaConnection, ReplicaInfo, ReplicaSet
-from tandem._private.transport import RemoteTraceback, picklable_starlette
+from tandem._private.backends.process.frames import RemoteTraceback, picklable_starlette
+from tandem._private.backends.ray.actor import ReplicaActor
+from tandem._private.backends.ray.connection import RayAddress, RayConnection, unwrap
+from tandem._private.backends.ray.session import connect_ray
+from tandem._private.calls.context import DeploymentID
+from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet
+from tandem._private.replica.replica import ReplicaSpec
 from tandem.exceptions import ReplicaUnavailableError
 
 logger = logging.getLogger("tandem")

@@ -27,10 +27,10 @@ import traceback
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from tandem._private.context import DeploymentID, RequestMetadata
+from tandem._private.calls.context import DeploymentID, RequestMetadata
+from tandem._private.calls.router import ReplicaSet
 from tandem._private.queues import wait_event
-from tandem._private.replica import Replica
-from tandem._private.router import ReplicaSet
+from tandem._private.replica.replica import Replica
 
 # How often the actor looks for changes in the requests waiting in its routers.
 QUEUE_REPORT_S = 0.2
@@ -173,9 +173,9 @@ class ReplicaActor:
         """Build the replica; returns (pid, node address). Raises what its constructor raises."""
         import ray
 
-        from tandem._private.ray_connection import connect
-        from tandem._private.runtime import Runtime, set_runtime
-        from tandem._private.transport import picklable_starlette
+        from tandem._private.backends.process.frames import picklable_starlette
+        from tandem._private.backends.ray.connection import connect
+        from tandem._private.calls.runtime import Runtime, set_runtime
 
         # The driver's import path, for the user's modules (where they exist here).
         for entry in path:
@@ -339,7 +339,7 @@ class ReplicaActor:
             await asyncio.sleep(STOP_LINGER_S)
 
     async def publish(self, replica_set: ReplicaSet) -> None:
-        from tandem._private.runtime import current_runtime
+        from tandem._private.calls.runtime import current_runtime
 
         runtime = current_runtime()
         if runtime is not None:
@@ -366,7 +366,7 @@ class ReplicaActor:
             self._changed.set_result(None)
 
     async def _report_queues(self) -> None:
-        from tandem._private.runtime import get_runtime
+        from tandem._private.calls.runtime import get_runtime
 
         while True:
             await asyncio.sleep(QUEUE_REPORT_S)

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tandem._private.context import DeploymentID, RequestMetadata
+from tandem._private.calls.context import DeploymentID, RequestMetadata
 from tandem.exceptions import BackPressureError, DeploymentUnavailableError
 
 
