@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tandem._private.app import routes
 from tandem._private.app.deployment import Application, Deployment
 from tandem._private.app.graph import build_application
 from tandem._private.app.options import describe_validation_error
@@ -118,16 +119,7 @@ async def _stop_http(runtime: Runtime, timeout_s: float = 20.0) -> None:
 
 
 def normalize_route_prefix(route_prefix: str | None) -> str | None:
-    if route_prefix is None:
-        return None
-    if not isinstance(route_prefix, str) or not route_prefix.startswith("/"):
-        raise ValueError(f"route_prefix must start with '/', got {route_prefix!r}.")
-    if any(c in route_prefix for c in "{}?# "):
-        raise ValueError(
-            f"route_prefix must be a plain path without '{{', '}}', '?', '#' or spaces, "
-            f"got {route_prefix!r}."
-        )
-    return route_prefix.rstrip("/") or "/"
+    return routes.normalize_route_prefix(route_prefix)
 
 
 def _controller(runtime: Runtime) -> Controller:

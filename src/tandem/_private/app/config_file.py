@@ -13,18 +13,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tandem._private.app.deployment import Application, Deployment
 from tandem._private.app.importing import build_app, import_attribute
-from tandem._private.app.options import ActorOptions, AutoscalingConfig, validate_options
+from tandem._private.app.options import (
+    ActorOptions,
+    AutoscalingConfig,
+    NumReplicas,
+    validate_options,
+    validation_problems,
+)
+from tandem._private.app.routes import normalize_route_prefix, prefix_owner
 from tandem._private.http.options import HTTPOptions
 
 
@@ -36,7 +36,7 @@ class DeploymentOverride(_Model):
     """Options that replace those in the code, for one deployment (by name)."""
 
     name: str = Field(min_length=1)
-    num_replicas: int | Literal["auto"] | None = None
+    num_replicas: NumReplicas = None
     max_ongoing_requests: int | None = Field(default=None, ge=1)
     max_queued_requests: int | None = Field(default=None, ge=-1)
     user_config: Any = None
@@ -47,15 +47,6 @@ class DeploymentOverride(_Model):
     graceful_shutdown_wait_loop_s: float | None = Field(default=None, ge=0)
     graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
     logging_config: dict[str, Any] | None = None
-
-    @field_validator("num_replicas", mode="before")
-    @classmethod
-    def _replicas(cls, value: Any) -> Any:
-        if value is None or value == "auto":
-            return value
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"must be an integer >= 1 or 'auto', got {value!r}")
-        return value
 
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.model_fields_set if k != "name"}
@@ -76,8 +67,8 @@ class ApplicationConfig(_Model):
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"deployment {name!r} is listed twice")
-        if self.route_prefix is not None and not self.route_prefix.startswith("/"):
-            raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+        # Here, not at deploy time, so a bad prefix fails the whole file before anything runs.
+        self.route_prefix = normalize_route_prefix(self.route_prefix)
         return self
 
 
@@ -93,19 +84,17 @@ class ServeConfig(_Model):
 
     @model_validator(mode="after")
     def _unique_apps(self) -> ServeConfig:
-        seen: dict[str, str] = {}
-        prefixes: dict[str, str] = {}
-        for app in self.applications:
-            if app.name in seen:
+        for index, app in enumerate(self.applications):
+            earlier = self.applications[:index]
+            if any(other.name == app.name for other in earlier):
                 raise ValueError(f"application name {app.name!r} is used twice")
-            seen[app.name] = app.name
-            if app.route_prefix is not None:
-                if app.route_prefix in prefixes:
-                    raise ValueError(
-                        f"route_prefix {app.route_prefix!r} is used by both "
-                        f"{prefixes[app.route_prefix]!r} and {app.name!r}"
-                    )
-                prefixes[app.route_prefix] = app.name
+            owner = prefix_owner(
+                app.route_prefix, app.name, ((a.name, a.route_prefix) for a in earlier)
+            )
+            if owner is not None:
+                raise ValueError(
+                    f"route_prefix {app.route_prefix!r} is used by both {owner!r} and {app.name!r}"
+                )
         return self
 
 
@@ -114,13 +103,9 @@ def validate_config(data: Any, source: str = "config") -> ServeConfig:
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            path = "".join(
-                f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]
-            ).lstrip(".")
-            message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"  {path or '(top level)'}: {message}")
+        problems = [
+            f"  {where or '(top level)'}: {what}" for where, what, _ in validation_problems(exc)
+        ]
         raise ValueError(f"Invalid {source}:\n" + "\n".join(problems)) from None
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from tandem._private.app.deployment import Application, Deployment
+from tandem._private.app.options import validation_problems
 
 
 def import_attribute(import_path: str, reload: bool = False) -> Any:
@@ -100,9 +101,7 @@ def _builder_argument(builder: Any, args: dict[str, Any], import_path: str) -> A
         try:
             return annotation.model_validate(args)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-            )
+            problems = "; ".join(f"{where}: {what}" for where, what, _ in validation_problems(exc))
             raise ValueError(
                 f"Invalid arguments for builder {import_path!r}: {problems}."
             ) from None

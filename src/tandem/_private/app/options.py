@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_MAX_ONGOING_REQUESTS = 5
 DEFAULT_MAX_QUEUED_REQUESTS = -1
@@ -98,12 +106,26 @@ class ActorOptions(_Strict):
         return value
 
 
+def _check_num_replicas(value: Any) -> Any:
+    # Before pydantic's own checks, so 0, True, 2.5 or "2" get one clear message.
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be an integer >= 1 or 'auto', got {value!r}")
+    return value
+
+
+# A fixed replica count, "auto" (autoscaling with default settings), or not set;
+# the decorator, .options() and config files all take it this way.
+NumReplicas = Annotated[int | Literal["auto"] | None, BeforeValidator(_check_num_replicas)]
+
+
 class DeploymentOptions(_Strict):
     """Every option ``@deployment`` and ``.options()`` accept."""
 
     name: str | None = Field(default=None, min_length=1)
     version: str | None = None
-    num_replicas: int | Literal["auto"] | None = None
+    num_replicas: NumReplicas = None
     max_ongoing_requests: int = Field(default=DEFAULT_MAX_ONGOING_REQUESTS, ge=1)
     max_queued_requests: int = Field(default=DEFAULT_MAX_QUEUED_REQUESTS, ge=-1)
     autoscaling_config: AutoscalingConfig | None = None
@@ -119,15 +141,6 @@ class DeploymentOptions(_Strict):
     )
     graceful_shutdown_timeout_s: float = Field(default=DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S, ge=0)
     logging_config: dict[str, Any] | None = None
-
-    @field_validator("num_replicas", mode="before")
-    @classmethod
-    def _replicas(cls, value: Any) -> Any:
-        if isinstance(value, bool) or (isinstance(value, int) and value < 1):
-            raise ValueError(f"must be an integer >= 1 or 'auto', got {value!r}")
-        if isinstance(value, str) and value != "auto":
-            raise ValueError(f"must be an integer >= 1 or 'auto', got {value!r}")
-        return value
 
     @field_validator("name")
     @classmethod
@@ -217,14 +230,30 @@ def validate_options(
 def describe_validation_error(exc: ValidationError, owner: str) -> str:
     """One readable line per problem: which option, what was wrong, what was given."""
     lines = []
-    for error in exc.errors():
-        where = ".".join(
-            str(part) for part in error["loc"] if not str(part).startswith("function-")
-        )
-        what = error["msg"].removeprefix("Value error, ")
+    for where, what, given in validation_problems(exc):
         if where:
-            given = "" if "got " in what else f" (got {error.get('input')!r})"
-            lines.append(f"Invalid option {where!r} for {owner}: {what}{given}.")
+            shown = "" if "got " in what else f" (got {given!r})"
+            lines.append(f"Invalid option {where!r} for {owner}: {what}{shown}.")
         else:
             lines.append(f"Invalid options for {owner}: {what}.")
     return " ".join(dict.fromkeys(lines))
+
+
+def validation_problems(exc: ValidationError) -> list[tuple[str, str, Any]]:
+    """(where, what, given) for each problem pydantic found: the field's path as
+    ``a.b[0].c``, the message without pydantic's "Value error, ", and the value given.
+
+    Every message tandem makes from a pydantic error (options, config files, builder
+    arguments) reads its problems from here, so they name fields the same way.
+    """
+    problems = []
+    for error in exc.errors():
+        where = ""
+        for part in error["loc"]:
+            if isinstance(part, int):
+                where += f"[{part}]"
+            elif not part.startswith("function-"):  # a validator's name, not a field
+                where += f".{part}"
+        what = error["msg"].removeprefix("Value error, ")
+        problems.append((where.lstrip("."), what, error.get("input")))
+    return problems

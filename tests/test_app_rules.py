@@ -1,0 +1,130 @@
+"""Rules that code, config files and the running controller share: each reads the same everywhere.
+
+A route prefix, a replica count or a pydantic error is accepted, refused and
+described the same way whether it comes from ``tandem.run()``, ``@deployment``,
+``.options()``, a config file or a builder's arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+import tandem as serve
+from tandem._private.app.config_file import validate_config
+from tandem._private.app.importing import build_app
+
+
+@serve.deployment
+def _ping() -> str:
+    return "pong"
+
+
+def _config(**app: Any) -> dict[str, Any]:
+    return {"applications": [{"import_path": "greet:app", **app}]}
+
+
+# -- num_replicas -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 2.5, 2.0, "2", "many", [1]])
+def test_bad_num_replicas_reads_the_same_in_code_and_in_config_files(value: Any) -> None:
+    expected = f"must be an integer >= 1 or 'auto', got {value!r}"
+    with pytest.raises(ValueError) as in_code:
+        serve.deployment(_ping.func_or_class, num_replicas=value)
+    assert f"Invalid option 'num_replicas' for deployment '_ping': {expected}." == str(
+        in_code.value
+    )
+    with pytest.raises(ValueError) as in_options:
+        _ping.options(num_replicas=value)
+    assert expected in str(in_options.value)
+    with pytest.raises(ValueError) as in_file:
+        validate_config(_config(deployments=[{"name": "D", "num_replicas": value}]))
+    assert f"applications[0].deployments[0].num_replicas: {expected}" in str(in_file.value)
+
+
+@pytest.mark.parametrize("value", [1, 3, "auto"])
+def test_good_num_replicas_is_taken_in_code_and_in_config_files(value: Any) -> None:
+    assert _ping.options(num_replicas=value).num_replicas == value
+    config = validate_config(_config(deployments=[{"name": "D", "num_replicas": value}]))
+    assert config.applications[0].deployments[0].num_replicas == value
+
+
+# -- route prefixes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prefix", "words"),
+    [
+        ("api", "must start with '/'"),
+        ("/a b", "plain path"),
+        ("/a?b", "plain path"),
+        ("/{id}", "plain path"),
+    ],
+)
+def test_a_bad_route_prefix_is_refused_the_same_by_run_and_config_files(
+    prefix: str, words: str
+) -> None:
+    with pytest.raises(ValueError) as by_run:
+        serve.run(_ping.bind(), route_prefix=prefix, backend="local")
+    assert words in str(by_run.value)
+    with pytest.raises(ValueError) as by_file:
+        validate_config(_config(route_prefix=prefix))
+    assert f"applications[0]: {by_run.value}" in str(by_file.value)
+    assert serve.status().applications == {}
+
+
+def test_config_files_spell_route_prefixes_as_run_does() -> None:
+    assert validate_config(_config(route_prefix="/v1/")).applications[0].route_prefix == "/v1"
+    assert validate_config(_config(route_prefix="/")).applications[0].route_prefix == "/"
+    assert validate_config(_config(route_prefix=None)).applications[0].route_prefix is None
+
+
+def test_a_config_file_cannot_give_two_applications_one_prefix_however_spelled() -> None:
+    data = {
+        "applications": [
+            {"name": "a", "import_path": "greet:app", "route_prefix": "/v1"},
+            {"name": "b", "import_path": "greet:app", "route_prefix": "/v1/"},
+        ]
+    }
+    with pytest.raises(ValueError, match="route_prefix '/v1' is used by both 'a' and 'b'"):
+        validate_config(data)
+
+
+def test_a_running_application_keeps_its_prefix_from_another(backend: str) -> None:
+    serve.run(_ping.bind(), name="first", route_prefix="/api/", backend=backend)
+    with pytest.raises(ValueError) as info:
+        serve.run(_ping.bind(), name="second", route_prefix="/api", backend=backend)
+    assert str(info.value) == (
+        "Route prefix '/api' is already used by application 'first'; choose another "
+        "route_prefix or delete that application first."
+    )
+    serve.delete("first")
+    serve.run(_ping.bind(), name="second", route_prefix="/api", backend=backend)
+    assert serve.status().applications["second"].route_prefix == "/api"
+
+
+# -- pydantic errors --------------------------------------------------------------
+
+
+class _Args(BaseModel):
+    sizes: list[int]
+
+
+def _builder(args: _Args) -> Any:
+    return _ping.bind()
+
+
+def test_pydantic_errors_name_fields_the_same_way_everywhere() -> None:
+    with pytest.raises(ValueError) as in_code:
+        _ping.options(placement_group_bundles=[{"CPU": "lots"}])
+    assert "'placement_group_bundles[0].CPU'" in str(in_code.value)
+    with pytest.raises(ValueError) as in_file:
+        validate_config(_config(deployments=[{"name": "D", "ray_actor_options": {"x": 1}}]))
+    assert "applications[0].deployments[0].ray_actor_options.x: " in str(in_file.value)
+    with pytest.raises(ValueError) as in_builder:
+        build_app(_builder, {"sizes": [1, "two"]}, "mod:builder")
+    assert "sizes[1]: " in str(in_builder.value)
+    assert "Value error" not in str(in_builder.value)
