@@ -20,6 +20,7 @@ from tandem._private.app.graph import build_application
 from tandem._private.app.options import describe_validation_error
 from tandem._private.backends import create_backend, resolve_backend_name
 from tandem._private.calls.context import DeploymentID, current_replica_context
+from tandem._private.calls.control_plane import ControlPlane
 from tandem._private.calls.runtime import Runtime, current_runtime, set_runtime
 from tandem._private.controller.controller import Controller
 from tandem._private.controller.status import Status
@@ -122,7 +123,7 @@ def normalize_route_prefix(route_prefix: str | None) -> str | None:
     return routes.normalize_route_prefix(route_prefix)
 
 
-def _controller(runtime: Runtime) -> Controller:
+def _controller(runtime: Runtime) -> ControlPlane:
     if runtime.controller is None:
         raise RuntimeError(
             "This process does not run tandem's controller; call this from the driver."

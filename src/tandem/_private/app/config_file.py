@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tandem._private.app.deployment import Application, Deployment
+from tandem._private.app.graph import map_arguments
 from tandem._private.app.importing import build_app, import_attribute
 from tandem._private.app.options import (
     ActorOptions,
@@ -171,15 +172,9 @@ def apply_overrides(
                 if runtime_env:
                     deployment = _with_runtime_env(deployment, runtime_env)
                 copies[id(value)] = deployment.bind(
-                    *copy(list(value.args)), **copy(dict(value.kwargs))
+                    *map_arguments(value.args, copy), **map_arguments(value.kwargs, copy)
                 )
             return copies[id(value)]
-        if isinstance(value, list):
-            return [copy(v) for v in value]
-        if isinstance(value, tuple) and not hasattr(value, "_fields"):
-            return tuple(copy(v) for v in value)
-        if isinstance(value, dict):
-            return {k: copy(v) for k, v in value.items()}
         return value
 
     result = copy(root)

@@ -8,54 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tandem._private.app.deployment import Application, Deployment
-from tandem._private.app.options import DeploymentOptions
-
-
-@dataclass(frozen=True)
-class DeploymentSpec:
-    """One deployment of an application, ready for the controller."""
-
-    name: str
-    target: Any
-    init_args: tuple[Any, ...]
-    init_kwargs: dict[str, Any]
-    options: DeploymentOptions
-    dependencies: tuple[str, ...]
-    code_version: tuple[str, ...] | None = None
-
-    def same_code(self, other: DeploymentSpec) -> bool:
-        """Whether ``other`` can keep this one's replicas (only lightweight options differ)."""
-        if self.target is not other.target and (
-            self.code_version is None or self.code_version != other.code_version
-        ):
-            return False
-        if self.options.ray_actor_options != other.options.ray_actor_options:
-            return False
-        if self.options.max_ongoing_requests != other.options.max_ongoing_requests:
-            return False
-        try:
-            return bool(self.init_args == other.init_args and self.init_kwargs == other.init_kwargs)
-        except Exception:
-            return False
-
-
-@dataclass(frozen=True)
-class ApplicationSpec:
-    name: str
-    route_prefix: str | None
-    ingress: str
-    deployments: tuple[DeploymentSpec, ...]  # dependencies before dependents
-
-    def deployment(self, name: str) -> DeploymentSpec:
-        for spec in self.deployments:
-            if spec.name == name:
-                return spec
-        raise KeyError(name)
+from tandem._private.app.spec import ApplicationSpec, DeploymentSpec
+from tandem.handle import DeploymentHandle
 
 
 def code_version(target: Any) -> tuple[str, ...] | None:
@@ -75,12 +34,26 @@ def code_version(target: Any) -> tuple[str, ...] | None:
     return (str(target.__module__), str(target.__qualname__), digest)
 
 
+def map_arguments(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``value`` with ``leaf`` applied to all it holds, looking inside lists, tuples and dicts.
+
+    These are the containers in which nested application nodes are found in bind()
+    arguments (a named tuple counts as one value, like any other object); building
+    the graph and overriding its options both walk arguments this way.
+    """
+    if isinstance(value, list):
+        return [map_arguments(v, leaf) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(map_arguments(v, leaf) for v in value)
+    if isinstance(value, dict):
+        return {k: map_arguments(v, leaf) for k, v in value.items()}
+    return leaf(value)
+
+
 def build_application(
     root: Application, app_name: str, route_prefix: str | None
 ) -> ApplicationSpec:
     """Flatten the graph under ``root`` into deployment specs (see the module docstring)."""
-    from tandem.handle import DeploymentHandle
-
     if not isinstance(root, Application):
         raise TypeError(
             f"Expected an application (the result of Deployment.bind()), got {type(root).__name__}."
@@ -107,16 +80,10 @@ def build_application(
                     f"Deployment {value.name!r} was passed to {node.deployment.name!r} without "
                     f".bind(); pass {value.name}.bind(...) instead."
                 )
-            if isinstance(value, list):
-                return [substitute(v) for v in value]
-            if isinstance(value, tuple) and not hasattr(value, "_fields"):
-                return tuple(substitute(v) for v in value)
-            if isinstance(value, dict):
-                return {k: substitute(v) for k, v in value.items()}
             return value
 
-        args = tuple(substitute(a) for a in node.args)
-        kwargs = {k: substitute(v) for k, v in node.kwargs.items()}
+        args = map_arguments(node.args, substitute)
+        kwargs = map_arguments(node.kwargs, substitute)
         name = node.deployment.name
         if name in by_name:
             if by_name[name].func_or_class is not node.deployment.func_or_class:

@@ -14,15 +14,13 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from tandem._private.calls.context import DeploymentID, RequestMetadata
+from tandem._private.calls.control_plane import ControlPlane
 from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet, Router
 from tandem.exceptions import DeploymentUnavailableError
-
-if TYPE_CHECKING:
-    from tandem._private.controller.controller import Controller
 
 T = TypeVar("T")
 
@@ -49,7 +47,7 @@ class Runtime:
         self._thread_id: int | None = None
         self._directory: dict[DeploymentID, ReplicaSet] = {}
         self._routers: dict[DeploymentID, Router] = {}
-        self.controller: Controller | None = None
+        self.controller: ControlPlane | None = None
         self.backend_name = ""
         self.http: Any = None  # the HTTP server, in the process that serves HTTP
 

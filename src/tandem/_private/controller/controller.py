@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandem._private.app.graph import ApplicationSpec, DeploymentSpec
+from tandem._private.app.spec import ApplicationSpec, DeploymentSpec
 from tandem._private.backends.base import Backend, ReplicaStartError
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaInfo, ReplicaSet

@@ -1,0 +1,47 @@
+"""What the driver's runtime holds of the controller: the operations others call on it.
+
+The runtime only keeps the controller (in the driver, for the API, the CLI's
+serving session and the HTTP side to find); it calls none of this itself. As a
+Protocol here, it lets the calls layer name the controller without importing
+it: the controller depends on calls, never the other way round.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from tandem._private.app.spec import ApplicationSpec
+from tandem._private.controller.status import Status
+
+# (application, deployment, reason) -> how often it happened, for /metrics.
+EventCounts = dict[tuple[str, str, str], int]
+
+
+class ControlPlane(Protocol):
+    """Deploys, deletes and reports on applications (see the controller)."""
+
+    @property
+    def replica_restarts(self) -> EventCounts: ...
+
+    @property
+    def start_failures(self) -> EventCounts: ...
+
+    async def deploy(self, spec: ApplicationSpec) -> None: ...
+
+    async def delete(self, name: str) -> bool: ...
+
+    async def close(self) -> None: ...
+
+    async def refresh_reports(self, timeout_s: float = 0.5) -> None: ...
+
+    def status(self) -> Status: ...
+
+    def app_names(self) -> list[str]: ...
+
+    def ingress(self, app_name: str) -> str | None: ...
+
+    def routes(self) -> tuple[tuple[str, str, str], ...]: ...
+
+    def route_prefixes(self) -> dict[str, str]: ...
+
+    def deployment_series(self) -> list[tuple[str, str, str, Any]]: ...
