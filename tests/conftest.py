@@ -66,9 +66,7 @@ def remote_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _http_on_a_free_port() -> Iterator[None]:
-    """Applications with a route prefix serve HTTP; tests take a free port, never 8000."""
-    tandem.start(http_options={"port": 0})
+def _ray_stops_last() -> Iterator[None]:
     yield
     if RAY_INSTALLED:
         import ray
@@ -79,7 +77,9 @@ def _http_on_a_free_port() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _clean_tandem() -> Iterator[None]:
-    """No test sees applications from another, and none leaks a runtime."""
+    """No test sees applications from another, and none leaks a runtime. Applications
+    with a route prefix serve HTTP: on a free port, never 8000 (shutdown() forgets it)."""
+    tandem.start(http_options={"port": 0})
     yield
     tandem.shutdown()
 

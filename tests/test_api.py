@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import tandem
 import tandem as serve
 from helpers import eventually, wait_for
+from tandem._private.api import http_url
 from tandem.exceptions import DeploymentFailedError, DeploymentUnavailableError, TandemError
 
 
@@ -451,6 +453,42 @@ def test_local_testing_mode_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None
     handle = serve.run(_ping.bind(), _local_testing_mode=True)
     assert handle.remote().result() == "pong"
     assert serve.status().backend == "local"
+
+
+def test_run_without_backend_joins_the_running_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TANDEM_BACKEND", raising=False)
+    serve.run(_ping.bind(), name="first", route_prefix=None, backend="local")
+    second = serve.run(_ping.bind(), name="second", route_prefix=None)
+    assert second.remote().result() == "pong"
+    assert serve.status().backend == "local"
+    with pytest.raises(ValueError, match="shutdown"):
+        serve.run(_ping.bind(), name="third", route_prefix=None, backend="process")
+
+
+def test_start_refuses_options_it_would_not_apply() -> None:
+    with pytest.raises(TypeError, match="detached"):
+        serve.start(detached=True)
+    with pytest.raises(ValueError, match="gRPC"):
+        serve.start(grpc_options={"port": 9000})
+    with pytest.raises(ValueError, match="per deployment"):
+        serve.start(logging_config={"log_level": "DEBUG"})
+
+
+@serve.deployment
+def _http_ping(request: Any) -> str:
+    return "pong"
+
+
+def test_shutdown_forgets_what_start_configured() -> None:
+    serve.start(proxy_location="Disabled")
+    serve.run(_http_ping.bind(), backend="local")
+    assert http_url() is None
+    serve.shutdown()
+    serve.start(http_options={"port": 0})  # a port, but no proxy_location: the default again
+    serve.run(_http_ping.bind(), backend="local")
+    url = http_url()
+    assert url is not None
+    assert httpx.get(url).text == "pong"
 
 
 # -- failures at run() ------------------------------------------------------------------

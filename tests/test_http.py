@@ -470,10 +470,7 @@ class Slow:
 @pytest.fixture
 def request_timeout_half_a_second() -> Any:
     serve.start(http_options={"port": 0, "request_timeout_s": 0.5})
-    try:
-        yield
-    finally:
-        serve.start(http_options={"port": 0})
+    yield  # shutdown() after the test forgets it
 
 
 @pytest.mark.usefixtures("request_timeout_half_a_second")

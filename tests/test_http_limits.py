@@ -62,8 +62,6 @@ def serve_limits() -> Iterator[Callable[..., int]]:
         return int(base.rsplit(":", 1)[1])
 
     yield start
-    serve.shutdown()
-    serve.start(http_options={"port": 0})  # what the session's other tests expect
 
 
 # -- raw HTTP over sockets -------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib.util
 import threading
 from collections.abc import AsyncIterator, Coroutine, Generator, Iterator
 from typing import Any
@@ -339,25 +340,24 @@ class DeploymentResponse:
     async def _to_object_ref(self) -> Any:
         """The result as a Ray ObjectRef; needs the ``ray`` extra.
 
-        On the ray backend this is the replica actor's own ObjectRef, which a Ray
-        task can take before the result exists; elsewhere the result is ``ray.put``.
+        If the call went to its replica with a reference of its own (a Ray actor's
+        ObjectRef, which a Ray task can take before the result exists), that one;
+        otherwise the result, once there, put in Ray's object store.
         """
-        ray = _import_ray()
-        if self._runtime.backend_name == "ray":
-            ref = await self._replica_object_ref()
-            if ref is not None:
-                return ref
-        return _put(ray, await self)
+        session = _ray_session()
+        ref = await self._replica_object_ref()
+        if ref is not None:
+            return ref
+        return session.put(await self)
 
     def _to_object_ref_sync(self) -> Any:
         """:meth:`_to_object_ref` for code that is not async."""
-        ray = _import_ray()
+        session = _ray_session()
         _refuse_blocking_on_loop("DeploymentResponse._to_object_ref_sync()")
-        if self._runtime.backend_name == "ray":
-            ref = self._runtime.run_sync(self._replica_object_ref())
-            if ref is not None:
-                return ref
-        return _put(ray, self.result())
+        ref = self._runtime.run_sync(self._replica_object_ref())
+        if ref is not None:
+            return ref
+        return session.put(self.result())
 
     async def _replica_object_ref(self) -> Any:
         """The ObjectRef of the call to the replica, or None if it never made one."""
@@ -390,28 +390,16 @@ class DeploymentResponse:
         return sink.result() if sink.done() else None
 
 
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
+def _ray_session() -> Any:
+    """tandem's module for joining Ray, if Ray is installed."""
+    if importlib.util.find_spec("ray") is None:
         raise ImportError(
             'Converting a response to a Ray ObjectRef needs Ray: pip install "tandem-serve[ray]".'
-        ) from None
-    return ray
+        )
+    from tandem._private.backends.ray import session
 
+    return session
 
-def _put(ray: Any, value: Any) -> Any:
-    """``ray.put(value)``, joining Ray first as the ray backend would (not as ray.put's
-    own ``ray.init()``, which fails on the stale record of a ``ray start`` that has gone)."""
-    with _RAY_INIT_LOCK:
-        if not ray.is_initialized():
-            from tandem._private.backends.ray.session import connect_ray
-
-            connect_ray()
-    return ray.put(value)
-
-
-_RAY_INIT_LOCK = threading.Lock()
 
 _END = object()
 

@@ -10,6 +10,7 @@ import atexit
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -18,7 +19,7 @@ from tandem._private.app import routes
 from tandem._private.app.deployment import Application, Deployment
 from tandem._private.app.graph import build_application
 from tandem._private.app.options import describe_validation_error
-from tandem._private.backends import create_backend, resolve_backend_name
+from tandem._private.backends import Backend, create_backend, resolve_backend_name
 from tandem._private.calls.context import DeploymentID, current_replica_context
 from tandem._private.calls.control_plane import ControlPlane
 from tandem._private.calls.runtime import Runtime, current_runtime, set_runtime
@@ -33,21 +34,27 @@ _DEFAULT_PREFIX = "/"
 logger = logging.getLogger("tandem")
 
 
-class _Settings:
-    """What start() configured for the next runtime of this process."""
+@dataclass
+class _StartOptions:
+    """What start() configured for this process's runtime (the next one, if none runs).
 
-    http_options: HTTPOptions = HTTPOptions()
+    shutdown() forgets them, as Ray Serve's does: a new start begins from the defaults.
+    """
+
+    http_options: HTTPOptions = field(default_factory=HTTPOptions)
     serve_http: bool = True
 
 
-_settings = _Settings()
+_options = _StartOptions()
 
 
 def start(
     *,
-    http_options: HTTPOptions | dict[str, Any] | None = None,
     proxy_location: str | None = None,
-    **_ignored: Any,
+    http_options: HTTPOptions | dict[str, Any] | None = None,
+    grpc_options: Any = None,
+    logging_config: Any = None,
+    **unknown: Any,
 ) -> None:
     """Configure HTTP before applications run (Ray Serve's ``serve.start``).
 
@@ -55,10 +62,26 @@ def start(
     ``proxy_location="Disabled"`` serves no HTTP. If an HTTP server already
     runs with other options, it is restarted with these.
     """
+    if unknown:
+        raise TypeError(
+            f"tandem.start() got unknown option(s) {', '.join(sorted(unknown))}; it takes "
+            "proxy_location and http_options."
+        )
+    if grpc_options is not None:
+        raise ValueError(
+            "tandem does not serve gRPC yet: drop grpc_options from start() (HTTP and "
+            "handles serve every application)."
+        )
+    if logging_config is not None:
+        raise ValueError(
+            "start(logging_config=...) is not supported: tandem's own logs follow Python's "
+            "logging configuration (or `tandem run --log-level/--log-format`); set "
+            "logging_config per deployment or in run() for your replicas' logs."
+        )
     with _lock:
         if http_options is not None:
             try:
-                _settings.http_options = (
+                _options.http_options = (
                     http_options
                     if isinstance(http_options, HTTPOptions)
                     else HTTPOptions.model_validate(http_options)
@@ -66,27 +89,32 @@ def start(
             except ValidationError as exc:
                 raise ValueError(describe_validation_error(exc, "http_options")) from None
         if proxy_location is not None:
-            if proxy_location not in ("Disabled", "HeadOnly", "EveryNode"):
+            location = getattr(proxy_location, "value", proxy_location)
+            if location not in ("Disabled", "HeadOnly", "EveryNode"):
                 raise ValueError(
                     f"proxy_location must be 'Disabled', 'HeadOnly' or 'EveryNode', "
                     f"got {proxy_location!r}."
                 )
-            _settings.serve_http = proxy_location != "Disabled"
+            _options.serve_http = location != "Disabled"
         runtime = current_runtime()
         if runtime is not None and runtime.is_open and runtime.http is not None:
             runtime.run_sync(_stop_http(runtime))
-            if _settings.serve_http:
+            if _options.serve_http:
                 _ensure_http(runtime)
 
 
-def serve_http_now() -> str | None:
-    """Serve HTTP now, even if no application has a route prefix (``tandem run`` does).
+def serve_http_now(http_options: HTTPOptions | None = None) -> str | None:
+    """Serve HTTP now, even if no application has a route prefix or start() disabled
+    the proxy (``tandem run`` does, once its applications and control endpoint run).
 
     Unlike run(), this raises OSError if the port is taken.
     """
     runtime = current_runtime()
     if runtime is None or not runtime.is_open:
         return None
+    if http_options is not None:
+        _options.http_options = http_options
+    _options.serve_http = True
     _ensure_http(runtime, required=True)
     return http_url()
 
@@ -101,12 +129,12 @@ def http_url() -> str | None:
 
 def _ensure_http(runtime: Runtime, required: bool = False) -> None:
     """Start the proxy once, on the runtime's loop; a taken port is a warning unless required."""
-    if runtime.http is not None or not _settings.serve_http:
+    if runtime.http is not None or not _options.serve_http:
         return
     from tandem._private.http.app import open_http
 
     try:
-        runtime.http = runtime.run_sync(open_http(runtime, _settings.http_options))
+        runtime.http = runtime.run_sync(open_http(runtime, _options.http_options))
     except OSError as exc:
         if required:
             raise
@@ -131,18 +159,29 @@ def _controller(runtime: Runtime) -> ControlPlane:
     return runtime.controller
 
 
-def _start(backend_name: str) -> Runtime:
+def open_runtime(backend: str | Backend | None) -> Runtime:
+    """This process's runtime, started on ``backend`` (a name, or a backend made by
+    ``create_backend``) if none runs; None means $TANDEM_BACKEND, else the default."""
     with _lock:
         runtime = current_runtime()
         if runtime is not None and runtime.is_open:
-            if runtime.backend_name != backend_name:
+            wanted = backend.name if isinstance(backend, Backend) else backend
+            if wanted is not None and runtime.backend_name != resolve_backend_name(wanted):
                 raise ValueError(
                     f"tandem already runs here with the {runtime.backend_name!r} backend; "
-                    f"call tandem.shutdown() before using the {backend_name!r} backend."
+                    f"call tandem.shutdown() before using the {wanted!r} backend."
                 )
+            if isinstance(backend, Backend):
+                raise ValueError("tandem already runs here; call tandem.shutdown() first.")
             return runtime
-        backend = create_backend(backend_name)
+        if not isinstance(backend, Backend):
+            backend = create_backend(resolve_backend_name(backend))
+        backend_name = backend.name
         backend.prepare()
+        # At exit, stop the replicas before the libraries they use (Ray registers its
+        # own handler when imported; handlers run last-in first-out).
+        atexit.unregister(shutdown)
+        atexit.register(shutdown)
         runtime = Runtime(backend.connect)
         runtime.backend_name = backend_name
         runtime.open()
@@ -187,9 +226,10 @@ def run(
     if not isinstance(name, str) or not name:
         raise ValueError(f"The application name must be a non-empty string, got {name!r}.")
     prefix = normalize_route_prefix(route_prefix)
-    backend_name = resolve_backend_name("local" if _local_testing_mode else backend)
+    if backend is not None or _local_testing_mode:
+        resolve_backend_name("local" if _local_testing_mode else backend)  # a bad name fails now
     spec = build_application(target, name, prefix)
-    runtime = _start(backend_name)
+    runtime = open_runtime("local" if _local_testing_mode else backend)
     runtime.run_sync(_controller(runtime).deploy(spec))
     if prefix is not None:
         _ensure_http(runtime)
@@ -213,12 +253,14 @@ def delete(name: str, _blocking: bool = True) -> None:
 
 def shutdown() -> None:
     """Stop every application and tandem's runtime in this process."""
+    global _options
     with _lock:
         runtime = current_runtime()
+        if runtime is not None and runtime.on_loop_thread():
+            raise RuntimeError("tandem.shutdown() cannot be called from inside a deployment.")
+        _options = _StartOptions()
         if runtime is None:
             return
-        if runtime.on_loop_thread():
-            raise RuntimeError("tandem.shutdown() cannot be called from inside a deployment.")
         try:
             # HTTP first: requests in flight finish while their deployments still run.
             if runtime.is_open:
@@ -228,9 +270,6 @@ def shutdown() -> None:
         finally:
             set_runtime(None)
             runtime.close()
-
-
-atexit.register(shutdown)
 
 
 def status() -> Status:

@@ -1,9 +1,15 @@
-"""Where replicas live. ``select_backend`` turns a backend name into an instance."""
+"""Where replicas live: the backend names, and ``create_backend`` to make one.
+
+The backend seam itself is :mod:`tandem._private.backends.base`; each backend is
+a module (``local``) or a package (``process``, ``ray``) of its own, imported
+only when it is created, so the core never loads Ray.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from tandem._private.backends.base import Backend
@@ -11,8 +17,18 @@ from tandem._private.backends.base import Backend
 BACKEND_NAMES = ("local", "process", "ray")
 DEFAULT_BACKEND = "process"
 BACKEND_ENV_VAR = "TANDEM_BACKEND"
-# The ray backend's job runtime_env, as JSON (set by tandem run --working-dir, ...).
-RAY_RUNTIME_ENV_VAR = "TANDEM_RAY_RUNTIME_ENV"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the ray backend joins Ray (``tandem run --address/--working-dir/...``).
+
+    ``address`` None means $RAY_ADDRESS (Ray's own variable, read when Ray is
+    joined), else a local Ray of tandem's own; ``runtime_env`` is the job's.
+    """
+
+    address: str | None = None
+    runtime_env: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_runtime_env(text: str, source: str) -> dict[str, Any]:
@@ -38,7 +54,10 @@ def resolve_backend_name(requested: str | None) -> str:
     return name
 
 
-def create_backend(name: str) -> Backend:
+def create_backend(name: str, ray_options: RayOptions | None = None) -> Backend:
+    """A new, unopened backend; ``ray_options`` only apply to (and only with) ``ray``."""
+    if ray_options is not None and name != "ray":
+        raise ValueError(f"Ray options apply to the ray backend, not to the {name} backend.")
     if name == "local":
         from tandem._private.backends.local import LocalBackend
 
@@ -56,8 +75,15 @@ def create_backend(name: str) -> Backend:
             ) from None
         from tandem._private.backends.ray.backend import RayBackend
 
-        return RayBackend()
+        return RayBackend(ray_options or RayOptions())
     raise ValueError(f"Unknown backend {name!r}; choose one of: {', '.join(BACKEND_NAMES)}.")
 
 
-__all__ = ["BACKEND_NAMES", "Backend", "create_backend", "resolve_backend_name"]
+__all__ = [
+    "BACKEND_NAMES",
+    "Backend",
+    "RayOptions",
+    "create_backend",
+    "parse_runtime_env",
+    "resolve_backend_name",
+]

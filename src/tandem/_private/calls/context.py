@@ -45,6 +45,12 @@ class ReplicaContext:
         return None if self._replica is None else self._replica.servable
 
 
+# The method name of an HTTP request sent to an application's ingress replica (the
+# proxy sends it; the replica serves it through the HTTP bridge): a name of tandem's
+# own, which no user's method has.
+HTTP_METHOD = "__tandem_http__"
+
+
 @dataclass(slots=True)
 class RequestMetadata:
     """Travels with every call: identifies it and carries its routing hints."""

@@ -6,20 +6,23 @@ Thin by design: parse the command line, build a config, hand it to a
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
 
+if TYPE_CHECKING:
+    from tandem._private.backends import Backend
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8000"
-_RELOAD_CHILD_ENV = "TANDEM_RELOAD_CHILD"
+# Marks the server process that a --reload watcher runs (hidden; the watcher adds it).
+_RELOADED_FLAG = "--reloaded"
 
 
 class _Failure(click.ClickException):
@@ -66,6 +69,7 @@ def cli() -> None:
     "(implies --backend ray).",
 )
 @click.option("--reload", is_flag=True, help="Restart when files in the working directory change.")
+@click.option(_RELOADED_FLAG, "reloaded", is_flag=True, hidden=True)
 @click.option("--request-timeout-s", type=float, default=None, help="Answer 408 after this long.")
 @click.option(
     "--max-body-bytes",
@@ -126,6 +130,7 @@ def run(
     working_dir: str | None,
     runtime_env_json: str | None,
     reload: bool,
+    reloaded: bool,
     request_timeout_s: float | None,
     max_body_bytes: int | None,
     max_header_bytes: int | None,
@@ -145,7 +150,7 @@ def run(
     if reload:
         _run_with_reload()
         return
-    backend = _ray_settings(backend, address, working_dir, runtime_env_json)
+    chosen = _ray_settings(backend, address, working_dir, runtime_env_json)
     from tandem._private.app.config_file import (
         ApplicationConfig,
         ServeConfig,
@@ -200,11 +205,11 @@ def run(
     except ValueError as exc:
         raise _Failure(str(exc)) from None
 
-    session = ServeSession(backend, None if control_port is None else (control_host, control_port))
+    session = ServeSession(chosen, None if control_port is None else (control_host, control_port))
     stops = 0
     first_stop = 0.0
     # Under --reload, one Ctrl-C reaches us twice: from the terminal and from the watcher.
-    dedup_s = 2.0 if os.environ.get(_RELOAD_CHILD_ENV) else 0.0
+    dedup_s = 2.0 if reloaded else 0.0
 
     def on_signal(signum: int, frame: Any) -> None:
         nonlocal stops, first_stop
@@ -274,9 +279,9 @@ def _is_loopback(host: str) -> bool:
 
 def _ray_settings(
     backend: str | None, address: str | None, working_dir: str | None, env_json: str | None
-) -> str | None:
-    """Check the Ray options and hand them to the ray backend (through the environment,
-    which a --reload server inherits); return the backend they imply."""
+) -> str | Backend | None:
+    """Check the Ray options; return the backend they imply (the ray backend, made with
+    them), else ``backend`` as given."""
     given = [
         flag
         for flag, value in (
@@ -292,7 +297,7 @@ def _ray_settings(
         raise _Failure(
             f"{given[0]} is an option of the ray backend; it needs --backend ray, not {backend}."
         )
-    from tandem._private.backends import RAY_RUNTIME_ENV_VAR, parse_runtime_env
+    from tandem._private.backends import RayOptions, create_backend, parse_runtime_env
 
     runtime_env: dict[str, Any] = {}
     if env_json is not None:
@@ -309,20 +314,19 @@ def _ray_settings(
                 "such as s3://bucket/code.zip)."
             )
         runtime_env["working_dir"] = working_dir
-    if runtime_env:
-        os.environ[RAY_RUNTIME_ENV_VAR] = json.dumps(runtime_env)
-    if address is not None:
-        os.environ["RAY_ADDRESS"] = address  # read by ray.init when the backend starts
-    return "ray"
+    try:
+        return create_backend("ray", RayOptions(address=address, runtime_env=runtime_env))
+    except ImportError as exc:
+        raise _Failure(str(exc)) from None
 
 
 def _run_with_reload() -> None:
     import watchfiles
 
     argv = [a for a in sys.argv[1:] if a != "--reload"]
+    argv.insert(argv.index("run") + 1, _RELOADED_FLAG)
     command = shlex.join([sys.executable, "-m", "tandem", *argv])
     click.echo(f"tandem: watching {os.getcwd()} for changes", err=True)
-    os.environ[_RELOAD_CHILD_ENV] = "1"  # inherited by the server process
     # The watcher stops on KeyboardInterrupt, which Python raises only if SIGINT was not
     # ignored when it started; a background job of a non-interactive shell starts with it
     # ignored. The server process sets its own handler either way, so without this it

@@ -15,8 +15,16 @@ import threading
 from typing import Any
 
 from tandem._private import api
-from tandem._private.app.config_file import ServeConfig, build_applications, validate_config
+from tandem._private.app.config_file import (
+    ApplicationConfig,
+    ServeConfig,
+    build_applications,
+    validate_config,
+)
+from tandem._private.app.deployment import Application
 from tandem._private.app.graph import build_application
+from tandem._private.app.spec import ApplicationSpec
+from tandem._private.backends import Backend
 from tandem._private.calls.runtime import current_runtime
 from tandem._private.controller.status import Status
 from tandem._private.http.control import ControlActions, ControlApp, ControlServer
@@ -29,8 +37,11 @@ logger = logging.getLogger("tandem")
 class ServeSession:
     """Start with :meth:`deploy`; :meth:`wait` blocks until a stop is requested."""
 
-    def __init__(self, backend: str | None, control_tcp: tuple[str, int] | None = None) -> None:
-        """``control_tcp``: also serve the control endpoint on this (host, port), with a token."""
+    def __init__(
+        self, backend: str | Backend | None, control_tcp: tuple[str, int] | None = None
+    ) -> None:
+        """``backend``: a name, or a backend made by ``create_backend`` (with its options);
+        ``control_tcp``: also serve the control endpoint on this (host, port), with a token."""
         self._backend = backend
         self._control_tcp = control_tcp
         self.control: ControlServer | None = None
@@ -46,19 +57,16 @@ class ServeSession:
         port = int(probe.getsockname()[1])
         probe.close()
         http_options = config.http_options.model_copy(update={"port": port})
-        # HTTP starts once every application runs, so the first request finds them all.
-        api.start(http_options=http_options, proxy_location="Disabled")
-        for app_config, app in built:
-            api.run(
-                app,
-                name=app_config.name,
-                route_prefix=app_config.route_prefix,
-                backend=self._backend,
-            )
-        # The control endpoint first: whoever finds the data port up can control the server.
+        specs = _specs(built)
+        runtime = api.open_runtime(self._backend)
+        controller = runtime.controller
+        assert controller is not None
+        for spec in specs:
+            runtime.run_sync(controller.deploy(spec))
+        # HTTP starts once every application runs, so the first request finds them all,
+        # and after the control endpoint: whoever finds the data port up can control it.
         self._open_control(port)
-        api.start(proxy_location="EveryNode")
-        return api.serve_http_now()
+        return api.serve_http_now(http_options)
 
     def _open_control(self, port: int) -> None:
         runtime = current_runtime()
@@ -113,12 +121,7 @@ class ServeSession:
         runtime = current_runtime()
         assert runtime is not None and runtime.controller is not None
         controller = runtime.controller
-        specs = [
-            build_application(
-                app, app_config.name, api.normalize_route_prefix(app_config.route_prefix)
-            )
-            for app_config, app in built
-        ]
+        specs = _specs(built)
         wanted = {spec.name for spec in specs}
         for name in controller.app_names():
             if name not in wanted:
@@ -127,3 +130,10 @@ class ServeSession:
         for spec in specs:
             logger.info("Deploying application %r.", spec.name)
             await controller.deploy(spec)
+
+
+def _specs(built: list[tuple[ApplicationConfig, Application]]) -> list[ApplicationSpec]:
+    return [
+        build_application(app, app_config.name, api.normalize_route_prefix(app_config.route_prefix))
+        for app_config, app in built
+    ]

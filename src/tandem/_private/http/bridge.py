@@ -20,9 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from tandem._private.queues import drain
-from tandem._private.replica.replica import HTTP_METHOD
 
-__all__ = ["HTTP_METHOD", "HTTPRequestData", "serve_http", "to_response"]
+__all__ = ["HTTPRequestData", "serve_http", "to_response"]
 
 _SCOPE_KEYS = (
     "type",

@@ -24,9 +24,9 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from tandem._private.calls.context import DeploymentID, RequestMetadata
+from tandem._private.calls.context import HTTP_METHOD, DeploymentID, RequestMetadata
 from tandem._private.calls.runtime import Runtime
-from tandem._private.http.bridge import HTTP_METHOD, HTTPRequestData
+from tandem._private.http.bridge import HTTPRequestData
 from tandem._private.http.endpoints import ProxyEndpoints
 from tandem._private.http.logs import log_access
 from tandem._private.http.metrics import ProxyMetrics

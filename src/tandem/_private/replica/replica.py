@@ -31,6 +31,7 @@ from typing import Any
 
 from tandem._private.app.options import DeploymentOptions
 from tandem._private.calls.context import (
+    HTTP_METHOD,
     DeploymentID,
     ReplicaContext,
     RequestMetadata,
@@ -41,9 +42,6 @@ from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.replica.threads import Job, WorkerThreads, contain
 from tandem._private.stats import RequestStats
 from tandem.exceptions import ReplicaUnavailableError
-
-# The method name the HTTP proxy calls (kept here so replicas need no HTTP import).
-HTTP_METHOD = "__tandem_http__"
 
 _DONE = object()
 _GENERATOR_TYPES = frozenset({types.GeneratorType, types.AsyncGeneratorType})

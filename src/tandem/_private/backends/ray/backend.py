@@ -7,11 +7,10 @@ memory, resources, accelerator_type, runtime_env). Routers in the driver and
 in every actor call replica actors directly (see ray_connection.py); the
 driver publishes replica sets to every actor.
 
-Ray is connected on first use: to the cluster at $RAY_ADDRESS (which
-``tandem run --address`` sets), else to a new local Ray of tandem's own. The
-job's runtime_env, which every replica inherits, comes from
-$TANDEM_RAY_RUNTIME_ENV (JSON; ``tandem run --working-dir/--runtime-env-json``
-set it).
+Ray is connected on first use, as :class:`RayOptions` say (``tandem run
+--address/--working-dir/--runtime-env-json`` build them): to the cluster at the
+address (else $RAY_ADDRESS), else to a new local Ray of tandem's own, with the
+job's runtime_env, which every replica inherits.
 A Ray session this backend started ends with ``tandem.shutdown()``; one the
 user started (``ray.init`` before ``tandem.run``) is left running.
 
@@ -21,9 +20,7 @@ This module imports Ray; nothing else in tandem's core does.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
-import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -34,7 +31,7 @@ import cloudpickle
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from tandem._private.backends import RAY_RUNTIME_ENV_VAR, parse_runtime_env
+from tandem._private.backends import RayOptions
 from tandem._private.backends.base import Backend, ReplicaStartError
 from tandem._private.backends.process.frames import RemoteTraceback, picklable_starlette
 from tandem._private.backends.ray.actor import ReplicaActor
@@ -58,17 +55,6 @@ STOP_WAIT_S = 5.0
 _RemoteReplica: Any = ray.remote(ReplicaActor)
 
 
-def _shutdown_tandem() -> None:
-    from tandem._private.api import shutdown
-
-    shutdown()
-
-
-# At exit, tandem stops its replicas while Ray is still connected: atexit runs
-# handlers last-in first-out, and Ray registered its own when it was imported.
-atexit.register(_shutdown_tandem)
-
-
 @dataclass
 class _Actor:
     replica_id: str
@@ -80,18 +66,11 @@ class _Actor:
     address: RayAddress | None = None
 
 
-def job_runtime_env() -> dict[str, Any] | None:
-    """The runtime_env in $TANDEM_RAY_RUNTIME_ENV, if any."""
-    text = os.environ.get(RAY_RUNTIME_ENV_VAR)
-    if not text:
-        return None
-    return parse_runtime_env(text, f"${RAY_RUNTIME_ENV_VAR}")
-
-
 class RayBackend(Backend):
     name = "ray"
 
-    def __init__(self) -> None:
+    def __init__(self, options: RayOptions | None = None) -> None:
+        self._options = options or RayOptions()
         self._actors: dict[str, _Actor] = {}
         self._directory: dict[DeploymentID, ReplicaSet] = {}
         self._on_exit: Callable[[str], None] = lambda _: None
@@ -101,16 +80,15 @@ class RayBackend(Backend):
         # In the caller's thread (usually the main one), where Ray wants to be started.
         if self._started_ray:
             return
-        runtime_env = job_runtime_env()
+        options = self._options
         if ray.is_initialized():
-            if runtime_env:
+            if options.runtime_env or options.address:
                 logger.warning(
-                    "$%s is ignored: Ray was already started in this process. Pass "
-                    "runtime_env to your own ray.init() instead.",
-                    RAY_RUNTIME_ENV_VAR,
+                    "The Ray address and runtime_env given to tandem are ignored: Ray was "
+                    "already started in this process. Pass them to your own ray.init() instead."
                 )
             return
-        connect_ray(runtime_env)
+        connect_ray(options.address, options.runtime_env or None)
         self._started_ray = True
 
     async def open(self, on_replica_exit: Callable[[str], None]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 import ray
@@ -22,10 +23,10 @@ logger = logging.getLogger("tandem")
 LOCAL_MIN_CPUS = 64
 
 
-def connect_ray(runtime_env: dict[str, Any] | None = None) -> None:
-    """Join the cluster at $RAY_ADDRESS (``auto``: the one ``ray start`` runs on this
-    machine), else start a local Ray of tandem's own."""
-    address = os.environ.get("RAY_ADDRESS") or None
+def connect_ray(address: str | None = None, runtime_env: dict[str, Any] | None = None) -> None:
+    """Join the cluster at ``address``, else at $RAY_ADDRESS (``auto``: the one ``ray start``
+    runs on this machine), else start a local Ray of tandem's own."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None and address != "local":
         logger.info("Connecting to the Ray cluster at %s.", address)
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
@@ -39,6 +40,18 @@ def connect_ray(runtime_env: dict[str, Any] | None = None) -> None:
         logging_level=logging.WARNING,
         include_dashboard=False,
     )
+
+
+_CONNECT_LOCK = threading.Lock()
+
+
+def put(value: Any) -> Any:
+    """``ray.put(value)``, joining Ray first as the ray backend would (not as ray.put's
+    own ``ray.init()``, which fails on the stale record of a ``ray start`` that has gone)."""
+    with _CONNECT_LOCK:
+        if not ray.is_initialized():
+            connect_ray()
+    return ray.put(value)
 
 
 def _local_cpus() -> int:
