@@ -120,10 +120,6 @@ class Router:
     def queued(self) -> int:
         return len(self._queue)
 
-    @property
-    def in_flight(self) -> int:
-        return sum(r.in_flight for r in self._replicas.values())
-
     def update(self, replica_set: ReplicaSet) -> None:
         """Take a newly published replica set; keeps counts for replicas that stay."""
         if self._known and replica_set.version < self._replica_set.version:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -104,11 +104,9 @@ class Proxy:
         kind = scope["type"]
         if kind == "http":
             await self._http(scope, receive, send)
-        elif kind == "lifespan":
-            await _lifespan(receive, send)
-        else:  # websockets are not served (yet): refuse politely
-            if kind == "websocket":
-                await send({"type": "websocket.close", "code": 1003})
+        elif kind == "websocket":  # not served (yet): refuse politely
+            await send({"type": "websocket.close", "code": 1003})
+        # uvicorn runs it with lifespan="off": no other scope type arrives
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -160,14 +158,9 @@ class Proxy:
         try:
             body = await _read_body(scope, receive, self._options.max_body_bytes)
         except _BodyTooLarge:
-            await _plain(
-                send,
-                413,
-                f"Payload Too Large: the body may have at most {self._options.max_body_bytes} "
-                f"bytes (request id {request_id}).\n",
-                request_id,
-                close=True,
-            )
+            limit = self._options.max_body_bytes
+            text = f"Payload Too Large: the body may have at most {limit} bytes"
+            await _plain(send, 413, f"{text} (request id {request_id}).\n", request_id, close=True)
             return 413, "body_too_large"
         if body is None:
             return 499, "disconnected"
@@ -177,66 +170,30 @@ class Proxy:
         data = HTTPRequestData.from_scope(scope, body, prefix)
         exchange = _Exchange(receive, self._options.request_timeout_s)
         self._exchanges.add(exchange)
-        response_started = False
-        status = 500
         self.metrics.started(app)
         try:
             stream = self._runtime.stream(DeploymentID(app, ingress), meta, (data,), {})
-            try:
-                async for message in stream:
-                    if message["type"] == "http.response.start":
-                        status = message["status"]
-                        message = {
-                            **message,
-                            "headers": [
-                                *message.get("headers", ()),
-                                (b"x-request-id", request_id.encode()),
-                            ],
-                        }
-                        response_started = True
-                    elif not message.get("more_body", False):
-                        exchange.complete = True
-                    await send(message)
-                    if exchange.complete:
-                        on_complete(status, "server_error" if status >= 500 else None)
-            finally:
-                await stream.aclose()
-            return status, ("server_error" if status >= 500 else None)
+            await _relay(stream, send, exchange, request_id, on_complete)
+            return exchange.status, _error_kind(exchange.status)
         except asyncio.CancelledError:
             if exchange.stopped is None:
                 raise  # the server itself is shutting down
-            if exchange.stopped == "timeout":
-                if not response_started:
-                    await _plain(
-                        send,
-                        408,
-                        f"Request timed out after {self._options.request_timeout_s} s "
-                        f"(request id {request_id}).\n",
-                        request_id,
-                    )
-                return 408, "timeout"
-            return 499, "disconnected"
+            return await self._stopped(send, exchange, request_id)
         except Exception as exc:
-            status, kind = _classify(exc)
-            if status == 500:
-                logger.error(
-                    "Request %s to application %r failed",
-                    request_id,
-                    app,
-                    exc_info=exc,
-                    extra={"request_id": request_id},
-                )
-                text = f"Internal Server Error (request id {request_id}).\n"
-            else:
-                logger.warning("Request %s to application %r: %s", request_id, app, exc)
-                text = f"{_PUBLIC_TEXT[kind]} (request id {request_id}).\n"
-            if response_started:
-                return status, kind  # too late to change the status: the stream just ends
-            await _plain(send, status, text, request_id)
-            return status, kind
+            return await _failed(send, exc, exchange, request_id, app)
         finally:
             self._exchanges.discard(exchange)
             exchange.finish()
+
+    async def _stopped(self, send: Send, exchange: _Exchange, request_id: str) -> tuple[int, str]:
+        """The proxy cancelled the request: 408 past its timeout, 499 if the client left."""
+        if exchange.stopped != "timeout":
+            return 499, "disconnected"
+        if not exchange.response_started:
+            timeout_s = self._options.request_timeout_s
+            text = f"Request timed out after {timeout_s} s (request id {request_id}).\n"
+            await _plain(send, 408, text, request_id)
+        return 408, "timeout"
 
     async def watch(self) -> None:
         """Watch requests in flight: time them out, and notice clients that leave.
@@ -254,7 +211,17 @@ class Proxy:
 class _Exchange:
     """One request in flight, as the proxy's watcher sees it."""
 
-    __slots__ = ("_deadline", "_receive", "_since", "_task", "_watcher", "complete", "stopped")
+    __slots__ = (
+        "_deadline",
+        "_receive",
+        "_since",
+        "_task",
+        "_watcher",
+        "complete",
+        "response_started",
+        "status",
+        "stopped",
+    )
 
     def __init__(self, receive: Receive, timeout_s: float | None) -> None:
         self._receive = receive
@@ -262,6 +229,8 @@ class _Exchange:
         self._since = time.monotonic()
         self._deadline = self._since + timeout_s if timeout_s else None
         self._watcher: asyncio.Future[None] | None = None
+        self.status = 500  # until the response starts
+        self.response_started = False
         self.complete = False  # the last body message is on its way: leaving is normal now
         self.stopped: str | None = None  # why the proxy cancelled it, if it did
 
@@ -296,6 +265,56 @@ def _classify(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, RequestCancelledError):
         return 503, "cancelled"
     return 500, "server_error"
+
+
+def _error_kind(status: int) -> str | None:
+    return "server_error" if status >= 500 else None
+
+
+async def _relay(
+    stream: AsyncGenerator[Any, None],
+    send: Send,
+    exchange: _Exchange,
+    request_id: str,
+    on_complete: Callable[[int, str | None], None],
+) -> None:
+    """Pass the ingress's ASGI messages to the client, adding the request id header."""
+    try:
+        async for message in stream:
+            if message["type"] == "http.response.start":
+                exchange.status = message["status"]
+                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                message = {**message, "headers": headers}
+                exchange.response_started = True
+            elif not message.get("more_body", False):
+                exchange.complete = True
+            await send(message)
+            if exchange.complete:
+                on_complete(exchange.status, _error_kind(exchange.status))
+    finally:
+        await stream.aclose()
+
+
+async def _failed(
+    send: Send, exc: Exception, exchange: _Exchange, request_id: str, app: str
+) -> tuple[int, str]:
+    """Log a failed request and answer it (unless its response already started)."""
+    status, kind = _classify(exc)
+    if status == 500:
+        logger.error(
+            "Request %s to application %r failed",
+            request_id,
+            app,
+            exc_info=exc,
+            extra={"request_id": request_id},
+        )
+        text = f"Internal Server Error (request id {request_id}).\n"
+    else:
+        logger.warning("Request %s to application %r: %s", request_id, app, exc)
+        text = f"{_PUBLIC_TEXT[kind]} (request id {request_id}).\n"
+    if not exchange.response_started:  # else too late to change the status: the stream just ends
+        await _plain(send, status, text, request_id)
+    return status, kind
 
 
 def _uncancel(task: asyncio.Task[Any]) -> None:
@@ -374,13 +393,3 @@ async def _plain(send: Send, status: int, text: str, request_id: str, close: boo
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
