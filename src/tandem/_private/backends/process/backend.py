@@ -28,8 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import cloudpickle
-
 from tandem._private.backends.base import Backend, ReplicaStartError
 from tandem._private.backends.process.connection import ProcessAddress, ProcessConnection
 from tandem._private.backends.process.frames import RemoteTraceback, picklable_starlette
@@ -38,6 +36,7 @@ from tandem._private.backends.process.peer import Peer, peer_on_socket
 from tandem._private.backends.process.resources import Resources
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet
+from tandem._private.replica.host import StartSpec
 from tandem._private.replica.replica import ReplicaSpec
 from tandem._private.rundir import RunDir, open_run_dir
 from tandem.exceptions import ReplicaUnavailableError
@@ -158,14 +157,7 @@ class ProcessBackend(Backend):
         address = os.path.join(self._run_dir.path, f"r{next(self._ids)}.sock")
         try:
             await control.call(
-                "start",
-                (
-                    cloudpickle.dumps(spec),
-                    list(sys.path),
-                    address,
-                    list(self._directory.values()),
-                    self._secret,
-                ),
+                "start", (StartSpec.of(spec, self._directory.values()), address, self._secret)
             )
         except ReplicaUnavailableError as exc:
             code = await _wait_exit(process, 5) or process.returncode

@@ -1,12 +1,15 @@
 """Callers' side of the process backend: a router's line to a replica in another process.
 
 The line is opened with the run's secret (see ``handshake``): the driver's
-backend and each replica process hold it and pass it to every connection.
+backend and each replica process hold it and pass it to every connection. A
+stream reports what its reader took, so the replica's generator waits for a
+slow reader (``calls.flow``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +17,7 @@ from typing import Any
 from tandem._private.backends.process.peer import Peer, open_peer
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.errors import ReplicaNotReached
+from tandem._private.calls.flow import ReadReports, new_token
 from tandem._private.calls.router import ReplicaInfo
 
 
@@ -71,10 +75,13 @@ class ProcessConnection:
         peer = await self._open()
         if not peer.is_open:
             raise ReplicaNotReached(f"Replica {self.replica_id} is gone.")
-        source = peer.stream("stream", (meta, args, kwargs))
+        token = new_token()  # names the stream in the reports of what was read (calls.flow)
+        reads = ReadReports(lambda count: _report_reads(peer, token, count))
+        source = peer.stream("stream", (token, meta, args, kwargs))
         try:
             async for item in source:
                 yield item
+                reads.took()
         finally:
             await source.aclose()
 
@@ -84,3 +91,8 @@ class ProcessConnection:
             peer.abort()
         elif self._opening is not None:
             self._opening.cancel()
+
+
+def _report_reads(peer: Peer, token: str, count: int) -> None:
+    with contextlib.suppress(ConnectionError):  # closing: the stream fails on its own
+        peer.note("read", (token, count))

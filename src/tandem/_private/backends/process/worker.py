@@ -1,11 +1,14 @@
 """A replica process: ``python -m tandem._private.backends.process.worker FD PPID``.
 
-The driver starts it with one end of a socket pair (FD) as its control line.
-It waits for its replica's spec and the run's secret, builds the replica,
-serves calls on a Unix socket of its own (to callers that pass the handshake
-with that secret), and obeys control requests (health, reconfigure, rank,
-stop). It exits when told to stop, or at once when the control line breaks:
-the driver is gone, so nothing may be left behind.
+The process backend's adapter over the replica host (``replica/host.py``). The
+driver starts it with one end of a socket pair (FD) as its control line, and
+sends it the replica's start spec, the path of the Unix socket to serve on and
+the run's secret. The worker maps the driver's control requests (start,
+health, report, reconfigure, rank, stop) and notes (publish) to the host,
+passes the host's news (models, queued requests) back as notes, and maps the
+calls, streams and read reports of callers that pass the handshake on its
+socket to the host too. It exits when told to stop, or at once when the
+control line breaks: the driver is gone, so nothing may be left behind.
 """
 
 from __future__ import annotations
@@ -14,22 +17,24 @@ import asyncio
 import ctypes
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any
 
-if TYPE_CHECKING:
-    from tandem._private.backends.process.connection import ProcessConnection
-    from tandem._private.backends.process.peer import Peer, PeerListener
-    from tandem._private.calls.router import ReplicaInfo
+from tandem._private.backends.process.connection import ProcessConnection
+from tandem._private.backends.process.frames import picklable_starlette
+from tandem._private.backends.process.peer import Peer, PeerListener, peer_on_socket
+from tandem._private.calls.router import ReplicaInfo
+from tandem._private.calls.runtime import Runtime, set_runtime
+from tandem._private.replica.host import ReplicaHost, StartSpec
 
 logger = logging.getLogger("tandem.worker")
 
-# How often a replica process tells the driver about requests waiting in its routers.
-QUEUE_REPORT_S = 0.2
+# After answering "stop", the process lives this much longer, for the answer to leave.
+EXIT_DELAY_S = 0.05
 
 
 def _die_with_parent(parent: int) -> None:
@@ -46,127 +51,120 @@ def _die_with_parent(parent: int) -> None:
 class _Worker:
     def __init__(self, control_fd: int) -> None:
         self._control_fd = control_fd
-        self.replica: Any = None
         self.exit_code: int | None = None
         self.done = threading.Event()
         self._secret: bytes | None = None  # the run's, from the start request
-        self._control_peer: Peer | None = None
+        self.runtime = Runtime(self.connect)
+        self.runtime.backend_name = "process"
+        self.host = ReplicaHost(self.runtime)
+        self._control: Peer | None = None
         self._listener: PeerListener | None = None
+        self._forwarding: asyncio.Task[None] | None = None
         # Strong references: the loop holds tasks only weakly, and a garbage
         # collection in the replica must not take its connections away.
         self._peers: set[Peer] = set()
 
     def connect(self, info: ReplicaInfo) -> ProcessConnection:
         """A line to another replica, for this process's routers."""
-        from tandem._private.backends.process.connection import ProcessConnection
-
         if self._secret is None:  # routers are made only once the replica serves
             raise RuntimeError("This replica process has not been started yet.")
         return ProcessConnection(info, self._secret)
 
     async def serve(self) -> None:
-        from tandem._private.backends.process.peer import Peer, peer_on_socket
-
         sock = socket.socket(fileno=self._control_fd)
-        control = Peer("the driver", on_call=self._control, on_note=self._note)
+        control = Peer("the driver", on_call=self._on_control, on_note=self._on_driver_note)
         self._peers.add(control)
-        self._control_peer = control
+        self._control = control
         await peer_on_socket(sock, control)
-        reporting = asyncio.ensure_future(self._report_queues(control))
         await control.closed.wait()
-        reporting.cancel()
         if self.exit_code is None:  # the driver went away without a word
             os._exit(0)
 
-    def _note(self, op: str, payload: Any) -> None:
+    # -- the driver --------------------------------------------------------
+
+    def _on_driver_note(self, op: str, payload: Any) -> None:
         if op == "publish":
-            from tandem._private.calls.runtime import get_runtime
+            self.host.publish(payload)
 
-            get_runtime().publish(payload)
-
-    async def _control(self, op: str, payload: Any) -> Any:
+    async def _on_control(self, op: str, payload: Any) -> Any:
+        host = self.host
         if op == "start":
-            return await self._start(*payload)
+            await self._start(*payload)
+            return None
         if op == "health":
-            await self.replica.check_health()
-            return self.report()
+            return await host.check_health()
         if op == "report":
-            return self.report()
+            return host.facts()
         if op == "reconfigure":
-            await self.replica.reconfigure(payload)
+            await host.reconfigure(payload)
             return None
         if op == "rank":
-            self.replica.set_rank(*payload)
+            host.set_rank(*payload)
             return None
         if op == "stop":
-            await self.replica.stop(payload)
-            if self._listener is not None:
-                await self._listener.close()
-            self.exit_code = 0
-            asyncio.get_running_loop().call_later(0.05, self.done.set)
+            await self._stop(payload)
             return None
         raise ValueError(f"Unknown control request {op!r}.")
 
-    async def _report_queues(self, control: Any) -> None:
-        """Tell the driver how many requests wait here for each deployment (autoscaling)."""
-        from tandem._private.calls.runtime import get_runtime
-
-        last: dict[Any, int] = {}
-        while True:
-            await asyncio.sleep(QUEUE_REPORT_S)
-            queued = get_runtime().all_queued()
-            if queued != last:
-                control.note("queued", queued)
-                last = queued
-
-    def report(self) -> dict[str, Any]:
-        replica = self.replica
-        return {
-            "in_flight": replica.in_flight,
-            "abandoned": replica.abandoned,
-            "stats": replica.stats,
-        }
-
-    async def _start(
-        self,
-        spec_blob: bytes,
-        path: list[str],
-        address: str,
-        directory: list[Any],
-        secret: bytes,
-    ) -> None:
-        from tandem._private.backends.process.frames import picklable_starlette
-        from tandem._private.backends.process.peer import Peer, PeerListener
-        from tandem._private.calls.runtime import get_runtime
-        from tandem._private.replica.replica import Replica
-
+    async def _start(self, spec: StartSpec, address: str, secret: bytes) -> None:
         picklable_starlette()
         self._secret = secret
-        sys.path[:] = path
-        for replica_set in directory:
-            get_runtime().publish(replica_set)
-        spec = pickle.loads(spec_blob)
-        self.replica = Replica(spec)
-        control = self._control_peer
-        assert control is not None
-        self.replica.on_models_changed = lambda ids: control.note("models", ids)
-        await self.replica.start()
-        replica = self.replica
-
-        async def on_call(op: str, payload: Any) -> Any:
-            return await replica.call(*payload)
-
-        def on_stream(op: str, payload: Any) -> Any:
-            return replica.stream(*payload)
-
-        def make_peer() -> Peer:
-            peer = Peer("a caller", on_call=on_call, on_stream=on_stream)
-            self._peers.add(peer)
-            peer.closed_callbacks.append(lambda: self._peers.discard(peer))
-            return peer
-
-        self._listener = PeerListener(secret, make_peer)
+        await self.host.start(spec)
+        self._forwarding = asyncio.ensure_future(self._forward_news())
+        self._listener = PeerListener(secret, self._new_caller)
         await self._listener.open(address)
+
+    async def _stop(self, timeout_s: float) -> None:
+        forwarding, self._forwarding = self._forwarding, None
+        if forwarding is not None:
+            forwarding.cancel()
+            await asyncio.gather(forwarding, return_exceptions=True)
+        await self.host.stop(timeout_s)
+        if self._listener is not None:
+            await self._listener.close()
+        self.exit_code = 0
+        asyncio.get_running_loop().call_later(EXIT_DELAY_S, self.done.set)
+
+    async def _forward_news(self) -> None:
+        """Tell the driver of the host's news as it comes: the models the replica
+        holds (for routing) and the requests waiting here (for autoscaling)."""
+        control = self._control
+        assert control is not None
+        version = 0
+        models: frozenset[str] = frozenset()
+        queued: dict[Any, int] = {}
+        while True:
+            version, news = await self.host.watch(version)
+            if news["models"] != models:
+                models = news["models"]
+                control.note("models", models)
+            if news["queued"] != queued:
+                queued = news["queued"]
+                control.note("queued", queued)
+
+    # -- callers -----------------------------------------------------------
+
+    def _new_caller(self) -> Peer:
+        peer = Peer(
+            "a caller",
+            on_call=self._on_call,
+            on_stream=self._on_stream,
+            on_note=self._on_caller_note,
+        )
+        self._peers.add(peer)
+        peer.closed_callbacks.append(lambda: self._peers.discard(peer))
+        return peer
+
+    def _on_call(self, op: str, payload: Any) -> Awaitable[Any]:
+        # No token: the wire cancels a call by its own request id.
+        return self.host.call(None, *payload)
+
+    def _on_stream(self, op: str, payload: Any) -> AsyncGenerator[Any, None]:
+        return self.host.stream(*payload)
+
+    def _on_caller_note(self, op: str, payload: Any) -> None:
+        if op == "read":
+            self.host.read(*payload)
 
 
 def main() -> None:
@@ -176,15 +174,10 @@ def main() -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-
-    from tandem._private.calls.runtime import Runtime, set_runtime
-
     worker = _Worker(control_fd)
-    runtime = Runtime(worker.connect)
-    runtime.backend_name = "process"
-    runtime.open()
-    set_runtime(runtime)
-    serving = asyncio.run_coroutine_threadsafe(worker.serve(), runtime.loop)
+    worker.runtime.open()
+    set_runtime(worker.runtime)
+    serving = asyncio.run_coroutine_threadsafe(worker.serve(), worker.runtime.loop)
     worker.done.wait()
     del serving
     os._exit(worker.exit_code or 0)

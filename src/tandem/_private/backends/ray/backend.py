@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import cloudpickle
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
@@ -39,6 +37,7 @@ from tandem._private.backends.ray.connection import RayAddress, RayConnection, u
 from tandem._private.backends.ray.session import connect_ray
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet
+from tandem._private.replica.host import StartSpec
 from tandem._private.replica.replica import ReplicaSpec
 from tandem.exceptions import ReplicaUnavailableError
 
@@ -117,9 +116,7 @@ class RayBackend(Backend):
         handle = _RemoteReplica.options(**options).remote()
         actor = _Actor(spec.replica_id, handle)
         self._actors[spec.replica_id] = actor
-        started = handle.start.remote(
-            cloudpickle.dumps(spec), list(sys.path), list(self._directory.values())
-        )
+        started = handle.start.remote(StartSpec.of(spec, self._directory.values()))
         try:
             pid, node_ip = await _wait_for_start(started, spec, options)
         except BaseException as exc:

@@ -13,8 +13,6 @@ Imports Ray: only the ray backend (driver and actors) loads this module.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +26,10 @@ from ray.exceptions import (
 )
 
 from tandem._private.backends.process.frames import RemoteTraceback
-from tandem._private.backends.ray.actor import TRACEBACK_ATTRIBUTE
+from tandem._private.backends.ray.tracebacks import take_traceback
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.errors import ReplicaNotReached
+from tandem._private.calls.flow import ReadReports, new_token
 from tandem._private.calls.router import ReplicaInfo
 from tandem.exceptions import ReplicaUnavailableError, RequestCancelledError
 
@@ -53,8 +52,8 @@ def unwrap(error: BaseException, replica_id: str) -> BaseException:
         if isinstance(cause, TaskCancelledError):
             return unwrap(cause, replica_id)
         if isinstance(cause, BaseException):
-            text = cause.__dict__.pop(TRACEBACK_ATTRIBUTE, None)
-            if not isinstance(text, str):
+            text = take_traceback(cause)
+            if text is None:
                 text = getattr(error, "traceback_str", None) or str(error)
             cause.__cause__ = RemoteTraceback(text)
             return cause
@@ -80,10 +79,6 @@ class RayConnection:
 
     __slots__ = ("_actor", "_dead", "replica_id")
 
-    # Names requests for ReplicaActor.cancel: unique per process, cheap per request.
-    _tokens = itertools.count()
-    _prefix = uuid.uuid4().hex[:8]
-
     def __init__(self, info: ReplicaInfo) -> None:
         address = info.address
         assert isinstance(address, RayAddress)
@@ -98,7 +93,7 @@ class RayConnection:
     def submit(self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Start the call; (its token, its ObjectRef)."""
         self._check()
-        token = f"{self._prefix}{next(self._tokens):x}"
+        token = new_token()  # by which ReplicaActor.cancel knows the request
         return token, self._actor.call.remote(token, meta, args, kwargs)
 
     async def call(
@@ -125,20 +120,26 @@ class RayConnection:
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncGenerator[Any, None]:
         """One call for the first items (often all of them), then a Ray streaming
-        generator for the rest: a streaming call costs Ray about three unary ones."""
+        generator for the rest: a streaming call costs Ray about three unary ones.
+        What the reader took is reported to the actor (``calls.flow``)."""
         self._check()
-        token = f"{self._prefix}{next(self._tokens):x}"
+        token = new_token()
         ref: Any = self._actor.stream_open.remote(token, meta, args, kwargs)
         finished = False
         try:
             first, finished = await ref
+            if finished:  # nothing more to hold back: no reports
+                for item in first:
+                    yield item
+                return
+            reads = ReadReports(lambda count: self._read(token, count))
             for item in first:
                 yield item
-            if finished:
-                return
+                reads.took()
             ref = self._actor.stream_rest.options(num_returns="streaming").remote(token)
             async for item_ref in ref:
                 yield await item_ref
+                reads.took()
             finished = True
         except (RayTaskError, RayActorError, ObjectLostError, TaskCancelledError) as error:
             finished = True
@@ -147,6 +148,10 @@ class RayConnection:
         finally:
             if not finished:  # closed early or cancelled: stop the generator in the replica
                 self._cancel(token)
+
+    def _read(self, token: str, count: int) -> None:
+        if not self._dead:
+            self._actor.read.remote(token, count)
 
     def _cancel(self, token: str) -> None:
         # tandem's own cancel, not ray.cancel: Ray's can also cancel the replica's

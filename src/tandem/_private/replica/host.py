@@ -1,0 +1,247 @@
+"""A replica hosted away from the driver: what a replica process and a replica actor share.
+
+The process backend's worker and the ray backend's actor are thin adapters over
+:class:`ReplicaHost`; each maps its own messages (control and peer messages, or
+Ray actor methods) to it. The host takes the :class:`StartSpec` the driver
+sent, applies the driver's import path, builds and starts the :class:`Replica`;
+serves calls and streams, each under its caller's token, by which the caller
+may cancel it (even before it arrived) and, for a stream, report what it read
+(streams go on only while their caller keeps up: see ``calls.flow``); obeys
+health checks, reconfigure, rank and stop; reports its facts (pid, in-flight
+and abandoned requests, stats) and its news, by long poll (:meth:`watch`): the
+models the replica holds and the requests waiting in this process's routers;
+and publishes replica sets to those routers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import sys
+import time
+from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from tandem._private.calls.context import DeploymentID, RequestMetadata
+from tandem._private.calls.flow import Credit
+from tandem._private.calls.router import ReplicaSet
+from tandem._private.calls.runtime import Runtime
+from tandem._private.queues import wait_event
+from tandem._private.replica.replica import Replica, ReplicaSpec
+
+# How often the host looks for changes in the requests waiting in its routers.
+QUEUE_REPORT_S = 0.2
+# A watch returns after this long even when nothing changed.
+WATCH_TIMEOUT_S = 30.0
+# A cancellation that arrives before its request is remembered this long...
+EARLY_CANCEL_TTL_S = 60.0
+# ...once this many are remembered (until then, none is forgotten).
+EARLY_CANCEL_KEPT = 1000
+
+
+@dataclass(frozen=True)
+class StartSpec:
+    """What the driver sends a host to start its replica."""
+
+    # The ReplicaSpec, cloudpickled: unpickled only once ``sys_path`` applies, as
+    # it refers to the user's modules.
+    replica: bytes
+    sys_path: list[str]  # the driver's
+    directory: list[ReplicaSet]  # every deployment's replica set, for the replica's handles
+
+    @classmethod
+    def of(cls, spec: ReplicaSpec, directory: Iterable[ReplicaSet]) -> StartSpec:
+        """The start spec of ``spec``, taken in the driver."""
+        return cls(cloudpickle.dumps(spec), list(sys.path), list(directory))
+
+
+def add_driver_path(path: list[str]) -> None:
+    """Let this process import what the driver imports: add the driver's ``sys.path``
+    entries it lacks, at the end, skipping those that do not exist here.
+
+    Appended rather than replacing sys.path, on both backends: this process's
+    own entries come first because they describe where it really runs. On Ray
+    those are the runtime_env's (working_dir, py_modules) and the node's own
+    environment, which the driver's paths must not shadow, and which may not
+    exist where the driver runs; a replica process starts with the driver's
+    interpreter and working directory, so its own entries already match the
+    driver's, and what the driver added (its script's folder, entries the user
+    put on sys.path) is found after them. The one thing this gives up: a driver
+    entry that shadows an installed package does not shadow it here.
+    """
+    for entry in path:
+        if entry not in sys.path and (not entry or os.path.exists(entry)):
+            sys.path.append(entry)
+
+
+class ReplicaHost:
+    """Hosts one :class:`Replica` for an adapter (see the module docstring).
+
+    Builds nothing until :meth:`start`; :meth:`stop` ends what start began.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._replica: Replica | None = None
+        # Requests running here by their caller's token, for cancel(); and
+        # cancellations that overtook their request (token -> when they arrived).
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._cancelled_early: dict[str, float] = {}
+        self._credits: dict[str, Credit] = {}  # streams served here, by token
+        # News for watch(): its version, and an event set (then replaced) when it changes.
+        self._version = 0
+        self._news = asyncio.Event()
+        self._queued: dict[DeploymentID, int] = {}
+        self._reporting: asyncio.Task[None] | None = None
+
+    @property
+    def replica(self) -> Replica:
+        if self._replica is None:
+            raise RuntimeError("This replica host has not been started yet.")
+        return self._replica
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self, spec: StartSpec) -> None:
+        """Build the replica and start it; raises what its constructor raises."""
+        add_driver_path(spec.sys_path)
+        for replica_set in spec.directory:
+            self._runtime.publish(replica_set)
+        replica = self._replica = Replica(pickle.loads(spec.replica))
+        replica.on_models_changed = lambda _ids: self._changed()
+        await replica.start()
+        self._reporting = asyncio.ensure_future(self._report_queues())
+
+    async def stop(self, timeout_s: float) -> None:
+        """Drain (up to ``timeout_s``) and destroy the replica."""
+        reporting, self._reporting = self._reporting, None
+        if reporting is not None:
+            reporting.cancel()
+            await asyncio.gather(reporting, return_exceptions=True)
+        if self._replica is not None:
+            await self._replica.stop(timeout_s)
+
+    # -- requests ----------------------------------------------------------
+
+    async def call(
+        self,
+        token: str | None,
+        meta: RequestMetadata,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Serve one unary call; ``token`` (if any) lets its caller :meth:`cancel` it."""
+        replica = self.replica
+        if token is None:  # cancelled by whoever runs it (the process wire does)
+            return await replica.call(meta, args, kwargs)
+        self._begin(token)
+        try:
+            return await replica.call(meta, args, kwargs)
+        finally:
+            self._running.pop(token, None)
+
+    async def stream(
+        self,
+        token: str,
+        meta: RequestMetadata,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> AsyncGenerator[Any, None]:
+        """Serve one streaming call, as far ahead of its caller as it has credit:
+        the caller reports what it read with :meth:`read`."""
+        replica = self.replica
+        self._begin(token)
+        credit = self._credits[token] = Credit()
+        source = replica.stream(meta, args, kwargs)
+        try:
+            async for item in source:
+                yield item
+                await credit.sent()
+        finally:
+            self._running.pop(token, None)
+            self._credits.pop(token, None)
+            await source.aclose()
+
+    def read(self, token: str, count: int) -> None:
+        """The caller of stream ``token`` read ``count`` more items (late reports are dropped)."""
+        credit = self._credits.get(token)
+        if credit is not None:
+            credit.read(count)
+
+    def cancel(self, token: str) -> None:
+        """Cancel the request the caller knows as ``token``, even if it has not arrived yet."""
+        task = self._running.get(token)
+        if task is not None:
+            task.cancel()
+            return
+        now = time.monotonic()
+        self._cancelled_early[token] = now
+        if len(self._cancelled_early) > EARLY_CANCEL_KEPT:
+            self._cancelled_early = {
+                t: at for t, at in self._cancelled_early.items() if now - at < EARLY_CANCEL_TTL_S
+            }
+
+    def _begin(self, token: str) -> None:
+        if self._cancelled_early.pop(token, None) is not None:
+            raise asyncio.CancelledError
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[token] = task
+
+    # -- control -----------------------------------------------------------
+
+    async def check_health(self) -> dict[str, Any]:
+        """Raise if the replica is unhealthy; else its facts."""
+        await self.replica.check_health()
+        return self.facts()
+
+    def facts(self) -> dict[str, Any]:
+        """What the driver shows of this replica (status, metrics)."""
+        replica = self._replica
+        if replica is None:
+            return {"pid": os.getpid()}
+        return {
+            "pid": os.getpid(),
+            "in_flight": replica.in_flight,
+            "abandoned": replica.abandoned,
+            "stats": replica.stats,
+        }
+
+    async def reconfigure(self, user_config: Any) -> None:
+        await self.replica.reconfigure(user_config)
+
+    def set_rank(self, rank: int, world_size: int) -> None:
+        self.replica.set_rank(rank, world_size)
+
+    def publish(self, replica_set: ReplicaSet) -> None:
+        """A deployment's replica set changed: tell this process's routers."""
+        self._runtime.publish(replica_set)
+
+    # -- news --------------------------------------------------------------
+
+    async def watch(self, version: int) -> tuple[int, dict[str, Any]]:
+        """Once there is news after ``version`` (or WATCH_TIMEOUT_S passed): the
+        version now, the model ids the replica holds and the requests waiting in
+        this process's routers per deployment."""
+        if version == self._version:
+            await wait_event(self._news, WATCH_TIMEOUT_S)
+        replica = self._replica
+        models = replica.loaded_model_ids() if replica is not None else frozenset()
+        return self._version, {"models": models, "queued": dict(self._queued)}
+
+    def _changed(self) -> None:
+        self._version += 1
+        news, self._news = self._news, asyncio.Event()
+        news.set()
+
+    async def _report_queues(self) -> None:
+        while True:
+            await asyncio.sleep(QUEUE_REPORT_S)
+            queued = self._runtime.all_queued()
+            if queued != self._queued:
+                self._queued = queued
+                self._changed()
