@@ -1,0 +1,125 @@
+"""What the controller reports: status records and request series, read from its records.
+
+Pure reads of the controller's records and of what the backend last learned
+about each replica (:meth:`Backend.describe`); the one-line message of a
+deployment that is not at its target is written here, so ``tandem status``,
+``tandem.status()`` and the control endpoint say the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from tandem._private.backends.base import Backend
+from tandem._private.controller.records import ApplicationRecord, DeploymentRecord
+from tandem._private.controller.status import (
+    ApplicationState,
+    ApplicationStatus,
+    DeploymentState,
+    DeploymentStatus,
+    ReplicaState,
+    ReplicaStatus,
+    Status,
+)
+
+
+def describe_deployment(record: DeploymentRecord, now: float) -> str:
+    """One sentence on what is missing, the last error and the next try."""
+    running, target = len(record.replicas), record.target
+    if record.status == DeploymentState.HEALTHY:
+        return ""
+    text = f"{running} of {target} replicas running"
+    if record.starting:
+        text += f", {len(record.starting)} starting"
+    if record.start_failures:
+        wait = max(0.0, record.retry_at - now)
+        text += (
+            f"; starting a replica failed {record.start_failures} time(s) in a row, "
+            f"last: {record.last_error}; "
+            + ("trying again now" if record.starting else f"next try in {wait:.1f} s")
+        )
+    return text + "."
+
+
+def render_status(apps: Mapping[str, ApplicationRecord], backend: Backend, now: float) -> Status:
+    """Every application, deployment and replica as ``tandem.status()`` returns them."""
+    applications = {}
+    for name, app in apps.items():
+        deployments = {
+            dname: _deployment_status(dname, record, backend, now)
+            for dname, record in app.deployments.items()
+        }
+        app_status = app.status
+        if app_status == ApplicationState.RUNNING and any(
+            d.status == DeploymentState.UNHEALTHY for d in deployments.values()
+        ):
+            app_status = ApplicationState.UNHEALTHY
+        applications[name] = ApplicationStatus(
+            name=name,
+            status=app_status,
+            message=app.message,
+            route_prefix=app.spec.route_prefix,
+            ingress=app.spec.ingress,
+            last_deployed_time_s=app.deployed_at,
+            deployments=deployments,
+        )
+    return Status(backend=backend.name, applications=applications)
+
+
+def _deployment_status(
+    name: str, record: DeploymentRecord, backend: Backend, now: float
+) -> DeploymentStatus:
+    replicas = []
+    for r in record.replicas:
+        facts = backend.describe(r.info)
+        replicas.append(
+            ReplicaStatus(
+                replica_id=r.replica_id,
+                state=r.state,
+                rank=r.rank,
+                pid=facts.get("pid"),
+                in_flight=facts.get("in_flight", 0),
+                node=facts.get("node"),
+            )
+        )
+    states: dict[str, int] = {}
+    for r in record.replicas:
+        states[r.state] = states.get(r.state, 0) + 1
+    for state, count in (
+        (ReplicaState.STARTING, len(record.starting)),
+        (ReplicaState.STOPPING, record.stopping),
+        (ReplicaState.FAILED, record.start_failures),
+    ):
+        if count:
+            states[state] = states.get(state, 0) + count
+    autoscaler = record.autoscaler
+    return DeploymentStatus(
+        name=name,
+        status=record.status,
+        message=record.message or describe_deployment(record, now),
+        target_replicas=record.target,
+        last_scaling_decision=(
+            autoscaler.last_decision.reason
+            if autoscaler is not None and autoscaler.last_decision
+            else ""
+        ),
+        running_replicas=states.get(ReplicaState.RUNNING, 0),
+        replica_states=states,
+        restarts=record.restarts,
+        replicas=tuple(replicas),
+    )
+
+
+def request_series(
+    apps: Mapping[str, ApplicationRecord], backend: Backend
+) -> list[tuple[str, str, str, Any]]:
+    """(application, deployment, method, series) of every replica, for /metrics."""
+    out = []
+    for app_name, app in apps.items():
+        for name, record in app.deployments.items():
+            for replica in record.replicas:
+                stats = backend.describe(replica.info).get("stats")
+                for method, series in getattr(stats, "by_method", {}).items():
+                    out.append((app_name, name, method, series))
+    return out

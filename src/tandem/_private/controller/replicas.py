@@ -1,0 +1,206 @@
+"""Starting, stopping and publishing replicas through the backend (:class:`Fleet`),
+and what a failed start means.
+
+A replica that fails to start is tried again after :func:`retry_delay`, which
+grows with every failure in a row (exponential backoff with jitter); a failed
+start is described in one line for the status and in full once in the log
+(:func:`start_failure`); only a first deploy turns it into an error for the
+caller (:func:`deploy_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import secrets
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from tandem._private.backends.base import Backend, ReplicaStartError
+from tandem._private.calls.context import DeploymentID
+from tandem._private.calls.router import ReplicaInfo, ReplicaSet
+from tandem._private.controller.records import DeploymentRecord, ReplicaRecord
+from tandem._private.controller.status import ReplicaState
+from tandem._private.replica.replica import ReplicaSpec
+from tandem.exceptions import DeploymentFailedError
+
+logger = logging.getLogger("tandem")
+
+# A replica that failed to start is tried again after a delay that starts here and
+# doubles with every failure in a row, up to the cap, with jitter of +-20%.
+FIRST_RETRY_S = 0.5
+MAX_RETRY_S = 30.0
+RETRY_JITTER = 0.2
+
+
+class StartFailed(Exception):
+    """The backend started a replica, and it refused or its constructor raised."""
+
+    def __init__(self, deployment: DeploymentID, error: ReplicaStartError) -> None:
+        super().__init__(str(error))
+        self.deployment = deployment
+        self.error = error
+
+
+class Fleet:
+    """The replicas of every deployment as the backend runs them.
+
+    Starts and stops them, publishes each deployment's replica set to the routers
+    (here and, through the backend, in replica processes), and owns the background
+    tasks that stop replicas nobody waits for; :meth:`close` waits for those.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        publish: Callable[[ReplicaSet], None],
+        serves_http: Callable[[DeploymentID], bool],
+        clock: Callable[[], float],
+    ) -> None:
+        self.backend = backend
+        self._publish_here = publish
+        self._serves_http = serves_http
+        self._clock = clock
+        self._versions = itertools.count(1)
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def start(self, record: DeploymentRecord, rank: int) -> ReplicaRecord:
+        """Start the replica of ``rank``; returns once it serves, raises StartFailed if it
+        refused, and whatever the backend raises if it could not start it at all."""
+        replica_id = f"{record.id.app_name}#{record.id.name}#{secrets.token_hex(3)}"
+        spec = ReplicaSpec(
+            replica_id=replica_id,
+            deployment_id=record.id,
+            target=record.spec.target,
+            init_args=record.spec.init_args,
+            init_kwargs=record.spec.init_kwargs,
+            options=record.spec.options,
+            rank=rank,
+            world_size=record.target,
+            serves_http=self._serves_http(record.id),
+        )
+        try:
+            info = await self.backend.start_replica(spec)
+        except ReplicaStartError as exc:
+            raise StartFailed(record.id, exc) from None
+        options = record.spec.options
+        return ReplicaRecord(
+            replica_id,
+            rank,
+            info,
+            graceful_shutdown_timeout_s=options.graceful_shutdown_timeout_s,
+            next_health_check=self._clock() + options.health_check_period_s,
+        )
+
+    async def stop(
+        self,
+        replicas: list[ReplicaRecord],
+        timeout_s: float | None = None,
+        record: DeploymentRecord | None = None,
+    ) -> None:
+        """Stop replicas (each within its graceful timeout, or ``timeout_s``), counted
+        as stopping in ``record``'s status meanwhile."""
+        if record is not None:
+            record.stopping += len(replicas)
+        try:
+            await asyncio.gather(*(self._stop_one(r, timeout_s) for r in replicas))
+        finally:
+            if record is not None:
+                record.stopping -= len(replicas)
+
+    def stop_later(
+        self,
+        replicas: list[ReplicaRecord],
+        timeout_s: float | None = None,
+        record: DeploymentRecord | None = None,
+    ) -> None:
+        """:meth:`stop`, as a background task: whoever retires replicas does not wait."""
+        self.in_background(self.stop(replicas, timeout_s=timeout_s, record=record))
+
+    async def _stop_one(self, replica: ReplicaRecord, timeout_s: float | None) -> None:
+        replica.state = ReplicaState.STOPPING
+        timeout = replica.graceful_shutdown_timeout_s if timeout_s is None else timeout_s
+        try:
+            await self.backend.stop_replica(replica.info, timeout)
+        except Exception:
+            logger.exception("Stopping replica %s failed", replica.replica_id)
+
+    def publish(
+        self,
+        record: DeploymentRecord,
+        replicas: tuple[ReplicaInfo, ...] | None = None,
+        state: str = "running",
+    ) -> None:
+        """Tell every router the deployment's replicas (by default, its running ones)."""
+        infos = (
+            tuple(r.info for r in record.replicas if r.state == ReplicaState.RUNNING)
+            if replicas is None
+            else replicas
+        )
+        # No replica, and starting one fails: callers get an answer now, not a wait.
+        failed = not infos and record.start_failures > 0
+        replica_set = ReplicaSet(
+            deployment_id=record.id,
+            replicas=infos,
+            max_queued_requests=record.spec.options.max_queued_requests,
+            state="failed" if failed and state == "running" else state,
+            message=(
+                f"no replica is running; starting one failed {record.start_failures} "
+                f"time(s) in a row (last: {record.last_error}), and tandem keeps trying"
+                if failed
+                else ""
+            ),
+            version=next(self._versions),
+        )
+        self._publish_here(replica_set)  # to the routers in this process
+        self.backend.publish(replica_set)  # and to those in replica processes
+
+    def in_background(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task that :meth:`close` waits for."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def close(self) -> None:
+        """Wait for the background tasks (stops, mostly) to end."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def retry_delay(failures: int, rng: random.Random) -> float:
+    """Seconds to wait before the next start, after ``failures`` failed starts in a row."""
+    delay = min(MAX_RETRY_S, FIRST_RETRY_S * 2.0 ** (failures - 1))
+    return delay * (1 + rng.uniform(-RETRY_JITTER, RETRY_JITTER))
+
+
+def start_failure(exc: Exception) -> tuple[str, str, str]:
+    """(reason for metrics, one line for the status, details for the log) of a failed start."""
+    if isinstance(exc, StartFailed):
+        error = exc.error
+        reason = "constructor" if "Traceback" in error.traceback_text else "refused"
+        return reason, _last_line(error.traceback_text) or str(error), error.traceback_text
+    # The backend itself could not start it (e.g. out of file descriptors).
+    details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return "backend", f"{type(exc).__name__}: {exc}", details
+
+
+def deploy_error(failure: StartFailed) -> DeploymentFailedError:
+    """What a deploy whose replica failed to start raises to its caller."""
+    where = f"Deployment {failure.deployment.name!r} of application {failure.deployment.app_name!r}"
+    error = failure.error
+    if "Traceback" not in error.traceback_text:  # refused before any user code ran
+        return DeploymentFailedError(f"{where} cannot start: {error.traceback_text}")
+    return DeploymentFailedError(
+        f"{where} failed to start: its constructor raised {error}.\n\n"
+        f"Original traceback:\n{error.traceback_text}"
+    )
+
+
+def _last_line(traceback_text: str) -> str:
+    """The exception line of a traceback ("ValueError: ..."), for one-line messages."""
+    lines = [line for line in traceback_text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
