@@ -9,7 +9,6 @@ from typing import Any
 class ApplicationState:
     DEPLOYING = "DEPLOYING"
     RUNNING = "RUNNING"
-    DEPLOY_FAILED = "DEPLOY_FAILED"
     UNHEALTHY = "UNHEALTHY"
     DELETING = "DELETING"
 
@@ -18,7 +17,6 @@ class DeploymentState:
     UPDATING = "UPDATING"
     HEALTHY = "HEALTHY"
     UNHEALTHY = "UNHEALTHY"
-    DEPLOY_FAILED = "DEPLOY_FAILED"
 
 
 class ReplicaState:
