@@ -119,8 +119,10 @@ def _builder(args: _Args) -> Any:
 
 def test_pydantic_errors_name_fields_the_same_way_everywhere() -> None:
     with pytest.raises(ValueError) as in_code:
-        _ping.options(placement_group_bundles=[{"CPU": "lots"}])
-    assert "'placement_group_bundles[0].CPU'" in str(in_code.value)
+        _ping.options(ray_actor_options={"num_cpus": "lots"})
+    assert "Invalid option 'ray_actor_options.num_cpus' for deployment '_ping': " in str(
+        in_code.value
+    )
     with pytest.raises(ValueError) as in_file:
         validate_config(_config(deployments=[{"name": "D", "ray_actor_options": {"x": 1}}]))
     assert "applications[0].deployments[0].ray_actor_options.x: " in str(in_file.value)
