@@ -29,7 +29,7 @@ def _config(**app: Any) -> dict[str, Any]:
 # -- num_replicas -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [0, -1, True, 2.5, 2.0, "2", "many", [1]])
+@pytest.mark.parametrize("value", [0, -1, True, 2.5, 0.0, "2", "many", [1]])
 def test_bad_num_replicas_reads_the_same_in_code_and_in_config_files(value: Any) -> None:
     expected = f"must be an integer >= 1 or 'auto', got {value!r}"
     with pytest.raises(ValueError) as in_code:
@@ -50,6 +50,12 @@ def test_good_num_replicas_is_taken_in_code_and_in_config_files(value: Any) -> N
     assert _ping.options(num_replicas=value).num_replicas == value
     config = validate_config(_config(deployments=[{"name": "D", "num_replicas": value}]))
     assert config.applications[0].deployments[0].num_replicas == value
+
+
+def test_whole_float_num_replicas_is_that_many_replicas_as_in_ray_serve() -> None:
+    assert _ping.options(num_replicas=2.0).num_replicas == 2
+    config = validate_config(_config(deployments=[{"name": "D", "num_replicas": 3.0}]))
+    assert config.applications[0].deployments[0].num_replicas == 3
 
 
 # -- route prefixes ---------------------------------------------------------------

@@ -110,6 +110,8 @@ def _check_num_replicas(value: Any) -> Any:
     # Before pydantic's own checks, so 0, True, 2.5 or "2" get one clear message.
     if value is None or (isinstance(value, str) and value == "auto"):
         return value
+    if isinstance(value, float) and value.is_integer() and value >= 1:
+        return int(value)  # 2.0 is two replicas, as Ray Serve's own model takes it
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"must be an integer >= 1 or 'auto', got {value!r}")
     return value
