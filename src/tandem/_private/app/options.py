@@ -21,6 +21,13 @@ from pydantic import (
     model_validator,
 )
 
+from tandem._private.app.placement import (
+    MAX_REPLICAS_PER_NODE_LIMIT,
+    PlacementStrategy,
+    check_bundles,
+    check_placement,
+)
+
 DEFAULT_MAX_ONGOING_REQUESTS = 5
 DEFAULT_MAX_QUEUED_REQUESTS = -1
 DEFAULT_HEALTH_CHECK_PERIOD_S = 10.0
@@ -133,9 +140,13 @@ class DeploymentOptions(_Strict):
     autoscaling_config: AutoscalingConfig | None = None
     user_config: Any = None
     ray_actor_options: ActorOptions | None = None
-    placement_group_bundles: list[dict[str, float]] | None = None
-    placement_group_strategy: str | None = None
-    max_replicas_per_node: int | None = Field(default=None, ge=1)
+    placement_group_bundles: Annotated[
+        list[dict[str, float]] | None, BeforeValidator(check_bundles)
+    ] = None
+    placement_group_strategy: PlacementStrategy | None = None
+    max_replicas_per_node: int | None = Field(
+        default=None, ge=1, le=MAX_REPLICAS_PER_NODE_LIMIT, strict=True
+    )
     health_check_period_s: float = Field(default=DEFAULT_HEALTH_CHECK_PERIOD_S, gt=0)
     health_check_timeout_s: float = Field(default=DEFAULT_HEALTH_CHECK_TIMEOUT_S, gt=0)
     graceful_shutdown_wait_loop_s: float = Field(
@@ -181,6 +192,17 @@ class DeploymentOptions(_Strict):
                 "num_replicas and autoscaling_config cannot both be set; "
                 "use num_replicas='auto' or leave num_replicas out"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _placement(self) -> DeploymentOptions:
+        actor = self.ray_actor_options
+        check_placement(
+            self.placement_group_bundles,
+            self.placement_group_strategy,
+            self.max_replicas_per_node,
+            actor.model_dump(exclude_none=True) if actor is not None else {},
+        )
         return self
 
     # -- derived -----------------------------------------------------------

@@ -12,6 +12,12 @@ from typing import Any
 
 from tandem._private.app.options import DeploymentOptions
 
+_AT_START = (
+    "placement_group_bundles",
+    "placement_group_strategy",
+    "max_replicas_per_node",
+)
+
 
 @dataclass(frozen=True)
 class DeploymentSpec:
@@ -34,6 +40,9 @@ class DeploymentSpec:
         if self.options.ray_actor_options != other.options.ray_actor_options:
             return False
         if self.options.max_ongoing_requests != other.options.max_ongoing_requests:
+            return False
+        # Taken by a replica's placement when it starts: a change needs new replicas.
+        if any(getattr(self.options, name) != getattr(other.options, name) for name in _AT_START):
             return False
         try:
             return bool(self.init_args == other.init_args and self.init_kwargs == other.init_kwargs)

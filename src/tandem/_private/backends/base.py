@@ -44,12 +44,8 @@ class Backend(ABC):
         """Say once per deployment which of its runtime_env fields this backend ignores."""
         actor = spec.options.ray_actor_options
         ignored = sorted(set(actor.runtime_env or {}) - honoured) if actor else []
-        if not ignored:
+        if not ignored or not self._first_warning(spec, "runtime_env"):
             return
-        warned: set[DeploymentID] = self.__dict__.setdefault("_runtime_env_warned", set())
-        if spec.deployment_id in warned:
-            return
-        warned.add(spec.deployment_id)
         logger.warning(
             "Deployment %r sets runtime_env %s, which the %s backend does not apply (the "
             "ray backend applies all of runtime_env, the process backend its env_vars); "
@@ -58,6 +54,37 @@ class Backend(ABC):
             ", ".join(ignored),
             self.name,
         )
+
+    def warn_ignored_placement(self, spec: ReplicaSpec) -> None:
+        """Say once per deployment which placement options this backend does not apply."""
+        options = spec.options
+        ignored = [
+            name
+            for name in (
+                "placement_group_bundles",
+                "placement_group_strategy",
+                "max_replicas_per_node",
+            )
+            if getattr(options, name) is not None
+        ]
+        if not ignored or not self._first_warning(spec, "placement"):
+            return
+        logger.warning(
+            "Deployment %r sets %s, which the %s backend does not apply (only the ray "
+            "backend places replicas on a cluster's nodes); its replicas run on this machine.",
+            spec.deployment_id.name,
+            ", ".join(ignored),
+            self.name,
+        )
+
+    def _first_warning(self, spec: ReplicaSpec, topic: str) -> bool:
+        """True the first time a deployment is warned about ``topic`` (then False)."""
+        warned: set[tuple[str, DeploymentID]] = self.__dict__.setdefault("_warned", set())
+        key = (topic, spec.deployment_id)
+        if key in warned:
+            return False
+        warned.add(key)
+        return True
 
     def prepare(self) -> None:  # noqa: B027
         """Set up what must be set up in the caller's thread, before the loop starts."""

@@ -52,6 +52,7 @@ class LocalBackend(Backend):
 
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaInfo:
         self.warn_ignored_runtime_env(spec)  # one process: no environment of its own
+        self.warn_ignored_placement(spec)
         replica = Replica(spec)
         replica.on_models_changed = lambda ids: self.on_models(spec.replica_id, ids)
         try:

@@ -98,6 +98,7 @@ class ProcessBackend(Backend):
 
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaInfo:
         assert self._resources is not None
+        self.warn_ignored_placement(spec)
         actor = spec.options.ray_actor_options
         try:
             claim = self._resources.claim(

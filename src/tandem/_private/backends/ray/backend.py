@@ -32,6 +32,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from tandem._private.backends import RayOptions
 from tandem._private.backends.base import Backend, ReplicaStartError
 from tandem._private.backends.process.frames import RemoteTraceback, picklable_starlette
+from tandem._private.backends.ray import placement
 from tandem._private.backends.ray.actor import ReplicaActor
 from tandem._private.backends.ray.connection import RayAddress, RayConnection, unwrap
 from tandem._private.backends.ray.session import connect_ray
@@ -63,6 +64,7 @@ class _Actor:
     queued: dict[DeploymentID, int] = field(default_factory=dict)
     watcher: asyncio.Task[None] | None = None
     address: RayAddress | None = None
+    group: Any = None  # its placement group (placement_group_bundles), removed with it
 
 
 class RayBackend(Backend):
@@ -113,8 +115,13 @@ class RayBackend(Backend):
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaInfo:
         options = _actor_options(spec)
         _refuse_unschedulable(spec, options)
-        handle = _RemoteReplica.options(**options).remote()
-        actor = _Actor(spec.replica_id, handle)
+        group = placement.create_group(spec)
+        try:
+            handle = _RemoteReplica.options(**options, **placement.in_group(group)).remote()
+        except BaseException:
+            placement.remove_group(group)
+            raise
+        actor = _Actor(spec.replica_id, handle, group=group)
         self._actors[spec.replica_id] = actor
         started = handle.start.remote(StartSpec.of(spec, self._directory.values()))
         try:
@@ -161,6 +168,8 @@ class RayBackend(Backend):
     def _forget(self, actor: _Actor) -> None:
         if self._actors.get(actor.replica_id) is actor:
             del self._actors[actor.replica_id]
+        group, actor.group = actor.group, None
+        placement.remove_group(group)
         watcher = actor.watcher
         if watcher is not None and not watcher.done() and watcher is not _current_task():
             watcher.cancel()
@@ -260,6 +269,9 @@ def _actor_options(spec: ReplicaSpec) -> dict[str, Any]:
     if requested is not None:
         options.update(requested.model_dump(exclude_none=True))
     options.setdefault("num_cpus", 1)  # as Ray Serve: a replica reserves one CPU by default
+    per_node = placement.per_node_resource(spec)
+    if per_node:
+        options["resources"] = {**options.get("resources", {}), **per_node}
     return options
 
 
@@ -273,19 +285,33 @@ def _refuse_unschedulable(spec: ReplicaSpec, options: dict[str, Any]) -> None:
     }
     if options.get("accelerator_type"):
         wanted[f"accelerator_type:{options['accelerator_type']}"] = 0.001
-    wanted = {k: v for k, v in wanted.items() if v}
-    if not wanted:
+    wanted = {k: v for k, v in wanted.items() if v and not placement.is_implicit(k)}
+    demands = [demand for demand in placement.node_demands(spec, wanted) if demand]
+    grouped = spec.options.placement_group_bundles is not None
+    if not demands and not grouped:
         return
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
-    if any(all(node.get(k, 0) >= v for k, v in wanted.items()) for node in nodes):
-        return
-    largest = {k: max((node.get(k, 0) for node in nodes), default=0) for k in wanted}
-    error = ValueError(
-        f"Deployment {spec.deployment_id.name!r} asks for {_describe(wanted)} per replica, "
-        f"but no node of the Ray cluster has that much (the most any node has: "
-        f"{_describe(largest)}). Lower ray_actor_options or add nodes that have it."
-    )
-    raise ReplicaStartError(spec.replica_id, error, str(error))
+    for demand in demands:
+        if any(all(node.get(k, 0) >= v for k, v in demand.items()) for node in nodes):
+            continue
+        largest = {k: max((node.get(k, 0) for node in nodes), default=0) for k in demand}
+        what, option = (
+            ("in one placement group bundle", "placement_group_bundles")
+            if grouped and spec.options.placement_group_strategy != "STRICT_PACK"
+            else ("on one node for its placement group (STRICT_PACK)", "placement_group_bundles")
+            if grouped
+            else ("per replica", "ray_actor_options")
+        )
+        error = ValueError(
+            f"Deployment {spec.deployment_id.name!r} asks for {_describe(demand)} {what}, "
+            f"but no node of the Ray cluster has that much (the most any node has: "
+            f"{_describe(largest)}). Lower {option} or add nodes that have it."
+        )
+        raise ReplicaStartError(spec.replica_id, error, str(error))
+    reason = placement.nodes_short(spec, len(nodes))
+    if reason is not None:
+        error = ValueError(reason)
+        raise ReplicaStartError(spec.replica_id, error, reason)
 
 
 def _describe(resources: dict[str, float]) -> str:
@@ -302,7 +328,7 @@ async def _wait_for_start(ref: Any, spec: ReplicaSpec, options: dict[str, Any]) 
             if done:
                 return started.result()
             waited += PENDING_WARNING_S
-            wanted = {k: v for k, v in options.items() if k not in ("max_concurrency", "name")}
+            wanted = _wanted(spec, options)
             logger.warning(
                 "Replica %s has waited %.0f s for the Ray cluster to place it (it asks for "
                 "%s; free now: %s). Lower its ray_actor_options, add nodes, or for a local Ray "
@@ -314,6 +340,20 @@ async def _wait_for_start(ref: Any, spec: ReplicaSpec, options: dict[str, Any]) 
             )
     finally:
         started.cancel()  # given up (cancelled): nobody will want its outcome
+
+
+def _wanted(spec: ReplicaSpec, options: dict[str, Any]) -> dict[str, Any]:
+    """What a replica asks of the cluster, as the user said it (for messages)."""
+    keys = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type")
+    wanted = {k: v for k, v in options.items() if k in keys}
+    asked = wanted.pop("resources", {})
+    resources = {k: v for k, v in asked.items() if not placement.is_implicit(k)}
+    if resources:
+        wanted["resources"] = resources
+    for name in ("placement_group_bundles", "placement_group_strategy", "max_replicas_per_node"):
+        if getattr(spec.options, name) is not None:
+            wanted[name] = getattr(spec.options, name)
+    return wanted
 
 
 def _free_resources() -> dict[str, float]:
