@@ -7,6 +7,7 @@ import time
 import pytest
 
 import tandem as serve
+from helpers import wait_for
 from tandem.handle import DeploymentHandle
 
 
@@ -182,3 +183,29 @@ def test_bad_batch_settings_are_rejected() -> None:
         @serve.batch
         def not_async(xs: list[int]) -> list[int]:
             return xs
+
+
+@serve.deployment(num_replicas=2, max_ongoing_requests=64)
+class PerReplica:
+    def __init__(self) -> None:
+        self.rank = serve.get_replica_context().rank
+        self.handle_batch.set_max_batch_size(1 if self.rank == 0 else 5)
+
+    @serve.batch(max_batch_size=10, batch_wait_timeout_s=0.1)
+    async def handle_batch(self, xs: list[int]) -> list[int]:
+        return xs
+
+    async def __call__(self, x: int) -> int:
+        return await self.handle_batch(x)
+
+    def max_batch_size(self) -> tuple[int, int]:
+        return self.rank, self.handle_batch._get_max_batch_size()
+
+
+def test_each_replica_keeps_its_own_batch_settings(backend: str) -> None:
+    # On the local backend both replicas are objects of one class in one process.
+    handle = serve.run(PerReplica.bind(), backend=backend, route_prefix=None)
+    assert _calls(handle, [1, 2, 3]) == [1, 2, 3]  # each replica uses its own queue
+    seen: dict[int, int] = {}
+    wait_for(lambda: seen.update([handle.max_batch_size.remote().result()]) or len(seen) == 2)
+    assert seen == {0: 1, 1: 5}

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import tandem as serve
+from tandem._private.app.options import DeploymentOptions
+from tandem._private.calls.context import DeploymentID, RequestMetadata
+from tandem._private.replica.replica import Replica, ReplicaSpec
+from tandem.exceptions import ReplicaUnavailableError
 from tandem.handle import DeploymentHandle
 
 
@@ -345,3 +350,138 @@ def test_a_hot_model_spreads_to_a_second_replica_when_the_first_is_busy(backend:
     responses = [handle.remote() for _ in range(4)]
     replicas = {r.result(timeout_s=10) for r in responses}
     assert len(replicas) == 2, "the busy holder's load did not spread to the other replica"
+
+
+# -- stopping a replica unloads its models -----------------------------------
+
+
+class _Recorded:
+    """A model that notes its unloading in a file (replicas may live in other processes)."""
+
+    def __init__(self, model_id: str, path: str) -> None:
+        self.model_id = model_id
+        self._path = path
+
+    async def aclose(self) -> None:
+        await asyncio.sleep(0)
+        with open(self._path, "a") as notes:
+            notes.write(f"{self.model_id}\n")
+
+
+class _NoUnload:
+    """A model without aclose(): dropped on stop, as on eviction."""
+
+
+@serve.deployment
+class _Unloading:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @serve.multiplexed(max_num_models_per_replica=3)
+    async def get_model(self, model_id: str) -> Any:
+        return _NoUnload() if model_id == "plain" else _Recorded(model_id, self.path)
+
+    async def __call__(self) -> str:
+        await self.get_model(serve.get_multiplexed_model_id())
+        return serve.get_multiplexed_model_id()
+
+
+def test_stopping_a_replica_unloads_every_model_it_holds(backend: str, tmp_path: Path) -> None:
+    notes = tmp_path / "unloaded"
+    handle = serve.run(
+        _Unloading.bind(str(notes)), name="unload", route_prefix=None, backend=backend
+    )
+    for model_id in ["a", "plain", "b"]:
+        assert _call(handle, model_id) == model_id
+    assert not notes.exists()
+    serve.delete("unload")
+    assert notes.read_text().split() == ["a", "b"]  # least recently used first
+
+
+def _spec(target: type, **options: Any) -> ReplicaSpec:
+    return ReplicaSpec(
+        replica_id="app#Model#r1",
+        deployment_id=DeploymentID("app", "Model"),
+        target=target,
+        init_args=(),
+        init_kwargs={},
+        options=DeploymentOptions(**options),
+    )
+
+
+class _Busy:
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+        self.release = asyncio.Event()
+
+    @serve.multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str) -> _Model:
+        return _Model(model_id, self.closed)
+
+    async def __call__(self) -> str:
+        model = await self.get_model(serve.get_multiplexed_model_id())
+        await self.release.wait()
+        return model.model_id
+
+    async def ping(self) -> None:
+        pass
+
+
+def test_models_are_unloaded_after_the_replica_drained() -> None:
+    async def scenario() -> None:
+        replica = Replica(_spec(_Busy))
+        await replica.start()
+        busy: _Busy = replica.servable
+        meta = RequestMetadata("r1", "app", "Model", multiplexed_model_id="a")
+        request = asyncio.ensure_future(replica.call(meta, (), {}))
+        while replica.loaded_model_ids() != {"a"}:
+            await asyncio.sleep(0.005)
+        stopping = asyncio.ensure_future(replica.stop(timeout_s=30))
+        refused = False
+        while not refused:  # the replica drains once it turns new requests away
+            try:
+                await replica.call(RequestMetadata("r2", "app", "Model", "ping"), (), {})
+            except ReplicaUnavailableError:
+                refused = True
+            await asyncio.sleep(0.005)
+        assert busy.closed == []  # the request in flight still uses its model
+        busy.release.set()
+        assert await request == "a"
+        await stopping
+        assert busy.closed == ["a"]
+
+    asyncio.run(scenario())
+
+
+class _Stubborn:
+    @serve.multiplexed(max_num_models_per_replica=3)
+    async def get_model(self, model_id: str) -> Any:
+        return _Broken() if model_id == "broken" else _Model(model_id, self.closed)
+
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+
+    async def __call__(self) -> None:
+        await self.get_model(serve.get_multiplexed_model_id())
+
+
+class _Broken:
+    async def aclose(self) -> None:
+        raise RuntimeError("cannot unload")
+
+
+def test_a_model_that_fails_to_unload_does_not_keep_the_others_loaded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> list[str]:
+        replica = Replica(_spec(_Stubborn))
+        await replica.start()
+        stubborn: _Stubborn = replica.servable
+        for model_id in ["broken", "a"]:
+            meta = RequestMetadata(model_id, "app", "Model", multiplexed_model_id=model_id)
+            await replica.call(meta, (), {})
+        await replica.stop(timeout_s=5)
+        return stubborn.closed
+
+    assert asyncio.run(scenario()) == ["a"]
+    assert "Unloading model 'broken' failed" in caplog.text

@@ -6,11 +6,16 @@ length, or, as an async generator, yields such lists to stream results back to
 every caller at once. A batch closes when it holds ``max_batch_size`` items
 (counted by ``batch_size_fn`` if given) or ``batch_wait_timeout_s`` after its
 first item arrived; at most ``max_concurrent_batches`` run at a time.
+
+``set_max_batch_size`` and ``set_batch_wait_timeout_s`` change the settings of
+the replica they are called in (from ``reconfigure``, say), not those of the
+other replicas of the deployment, even where replicas share a process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import weakref
@@ -228,6 +233,17 @@ def batch(
         params = list(inspect.signature(fn).parameters)
         is_method = bool(params) and params[0] == "self"
 
+        def current_settings() -> _Settings:
+            # Each replica has its own copy, made on first use, in the replica (as
+            # its queues are): the decorator's are shared by every replica of a process.
+            replica = current_replica()
+            if replica is None:
+                return settings
+            mine: _Settings | None = replica.batch_settings.get(fn)
+            if mine is None:
+                mine = replica.batch_settings[fn] = dataclasses.replace(settings)
+            return mine
+
         def queue_for(owner: Any) -> _BatchQueue:
             # Queues live with the replica (not in this closure, which travels by
             # value to replica processes and must stay picklable).
@@ -236,7 +252,8 @@ def batch(
             key = (fn.__qualname__, id(owner), id(asyncio.get_running_loop()))
             queue = queues.get(key)
             if queue is None:
-                queue = _BatchQueue(_unowned(fn, owner) if is_method else fn, settings, streaming)
+                call = _unowned(fn, owner) if is_method else fn
+                queue = _BatchQueue(call, current_settings(), streaming)
                 queues[key] = queue
                 if replica is not None:
                     replica.closers.append(queue.close)
@@ -279,17 +296,19 @@ def batch(
             wrapper = call_wrapper
 
         def set_max_batch_size(value: int) -> None:
-            _validate(value, settings.batch_wait_timeout_s, settings.max_concurrent_batches)
-            settings.max_batch_size = value
+            mine = current_settings()
+            _validate(value, mine.batch_wait_timeout_s, mine.max_concurrent_batches)
+            mine.max_batch_size = value
 
         def set_batch_wait_timeout_s(value: float) -> None:
-            _validate(settings.max_batch_size, value, settings.max_concurrent_batches)
-            settings.batch_wait_timeout_s = value
+            mine = current_settings()
+            _validate(mine.max_batch_size, value, mine.max_concurrent_batches)
+            mine.batch_wait_timeout_s = value
 
         wrapper.set_max_batch_size = set_max_batch_size
         wrapper.set_batch_wait_timeout_s = set_batch_wait_timeout_s
-        wrapper._get_max_batch_size = lambda: settings.max_batch_size
-        wrapper._get_batch_wait_timeout_s = lambda: settings.batch_wait_timeout_s
+        wrapper._get_max_batch_size = lambda: current_settings().max_batch_size
+        wrapper._get_batch_wait_timeout_s = lambda: current_settings().batch_wait_timeout_s
         return wrapper  # type: ignore[no-any-return]
 
     if _func is not None:

@@ -2,7 +2,9 @@
 
 Concurrent requests for a model that is being loaded wait for that one load;
 a load that raises is not cached; the least recently used model is evicted
-(its ``aclose()`` awaited, if it has one) to make room for a new one.
+(its ``aclose()`` awaited, if it has one) to make room for a new one. When
+the replica stops, after it drained, every model it holds is unloaded the same
+way (:meth:`ModelCache.clear`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -17,6 +20,8 @@ from typing import Any, TypeVar
 from tandem._private.replica.replica import current_replica
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+logger = logging.getLogger("tandem")
 
 
 class ModelCache:
@@ -72,9 +77,17 @@ class ModelCache:
         await _unload(evicted)
 
     async def clear(self) -> None:
+        """Unload every model, oldest first, once the loads in flight end (the replica
+        stops). A model that fails to unload is logged; the others still unload."""
+        if self._loading:
+            await asyncio.wait(list(self._loading.values()))
         while self._models:
-            _, model = self._models.popitem(last=False)
-            await _unload(model)
+            model_id, model = self._models.popitem(last=False)
+            try:
+                await _unload(model)
+            except Exception:
+                logger.exception("Unloading model %r failed", model_id)
+        self._on_change()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
