@@ -9,6 +9,7 @@ import pytest
 import tandem
 import tandem.exceptions
 import tandem.handle
+import tandem.schema
 
 TANDEM_ALL = [
     "Application",
@@ -17,6 +18,7 @@ TANDEM_ALL = [
     "DeploymentHandle",
     "DeploymentResponse",
     "DeploymentResponseGenerator",
+    "LoggingConfig",
     "ReplicaContext",
     "Status",
     "batch",
@@ -36,6 +38,8 @@ TANDEM_ALL = [
 
 HANDLE_ALL = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"]
 
+SCHEMA_ALL = ["LoggingConfig"]
+
 EXCEPTIONS_ALL = [
     "BackPressureError",
     "DeploymentFailedError",
@@ -51,6 +55,7 @@ EXCEPTIONS_ALL = [
     [
         pytest.param(tandem, TANDEM_ALL, id="tandem"),
         pytest.param(tandem.handle, HANDLE_ALL, id="tandem.handle"),
+        pytest.param(tandem.schema, SCHEMA_ALL, id="tandem.schema"),
         pytest.param(tandem.exceptions, EXCEPTIONS_ALL, id="tandem.exceptions"),
     ],
 )
@@ -94,6 +99,10 @@ def test_ray_import_lines_map_to_tandem() -> None:
         DeploymentResponseGenerator,
     )
 
+    # `from ray.serve.schema import LoggingConfig` -> `from tandem.schema import LoggingConfig`
+    from tandem.schema import LoggingConfig
+
+    assert LoggingConfig is tandem.LoggingConfig
     assert callable(tandem.deployment)
     assert callable(tandem.run)
     assert isinstance(tandem.__version__, str)

@@ -14,6 +14,7 @@ from tandem._private.api import (
     status,
 )
 from tandem._private.app.deployment import Application, Deployment, deployment
+from tandem._private.app.logging_config import LoggingConfig
 from tandem._private.app.options import AutoscalingConfig
 from tandem._private.calls.context import (
     ReplicaContext,
@@ -35,6 +36,7 @@ __all__ = [
     "DeploymentHandle",
     "DeploymentResponse",
     "DeploymentResponseGenerator",
+    "LoggingConfig",
     "ReplicaContext",
     "Status",
     "batch",

@@ -132,8 +132,11 @@ def deployment(_func_or_class: Any = None, **options: Any) -> Any:
     Used bare (``@deployment``) or with options (``@deployment(num_replicas=2)``);
     the options are Ray Serve's: ``name``, ``num_replicas``, ``max_ongoing_requests``,
     ``max_queued_requests``, ``autoscaling_config``, ``user_config``,
-    ``ray_actor_options``, ``health_check_period_s``, ``health_check_timeout_s``,
-    ``graceful_shutdown_wait_loop_s``, ``graceful_shutdown_timeout_s``, ``logging_config``.
+    ``ray_actor_options``, ``placement_group_bundles``, ``placement_group_strategy``,
+    ``max_replicas_per_node`` (these three only apply on the ray backend),
+    ``health_check_period_s``, ``health_check_timeout_s``,
+    ``graceful_shutdown_wait_loop_s``, ``graceful_shutdown_timeout_s``, ``logging_config``
+    (a dict or a :class:`LoggingConfig`).
     """
 
     if _func_or_class is not None:

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from tandem._private.app.logging_config import LoggingConfig
 from tandem._private.app.placement import (
     MAX_REPLICAS_PER_NODE_LIMIT,
     PlacementStrategy,
@@ -153,7 +154,7 @@ class DeploymentOptions(_Strict):
         default=DEFAULT_GRACEFUL_SHUTDOWN_WAIT_LOOP_S, ge=0
     )
     graceful_shutdown_timeout_s: float = Field(default=DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S, ge=0)
-    logging_config: dict[str, Any] | None = None
+    logging_config: LoggingConfig | None = None
 
     @field_validator("name")
     @classmethod

@@ -13,6 +13,7 @@ from typing import Any
 from tandem._private.app.options import DeploymentOptions
 
 _AT_START = (
+    "logging_config",
     "placement_group_bundles",
     "placement_group_strategy",
     "max_replicas_per_node",
@@ -41,7 +42,7 @@ class DeploymentSpec:
             return False
         if self.options.max_ongoing_requests != other.options.max_ongoing_requests:
             return False
-        # Taken by a replica's placement when it starts: a change needs new replicas.
+        # Taken by a replica (or its placement) when it starts: a change needs new replicas.
         if any(getattr(self.options, name) != getattr(other.options, name) for name in _AT_START):
             return False
         try:

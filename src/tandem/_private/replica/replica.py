@@ -4,8 +4,8 @@ It admits at most ``max_ongoing_requests`` requests at once (admission.py), runs
 the user's methods, sync ones in its own threads and async ones on the event
 loop, generators item by item (running.py), applies ``user_config`` through
 ``reconfigure``, answers health checks, failing them once requests their
-callers gave up on wedge it (abandoned.py), and drains before it stops, then
-unloads its multiplexed models. It
+callers gave up on wedge it (abandoned.py), logs as ``logging_config`` says
+(logs.py), and drains before it stops, then unloads its multiplexed models. It
 knows nothing about where it lives: the backends host it in the caller's
 process, in a child process or in a Ray actor.
 """
@@ -34,6 +34,7 @@ from tandem._private.calls.context import (
 from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.replica.abandoned import AbandonedRequests, AbandonedRequestsError
 from tandem._private.replica.admission import Admission, Slot
+from tandem._private.replica.logs import ReplicaLogs
 from tandem._private.replica.running import GENERATOR_TYPES, UserCode, close_quietly
 from tandem._private.replica.threads import contain
 from tandem._private.stats import RequestStats
@@ -89,6 +90,8 @@ class Replica:
         self._admission = Admission(spec.options.max_ongoing_requests, self._unavailable)
         self._abandoned = AbandonedRequests(self, clock, _SERVING)
         self._user = UserCode(spec.target, self.name, self._abandoned, self._unavailable)
+        config = spec.options.logging_config
+        self.logs = None if config is None else ReplicaLogs(config, self.context)
         self.stats = RequestStats()
         self._is_ingress = hasattr(spec.target, "__tandem_ingress_app__")
         # Per-replica state of @multiplexed loaders, keyed by the loader.
@@ -146,6 +149,8 @@ class Replica:
     async def start(self) -> None:
         """Construct the user's object and apply its user_config; raises what they raise."""
         self._loop = asyncio.get_running_loop()
+        if self.logs is not None:
+            self.logs.open()  # first, so the constructor's records follow logging_config
         self._user.open(threads=self._admission.capacity + 1)
         if self.spec.serves_http:
             _http_bridge()  # import the HTTP side now, not during the first request
@@ -209,6 +214,8 @@ class Replica:
             close()
         self.closers.clear()
         self._user.destroy()
+        if self.logs is not None:
+            self.logs.close()
 
     async def _unload_models(self, timeout_s: float) -> None:
         """Unload every model of the @multiplexed caches, as eviction does."""
@@ -273,13 +280,16 @@ class Replica:
                 "generator; call it without stream=True."
             )
         slot = await self._admission.acquire()
-        with _Serving(self, meta, _label(meta.method_name), slot):
+        with _Serving(self, meta, _label(meta.method_name), slot) as serving:
             if method is None:
+                serving.http = args[0].scope
                 source = self._serve_http(args[0], slot)
             else:
                 source = self._user.iterate(method, args, kwargs, slot)
             try:
                 async for item in source:
+                    if http and serving.status is None:
+                        serving.saw(item)
                     yield item
             finally:
                 await source.aclose()
@@ -313,20 +323,27 @@ class Replica:
 
 class _Serving:
     """Around every request, once it holds its slot: set the context variables user
-    code reads; at the end, count the request in the stats and give the slot back
-    (unless a thread still holds it).
+    code reads; at the end, count the request in the stats, write its access line
+    (logging_config) and give the slot back (unless a thread still holds it).
 
     A plain (not async) context manager: it costs every request next to nothing.
     """
 
-    __slots__ = ("_name", "_replica", "_started", "_tokens", "slot")
+    __slots__ = ("_name", "_replica", "_started", "_tokens", "http", "slot", "status")
 
     def __init__(self, replica: Replica, meta: RequestMetadata, name: str, slot: Slot) -> None:
         self._replica = replica
         self._name = name
         self.slot = slot
+        self.http: dict[str, Any] | None = None  # the ASGI scope of an HTTP request
+        self.status: int | None = None  # the HTTP status of its response, once it started
         self._tokens = (_request.set(meta), _replica_context.set(replica.context))
         self._started = time.perf_counter()
+
+    def saw(self, message: dict[str, Any]) -> None:
+        """An ASGI message of the HTTP response: the first says its status."""
+        if message.get("type") == "http.response.start":
+            self.status = message.get("status")
 
     def __enter__(self) -> _Serving:
         return self
@@ -340,6 +357,9 @@ class _Serving:
         replica = self._replica
         seconds = time.perf_counter() - self._started
         replica.stats.record(self._name, seconds, kind is not None)
+        logs = replica.logs
+        if logs is not None and logs.access_log:
+            self._log_access(logs, kind, seconds)
         slot = self.slot
         if not slot.held_by_thread:
             slot.release()
@@ -351,6 +371,23 @@ class _Serving:
             # A generator its consumer dropped is closed by the event loop's finalizer,
             # in another context: the variables are not ours to reset there.
             pass
+
+    def _log_access(
+        self, logs: ReplicaLogs, kind: type[BaseException] | None, seconds: float
+    ) -> None:
+        status: str | int
+        if self.status is not None:
+            status = self.status
+        elif kind is None:
+            status = "OK"
+        elif issubclass(kind, (asyncio.CancelledError, GeneratorExit)):
+            status = "CANCELLED"  # the caller gave up (or dropped the stream)
+        else:
+            status = "ERROR"
+        if self.http is not None:
+            logs.access(str(self.http.get("method")), str(self.http.get("path")), status, seconds)
+        else:
+            logs.access("CALL", self._name, status, seconds)
 
 
 @functools.cache
