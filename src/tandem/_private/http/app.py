@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tandem._private.calls.runtime import Runtime
-from tandem._private.http.endpoints import ProxyEndpoints
+from tandem._private.http.endpoints import proxy_endpoints
 from tandem._private.http.metrics import ProxyMetrics
 from tandem._private.http.options import HTTPOptions
 from tandem._private.http.proxy import Proxy
@@ -20,7 +20,7 @@ async def open_http(runtime: Runtime, options: HTTPOptions) -> HTTPServer:
         restarts=lambda: controller.replica_restarts,
         start_failures=lambda: controller.start_failures,
     )
-    endpoints = ProxyEndpoints(routes=controller.route_prefixes, metrics=metrics.render)
+    endpoints = proxy_endpoints(routes=controller.route_prefixes, metrics=metrics.render)
     proxy = Proxy(runtime, controller.routes, endpoints, options, metrics)
     server = HTTPServer(proxy, options)
     await server.start()

@@ -38,6 +38,7 @@ from typing import Any
 import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tandem._private.http.limits import ConnectionLimits, Refusals, protocol_class
@@ -69,47 +70,54 @@ class ControlActions:
     shutdown: Callable[[], None]
 
 
+_KNOWN = (
+    "GET /-/healthz, GET /-/status, GET /-/routes, PUT /-/applications, "
+    "DELETE /-/applications/NAME and POST /-/shutdown"
+)
+
+
 class ControlApp:
-    """The control endpoint's ASGI app (see the module docstring)."""
+    """The control endpoint's ASGI app (see the module docstring); to add a control
+    request, add an action to :class:`ControlActions` and a route here."""
 
     def __init__(self, actions: ControlActions) -> None:
         self._actions = actions
+        self._router = Router(
+            [
+                Route("/-/healthz", self._healthz, methods=["GET"]),
+                Route("/-/status", self._status, methods=["GET"]),
+                Route("/-/routes", self._routes, methods=["GET"]),
+                Route("/-/applications", self._apply, methods=["PUT"]),
+                Route("/-/applications/{name:path}", self._delete, methods=["DELETE"]),
+                Route("/-/shutdown", self._shutdown, methods=["POST"]),
+            ],
+            redirect_slashes=False,
+            default=_not_a_control_request,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        response = await self._respond(Request(scope, receive))
-        await response(scope, receive, send)
+        await self._router(scope, receive, send)
 
-    async def _respond(self, request: Request) -> Response:
-        path, method = request.url.path, request.method
-        actions = self._actions
-        if method == "GET" and path == "/-/healthz":
-            return PlainTextResponse("success")
-        if method == "GET" and path == "/-/status":
-            return JSONResponse((await actions.status()).to_dict())
-        if method == "GET" and path == "/-/routes":
-            return JSONResponse(actions.routes())
-        if method == "POST" and path == "/-/shutdown":
-            actions.shutdown()
-            return JSONResponse({"shutting_down": True})
-        if method == "PUT" and path == "/-/applications":
-            return await self._apply(request)
-        if method == "DELETE" and path.startswith("/-/applications/"):
-            name = path[len("/-/applications/") :]
-            if not await actions.delete(name):
-                return JSONResponse(
-                    {"error": f"There is no application {name!r}."}, status_code=404
-                )
-            return JSONResponse({"deleted": name})
-        return JSONResponse(
-            {
-                "error": f"{method} {path} is not a control request; the control endpoint "
-                "answers GET /-/healthz, GET /-/status, GET /-/routes, PUT /-/applications, "
-                "DELETE /-/applications/NAME and POST /-/shutdown."
-            },
-            status_code=404,
-        )
+    async def _healthz(self, request: Request) -> Response:
+        return PlainTextResponse("success")
+
+    async def _status(self, request: Request) -> Response:
+        return JSONResponse((await self._actions.status()).to_dict())
+
+    async def _routes(self, request: Request) -> Response:
+        return JSONResponse(self._actions.routes())
+
+    async def _shutdown(self, request: Request) -> Response:
+        self._actions.shutdown()
+        return JSONResponse({"shutting_down": True})
+
+    async def _delete(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if not await self._actions.delete(name):
+            return JSONResponse({"error": f"There is no application {name!r}."}, status_code=404)
+        return JSONResponse({"deleted": name})
 
     async def _apply(self, request: Request) -> Response:
         body = b""
@@ -132,6 +140,18 @@ class ControlApp:
             logger.exception("Applying a config failed")
             return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
         return JSONResponse({"applied": True})
+
+
+async def _not_a_control_request(scope: Scope, receive: Receive, send: Send) -> None:
+    request = Request(scope)
+    response = JSONResponse(
+        {
+            "error": f"{request.method} {request.url.path} is not a control request; the "
+            f"control endpoint answers {_KNOWN}."
+        },
+        status_code=404,
+    )
+    await response(scope, receive, send)
 
 
 class _RequireToken:

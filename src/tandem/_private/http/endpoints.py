@@ -4,6 +4,8 @@ They only read, and show nothing internal: Ray Serve's proxy endpoints and
 Prometheus metrics. Everything that changes the server or shows its internals
 (deploy, shutdown, detailed status) is on the control endpoint
 (:mod:`tandem._private.http.control`), which only the server's owner can reach.
+To add an endpoint here, add a route below, and keep it read-only and free of
+internals (pids, replica ids, exception text, paths).
 """
 
 from __future__ import annotations
@@ -11,35 +13,51 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 _KNOWN = "GET /-/healthz, GET /-/routes, GET /metrics"
 
 
-class ProxyEndpoints:
+def proxy_endpoints(routes: Callable[[], dict[str, str]], metrics: Callable[[], bytes]) -> Router:
     """An ASGI app for the paths under ``/-/`` and ``/metrics`` of the data port."""
+    return Router(
+        [
+            _get("/-/healthz", lambda: PlainTextResponse("success")),
+            _get("/-/routes", lambda: JSONResponse(routes())),
+            _get("/metrics", lambda: Response(metrics(), media_type="text/plain; version=0.0.4")),
+        ],
+        redirect_slashes=False,
+        default=_not_found,
+    )
 
-    def __init__(self, routes: Callable[[], dict[str, str]], metrics: Callable[[], bytes]) -> None:
-        self._routes = routes
-        self._metrics = metrics
+
+def _get(path: str, respond: Callable[[], Response]) -> Route:
+    """A route that answers GET (and HEAD) with ``respond()``, and 405 to other methods."""
+    return Route(path, _GetOnly(path, respond))
+
+
+class _GetOnly:
+    """An ASGI endpoint (so the route passes it every method, and it says which it takes)."""
+
+    def __init__(self, path: str, respond: Callable[[], Response]) -> None:
+        self._path = path
+        self._respond = respond
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = self._respond(scope["method"], scope["path"])
+        if scope["method"] in ("GET", "HEAD"):
+            response = self._respond()
+        else:
+            response = PlainTextResponse(
+                f"Method Not Allowed: {self._path} only answers GET.\n",
+                status_code=405,
+                headers={"allow": "GET, HEAD"},
+            )
         await response(scope, receive, send)
 
-    def _respond(self, method: str, path: str) -> Response:
-        if path in ("/-/healthz", "/-/routes", "/metrics"):
-            if method not in ("GET", "HEAD"):
-                return PlainTextResponse(
-                    f"Method Not Allowed: {path} only answers GET.\n",
-                    status_code=405,
-                    headers={"allow": "GET, HEAD"},
-                )
-            if path == "/-/healthz":
-                return PlainTextResponse("success")
-            if path == "/-/routes":
-                return JSONResponse(self._routes())
-            return Response(self._metrics(), media_type="text/plain; version=0.0.4")
-        return PlainTextResponse(
-            f"Not Found: the proxy serves {_KNOWN} under these paths.\n", status_code=404
-        )
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    response = PlainTextResponse(
+        f"Not Found: the proxy serves {_KNOWN} under these paths.\n", status_code=404
+    )
+    await response(scope, receive, send)

@@ -22,12 +22,11 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tandem._private.calls.context import HTTP_METHOD, DeploymentID, RequestMetadata
 from tandem._private.calls.runtime import Runtime
 from tandem._private.http.bridge import HTTPRequestData
-from tandem._private.http.endpoints import ProxyEndpoints
 from tandem._private.http.logs import log_access
 from tandem._private.http.metrics import ProxyMetrics
 from tandem._private.http.options import HTTPOptions
@@ -89,7 +88,7 @@ class Proxy:
         self,
         runtime: Runtime,
         routes: RouteTable,
-        endpoints: ProxyEndpoints,
+        endpoints: ASGIApp,
         options: HTTPOptions,
         metrics: ProxyMetrics,
     ) -> None:
