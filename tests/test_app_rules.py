@@ -136,3 +136,31 @@ def test_pydantic_errors_name_fields_the_same_way_everywhere() -> None:
         build_app(_builder, {"sizes": [1, "two"]}, "mod:builder")
     assert "sizes[1]: " in str(in_builder.value)
     assert "Value error" not in str(in_builder.value)
+
+
+# -- config-file fields tandem would otherwise ignore --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("top", "words"),
+    [
+        ({"target_capacity": 50}, "target_capacity"),
+        ({"grpc_options": {"grpc_servicer_functions": ["m:add"]}}, "gRPC"),
+    ],
+)
+def test_config_file_options_tandem_cannot_apply_are_refused(top: Any, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        validate_config({**_config(), **top})
+
+
+def test_config_file_without_grpc_servicers_or_external_scaler_is_taken() -> None:
+    config = validate_config(
+        {
+            **_config(external_scaler_enabled=False),
+            "grpc_options": {"port": 9000, "grpc_servicer_functions": []},
+            "target_capacity": None,
+        }
+    )
+    assert config.applications[0].external_scaler_enabled is False
+    with pytest.raises(ValueError, match="external scaler"):
+        validate_config(_config(external_scaler_enabled=True))

@@ -584,3 +584,35 @@ def test_bad_ray_runtime_env_options_fail_before_anything_starts(
 ) -> None:
     result = tandem("run", "greet:app", option, value, cwd=app_dir, timeout=20)
     assert_clear_failure(result, *words)
+
+
+def test_config_with_proxy_location_disabled_serves_no_http(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tandem
+    from tandem._private.api import http_url
+    from tandem._private.app.config_file import validate_config
+    from tandem._private.cli.serving import ServeSession
+
+    (tmp_path / "quiet_app.py").write_text(
+        "import tandem as serve\n\n"
+        "@serve.deployment\n"
+        "def hello(name: str) -> str:\n"
+        "    return f'hello {name}'\n\n"
+        "app = hello.bind()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = validate_config(
+        {
+            "proxy_location": "Disabled",
+            "http_options": {"port": 0},
+            "applications": [{"name": "quiet", "import_path": "quiet_app:app"}],
+        }
+    )
+    session = ServeSession("local")
+    try:
+        assert session.deploy(config) is None
+        assert tandem.get_app_handle("quiet").remote("Dora").result() == "hello Dora"
+        assert http_url() is None
+    finally:
+        session.close()

@@ -263,3 +263,59 @@ def test_handles_still_answer_after_a_deployment_with_logging_is_redeployed(
     handle = _run({"logs_dir": str(tmp_path / "two"), "encoding": "JSON"})
     assert handle.say.remote("again").result(timeout_s=10) == "again"
     assert "info again" in [r["message"] for r in _json_lines(tmp_path / "two")]
+
+
+# -- an application's logging_config -------------------------------------------------
+
+
+@serve.deployment
+class Quiet:
+    def __init__(self, talker: DeploymentHandle) -> None:
+        self._talker = talker
+        LOGGER.info("quiet constructed")
+
+    async def __call__(self, text: str) -> str:
+        return str(await self._talker.say.remote(text))
+
+
+def test_run_logging_config_is_the_default_of_deployments_without_their_own(
+    tmp_path: Path,
+) -> None:
+    own = tmp_path / "own"
+    app = Quiet.bind(
+        Talker.options(logging_config={"encoding": "JSON", "logs_dir": str(own)}).bind()
+    )
+    handle = serve.run(
+        app,
+        route_prefix=None,
+        backend="local",
+        logging_config={"encoding": "JSON", "logs_dir": str(tmp_path / "app")},
+    )
+    assert handle.remote("hi").result() == "hi"
+    app_lines = _json_lines(tmp_path / "app")
+    assert {line["deployment"] for line in app_lines} == {"Quiet"}
+    assert {line["deployment"] for line in _json_lines(own)} == {"Talker"}
+    with pytest.raises(ValueError, match="logging_config.encoding"):
+        serve.run(app, route_prefix=None, backend="local", logging_config={"encoding": "XML"})
+
+
+def test_config_file_logging_config_applies_per_application(tmp_path: Path) -> None:
+    config = validate_config(
+        {
+            "logging_config": {"log_level": "WARNING"},
+            "applications": [
+                {"name": "a", "route_prefix": "/a", "import_path": "m:a"},
+                {
+                    "name": "b",
+                    "route_prefix": "/b",
+                    "import_path": "m:b",
+                    "logging_config": {"encoding": "JSON"},
+                },
+            ],
+        }
+    )
+    a, b = config.applications
+    assert config.app_logging(a) == serve.LoggingConfig(log_level="WARNING")
+    assert config.app_logging(b) == serve.LoggingConfig(encoding="JSON")
+    with pytest.raises(ValueError, match="encoding"):
+        validate_config({"logging_config": {"encoding": "XML"}, "applications": [a.model_dump()]})

@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from tandem._private.app import routes
 from tandem._private.app.deployment import Application, Deployment
 from tandem._private.app.graph import build_application
-from tandem._private.app.options import describe_validation_error
+from tandem._private.app.logging_config import LoggingConfig
+from tandem._private.app.options import describe_validation_error, logging_config_of
 from tandem._private.backends import Backend, create_backend, resolve_backend_name
 from tandem._private.calls.context import DeploymentID, current_replica_context
 from tandem._private.calls.control_plane import ControlPlane
@@ -67,10 +68,13 @@ def start(
             f"tandem.start() got unknown option(s) {', '.join(sorted(unknown))}; it takes "
             "proxy_location and http_options."
         )
-    if grpc_options is not None:
+    servicers = getattr(grpc_options, "grpc_servicer_functions", None)
+    if isinstance(grpc_options, dict):
+        servicers = grpc_options.get("grpc_servicer_functions")
+    if servicers:  # without servicer functions, Ray Serve starts no gRPC server either
         raise ValueError(
-            "tandem does not serve gRPC yet: drop grpc_options from start() (HTTP and "
-            "handles serve every application)."
+            "tandem does not serve gRPC yet: drop grpc_servicer_functions from grpc_options "
+            "(HTTP and handles serve every application)."
         )
     if logging_config is not None:
         raise ValueError(
@@ -206,13 +210,14 @@ def run(
     blocking: bool = False,
     name: str = "default",
     route_prefix: str | None = _DEFAULT_PREFIX,
-    logging_config: Any = None,
+    logging_config: LoggingConfig | dict[str, Any] | None = None,
     backend: str | None = None,
     _local_testing_mode: bool = False,
 ) -> DeploymentHandle:
     """Deploy an application (or update it in place) and return its ingress handle.
 
-    Returns once every replica has been constructed. A constructor that raises
+    ``logging_config`` applies to the application's deployments that set none of
+    their own. Returns once every replica has been constructed. A constructor that raises
     makes ``run`` raise DeploymentFailedError with the original traceback, and
     leaves no part of the new version running.
     """
@@ -228,7 +233,8 @@ def run(
     prefix = normalize_route_prefix(route_prefix)
     if backend is not None or _local_testing_mode:
         resolve_backend_name("local" if _local_testing_mode else backend)  # a bad name fails now
-    spec = build_application(target, name, prefix)
+    app_logging = logging_config_of(logging_config, f"application {name!r}")
+    spec = build_application(target, name, prefix, app_logging)
     runtime = open_runtime("local" if _local_testing_mode else backend)
     runtime.run_sync(_controller(runtime).deploy(spec))
     if prefix is not None:

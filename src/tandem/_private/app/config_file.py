@@ -13,11 +13,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tandem._private.app.deployment import Application, Deployment
 from tandem._private.app.graph import map_arguments
 from tandem._private.app.importing import build_app, import_attribute
+from tandem._private.app.logging_config import LoggingConfig
 from tandem._private.app.options import (
     ActorOptions,
     AutoscalingConfig,
@@ -60,7 +68,20 @@ class ApplicationConfig(_Model):
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     args: dict[str, Any] = Field(default_factory=dict)
     deployments: list[DeploymentOverride] = Field(default_factory=list)
+    logging_config: LoggingConfig | None = None
+    """The application's deployments that set no logging_config of their own take this."""
     external_scaler_enabled: bool = False
+    """Ray Serve's external scaler API; tandem has none, so only false is taken."""
+
+    @field_validator("external_scaler_enabled")
+    @classmethod
+    def _no_external_scaler(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "tandem has no external scaler API; scale with num_replicas or "
+                "autoscaling_config, and set external_scaler_enabled to false"
+            )
+        return value
 
     @model_validator(mode="after")
     def _unique_deployments(self) -> ApplicationConfig:
@@ -79,9 +100,36 @@ class ServeConfig(_Model):
     proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
     http_options: HTTPOptions = Field(default_factory=HTTPOptions)
     grpc_options: dict[str, Any] | None = None
-    logging_config: dict[str, Any] | None = None
-    target_capacity: float | None = Field(default=None, ge=0, le=100)
+    """Taken only without servicer functions: then Ray Serve starts no gRPC server either."""
+    logging_config: LoggingConfig | None = None
+    """The default of every application that sets no logging_config of its own."""
+    target_capacity: float | None = None
+    """Ray Serve's gradual-rollout knob; tandem has none yet, so it must be left out."""
     applications: list[ApplicationConfig] = Field(min_length=1)
+
+    @field_validator("target_capacity")
+    @classmethod
+    def _no_target_capacity(cls, value: float | None) -> float | None:
+        if value is not None:
+            raise ValueError(
+                "tandem does not support target_capacity yet; leave it out (every "
+                "deployment runs at its full num_replicas or autoscaling range)"
+            )
+        return value
+
+    @field_validator("grpc_options")
+    @classmethod
+    def _no_grpc(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value and value.get("grpc_servicer_functions"):
+            raise ValueError(
+                "tandem does not serve gRPC yet: remove grpc_servicer_functions (HTTP and "
+                "handles serve every application)"
+            )
+        return value
+
+    def app_logging(self, app: ApplicationConfig) -> LoggingConfig | None:
+        """The logging_config an application's deployments default to."""
+        return app.logging_config or self.logging_config
 
     @model_validator(mode="after")
     def _unique_apps(self) -> ServeConfig:

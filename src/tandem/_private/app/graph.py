@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tandem._private.app.deployment import Application, Deployment
+from tandem._private.app.logging_config import LoggingConfig
+from tandem._private.app.options import DeploymentOptions
 from tandem._private.app.spec import ApplicationSpec, DeploymentSpec
 from tandem.handle import DeploymentHandle
 
@@ -51,9 +53,16 @@ def map_arguments(value: Any, leaf: Callable[[Any], Any]) -> Any:
 
 
 def build_application(
-    root: Application, app_name: str, route_prefix: str | None
+    root: Application,
+    app_name: str,
+    route_prefix: str | None,
+    logging_config: LoggingConfig | None = None,
 ) -> ApplicationSpec:
-    """Flatten the graph under ``root`` into deployment specs (see the module docstring)."""
+    """Flatten the graph under ``root`` into deployment specs (see the module docstring).
+
+    ``logging_config`` is the application's: deployments without one of their own
+    take it (as Ray Serve's ``serve.run(logging_config=...)``).
+    """
     if not isinstance(root, Application):
         raise TypeError(
             f"Expected an application (the result of Deployment.bind()), got {type(root).__name__}."
@@ -104,7 +113,7 @@ def build_application(
                 target=node.deployment.func_or_class,
                 init_args=args,
                 init_kwargs=kwargs,
-                options=node.deployment.deployment_options,
+                options=_with_logging(node.deployment.deployment_options, logging_config),
                 dependencies=tuple(deps),
                 code_version=code_version(node.deployment.func_or_class),
             )
@@ -113,3 +122,9 @@ def build_application(
 
     ingress = visit(root, ())
     return ApplicationSpec(app_name, route_prefix, ingress, tuple(specs))
+
+
+def _with_logging(options: DeploymentOptions, default: LoggingConfig | None) -> DeploymentOptions:
+    if default is None or options.logging_config is not None:
+        return options
+    return options.model_copy(update={"logging_config": default})

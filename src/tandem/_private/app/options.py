@@ -282,3 +282,21 @@ def validation_problems(exc: ValidationError) -> list[tuple[str, str, Any]]:
         what = error["msg"].removeprefix("Value error, ")
         problems.append((where.lstrip("."), what, error.get("input")))
     return problems
+
+
+def logging_config_of(value: Any, owner: str) -> LoggingConfig | None:
+    """``value`` (None, a LoggingConfig or a dict of its fields) as a LoggingConfig;
+    ValueError naming ``owner`` if it is not one."""
+    if value is None or isinstance(value, LoggingConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"logging_config of {owner} must be a LoggingConfig or a dict of its fields, "
+            f"got {type(value).__name__}."
+        )
+    try:
+        return LoggingConfig.model_validate(value)
+    except ValidationError as exc:
+        raise ValueError(
+            describe_validation_error(exc, owner).replace("option '", "option 'logging_config.")
+        ) from None

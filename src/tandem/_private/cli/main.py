@@ -233,7 +233,8 @@ def run(
         session.close()
         raise _Failure(str(exc)) from None
     names = ", ".join(repr(a.name) for a in config.applications)
-    click.echo(f"tandem: serving {names} at {url} (Ctrl-C to stop)", err=True)
+    where = f"at {url}" if url else "without HTTP (proxy_location: Disabled)"
+    click.echo(f"tandem: serving {names} {where} (Ctrl-C to stop)", err=True)
     _describe_control(session, config.http_options.host)
     try:
         session.wait()

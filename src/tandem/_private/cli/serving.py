@@ -57,7 +57,7 @@ class ServeSession:
         port = int(probe.getsockname()[1])
         probe.close()
         http_options = config.http_options.model_copy(update={"port": port})
-        specs = _specs(built)
+        specs = _specs(config, built)
         runtime = api.open_runtime(self._backend)
         controller = runtime.controller
         assert controller is not None
@@ -66,6 +66,8 @@ class ServeSession:
         # HTTP starts once every application runs, so the first request finds them all,
         # and after the control endpoint: whoever finds the data port up can control it.
         self._open_control(port)
+        if config.proxy_location == "Disabled":
+            return None  # handles only, as Ray Serve without proxies
         return api.serve_http_now(http_options)
 
     def _open_control(self, port: int) -> None:
@@ -121,7 +123,7 @@ class ServeSession:
         runtime = current_runtime()
         assert runtime is not None and runtime.controller is not None
         controller = runtime.controller
-        specs = _specs(built)
+        specs = _specs(config, built)
         wanted = {spec.name for spec in specs}
         for name in controller.app_names():
             if name not in wanted:
@@ -132,8 +134,15 @@ class ServeSession:
             await controller.deploy(spec)
 
 
-def _specs(built: list[tuple[ApplicationConfig, Application]]) -> list[ApplicationSpec]:
+def _specs(
+    config: ServeConfig, built: list[tuple[ApplicationConfig, Application]]
+) -> list[ApplicationSpec]:
     return [
-        build_application(app, app_config.name, api.normalize_route_prefix(app_config.route_prefix))
+        build_application(
+            app,
+            app_config.name,
+            api.normalize_route_prefix(app_config.route_prefix),
+            config.app_logging(app_config),
+        )
         for app_config, app in built
     ]
