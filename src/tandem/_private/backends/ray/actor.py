@@ -4,11 +4,12 @@ The driver creates one :class:`ReplicaActor` per replica, then calls ``start``
 with its :class:`StartSpec`. Each actor method maps to the
 :class:`ReplicaHost`, which does the work (``replica/host.py``); what is Ray's
 own stays here. A stream travels as ``stream_open`` (the first items, often
-all) then ``stream_rest`` (the rest, as a Ray streaming generator), since a Ray
-call costs much more than a message on a socket; its caller reports what it
-read with ``read``. Exceptions leave with their traceback as text
-(``tracebacks``). ``watch`` is the host's long poll: the driver keeps one
-pending per actor, so it also learns at once when the actor dies.
+all) then ``stream_rest`` (the rest, in batches, as a Ray streaming generator),
+since a Ray call or object costs much more than a message on a socket; its
+caller reports what it read with ``read``. Exceptions leave with their
+traceback as text (``tracebacks``). ``watch`` is the host's long poll: the
+driver keeps one pending per actor, so it also learns at once when the actor
+dies.
 
 Everything runs on the actor's own event loop, which the actor's tandem
 runtime adopts: handle calls made by the replica run inline, as elsewhere.
@@ -175,8 +176,11 @@ class ReplicaActor:
         loop.call_later(ORPHAN_S, self._abandon, token)
         return first, False
 
-    async def stream_rest(self, token: str) -> AsyncGenerator[Any, None]:
-        """The rest of a stream that :meth:`stream_open` started, item by item."""
+    async def stream_rest(self, token: str) -> AsyncGenerator[list[Any], None]:
+        """The rest of a stream that :meth:`stream_open` started, in lists of the
+        items there at each step: a list leaves as soon as it has one item, and a
+        Ray object per item costs more than most items (a fast stream ran at a
+        third of the speed)."""
         channel = self._open.pop(token, None)
         if channel is None:
             raise RuntimeError(
@@ -186,10 +190,10 @@ class ReplicaActor:
         try:
             while True:
                 try:
-                    item = await channel.next()
+                    first = await channel.next()
                 except _Ended:
                     return
-                yield item
+                yield [first, *channel.take()]
         finally:
             await channel.close()
 

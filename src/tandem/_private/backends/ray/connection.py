@@ -120,8 +120,9 @@ class RayConnection:
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncGenerator[Any, None]:
         """One call for the first items (often all of them), then a Ray streaming
-        generator for the rest: a streaming call costs Ray about three unary ones.
-        What the reader took is reported to the actor (``calls.flow``)."""
+        generator for the rest, in batches: a streaming call costs Ray about three
+        unary ones, and each object it streams a good part of one. What the reader
+        took is reported to the actor (``calls.flow``)."""
         self._check()
         token = new_token()
         ref: Any = self._actor.stream_open.remote(token, meta, args, kwargs)
@@ -137,9 +138,10 @@ class RayConnection:
                 yield item
                 reads.took()
             ref = self._actor.stream_rest.options(num_returns="streaming").remote(token)
-            async for item_ref in ref:
-                yield await item_ref
-                reads.took()
+            async for batch_ref in ref:
+                for item in await batch_ref:
+                    yield item
+                    reads.took()
             finished = True
         except (RayTaskError, RayActorError, ObjectLostError, TaskCancelledError) as error:
             finished = True
