@@ -51,7 +51,7 @@ def _settled(read: Callable[[], int], reads: int = 5) -> int:
         values.append(read())
         return len(values) >= reads and len(set(values[-reads:])) == 1
 
-    wait_for(steady, timeout_s=60, interval_s=0.05)
+    wait_for(steady, timeout_s=20, interval_s=0.05)
     return values[-1]
 
 
