@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet
-from tandem._private.replica.replica import ReplicaSpec
+from tandem._private.replica.replica import ReplicaFacts, ReplicaSpec
 
 logger = logging.getLogger("tandem")
 
@@ -29,68 +28,36 @@ class ReplicaStartError(Exception):
         self.traceback_text = traceback_text
 
 
+class BackendEvents(Protocol):
+    """What a backend tells its owner (the controller) as it happens, from the loop."""
+
+    def replica_exited(self, replica_id: str) -> None:
+        """A replica died (crashed, killed, its node went away)."""
+
+    def models_changed(self, replica_id: str, model_ids: frozenset[str]) -> None:
+        """The multiplexed models a replica holds changed (routers prefer holders)."""
+
+
+class _NoEvents:
+    def replica_exited(self, replica_id: str) -> None:
+        pass
+
+    def models_changed(self, replica_id: str, model_ids: frozenset[str]) -> None:
+        pass
+
+
 class Backend(ABC):
     """Starts, stops and reaches replicas (see the module docstring)."""
 
     name: ClassVar[str]
-
-    # Set by the controller: called with (replica_id, model ids) when a replica's
-    # multiplexed models change, so routers can prefer replicas holding a model.
-    on_models: Callable[[str, frozenset[str]], None] = staticmethod(lambda *_: None)
-
-    def warn_ignored_runtime_env(
-        self, spec: ReplicaSpec, honoured: frozenset[str] = frozenset()
-    ) -> None:
-        """Say once per deployment which of its runtime_env fields this backend ignores."""
-        actor = spec.options.ray_actor_options
-        ignored = sorted(set(actor.runtime_env or {}) - honoured) if actor else []
-        if not ignored or not self._first_warning(spec, "runtime_env"):
-            return
-        logger.warning(
-            "Deployment %r sets runtime_env %s, which the %s backend does not apply (the "
-            "ray backend applies all of runtime_env, the process backend its env_vars); "
-            "its replicas run in this machine's environment as it is.",
-            spec.deployment_id.name,
-            ", ".join(ignored),
-            self.name,
-        )
-
-    def warn_ignored_placement(self, spec: ReplicaSpec) -> None:
-        """Say once per deployment which placement options this backend does not apply."""
-        options = spec.options
-        ignored = [
-            name
-            for name in (
-                "placement_group_bundles",
-                "placement_group_strategy",
-                "max_replicas_per_node",
-            )
-            if getattr(options, name) is not None
-        ]
-        if not ignored or not self._first_warning(spec, "placement"):
-            return
-        logger.warning(
-            "Deployment %r sets %s, which the %s backend does not apply (only the ray "
-            "backend places replicas on a cluster's nodes); its replicas run on this machine.",
-            spec.deployment_id.name,
-            ", ".join(ignored),
-            self.name,
-        )
-
-    def _first_warning(self, spec: ReplicaSpec, topic: str) -> bool:
-        """True the first time a deployment is warned about ``topic`` (then False)."""
-        warned: set[tuple[str, DeploymentID]] = self.__dict__.setdefault("_warned", set())
-        key = (topic, spec.deployment_id)
-        if key in warned:
-            return False
-        warned.add(key)
-        return True
+    events: BackendEvents = _NoEvents()  # open() sets the owner's
 
     def prepare(self) -> None:  # noqa: B027
         """Set up what must be set up in the caller's thread, before the loop starts."""
 
-    async def open(self, on_replica_exit: Callable[[str], None]) -> None:  # noqa: B027
-        """Prepare to host replicas; ``on_replica_exit(replica_id)`` reports a replica that died."""
+    async def open(self, events: BackendEvents) -> None:
+        """Prepare to host replicas; report what happens to them to ``events``."""
+        self.events = events
 
     async def close(self) -> None:  # noqa: B027
         """Release whatever :meth:`open` took; every replica is stopped by then."""
@@ -127,8 +94,62 @@ class Backend(ABC):
         return 0
 
     async def refresh(self, info: ReplicaInfo) -> None:  # noqa: B027
-        """Update what :meth:`describe` knows of a replica kept elsewhere."""
+        """Update what :meth:`facts` knows of a replica kept elsewhere."""
 
-    def describe(self, info: ReplicaInfo) -> dict[str, Any]:
-        """Extra facts about a replica for status() (e.g. pid, in-flight count)."""
-        return {}
+    @abstractmethod
+    def facts(self, info: ReplicaInfo) -> ReplicaFacts:
+        """What is known of a replica (as of the last :meth:`refresh`)."""
+
+
+class IgnoredOptions:
+    """Warns once per deployment about options a backend does not apply (logged, so a
+    deployment written for Ray runs here, and the log says what differs)."""
+
+    def __init__(self, backend_name: str) -> None:
+        self.name = backend_name
+        self._warned: set[tuple[str, DeploymentID]] = set()
+
+    def runtime_env(self, spec: ReplicaSpec, honoured: frozenset[str] = frozenset()) -> None:
+        """Say once per deployment which of its runtime_env fields this backend ignores."""
+        actor = spec.options.ray_actor_options
+        ignored = sorted(set(actor.runtime_env or {}) - honoured) if actor else []
+        if not ignored or not self._first_warning(spec, "runtime_env"):
+            return
+        logger.warning(
+            "Deployment %r sets runtime_env %s, which the %s backend does not apply (the "
+            "ray backend applies all of runtime_env, the process backend its env_vars); "
+            "its replicas run in this machine's environment as it is.",
+            spec.deployment_id.name,
+            ", ".join(ignored),
+            self.name,
+        )
+
+    def placement(self, spec: ReplicaSpec) -> None:
+        """Say once per deployment which placement options this backend does not apply."""
+        options = spec.options
+        ignored = [
+            name
+            for name in (
+                "placement_group_bundles",
+                "placement_group_strategy",
+                "max_replicas_per_node",
+            )
+            if getattr(options, name) is not None
+        ]
+        if not ignored or not self._first_warning(spec, "placement"):
+            return
+        logger.warning(
+            "Deployment %r sets %s, which the %s backend does not apply (only the ray "
+            "backend places replicas on a cluster's nodes); its replicas run on this machine.",
+            spec.deployment_id.name,
+            ", ".join(ignored),
+            self.name,
+        )
+
+    def _first_warning(self, spec: ReplicaSpec, topic: str) -> bool:
+        """True the first time a deployment is warned about ``topic`` (then False)."""
+        key = (topic, spec.deployment_id)
+        if key in self._warned:
+            return False
+        self._warned.add(key)
+        return True

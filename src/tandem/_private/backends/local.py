@@ -11,15 +11,14 @@ replacement replica has threads of its own.
 from __future__ import annotations
 
 import logging
-import os
 import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tandem._private.backends.base import Backend, ReplicaStartError
+from tandem._private.backends.base import Backend, IgnoredOptions, ReplicaStartError
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo
-from tandem._private.replica.replica import Replica, ReplicaSpec
+from tandem._private.replica.replica import Replica, ReplicaFacts, ReplicaSpec
 
 logger = logging.getLogger("tandem")
 
@@ -50,11 +49,14 @@ class LocalConnection:
 class LocalBackend(Backend):
     name = "local"
 
+    def __init__(self) -> None:
+        self._ignored = IgnoredOptions(self.name)
+
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaInfo:
-        self.warn_ignored_runtime_env(spec)  # one process: no environment of its own
-        self.warn_ignored_placement(spec)
+        self._ignored.runtime_env(spec)  # one process: no environment of its own
+        self._ignored.placement(spec)
         replica = Replica(spec)
-        replica.on_models_changed = lambda ids: self.on_models(spec.replica_id, ids)
+        replica.on_models_changed = lambda ids: self.events.models_changed(spec.replica_id, ids)
         try:
             await replica.start()
         except Exception as exc:
@@ -98,17 +100,8 @@ class LocalBackend(Backend):
     def connect(self, info: ReplicaInfo) -> ReplicaConnection:
         return LocalConnection(_replica(info))
 
-    def describe(self, info: ReplicaInfo) -> dict[str, Any]:
-        replica = _replica(info)
-        return {
-            "pid": os.getpid(),
-            "in_flight": replica.in_flight,
-            "abandoned": replica.abandoned,
-            "stats": replica.stats,
-        }
-
-    async def refresh(self, info: ReplicaInfo) -> None:
-        pass  # describe() reads the replica directly
+    def facts(self, info: ReplicaInfo) -> ReplicaFacts:
+        return _replica(info).facts()  # read directly: refresh() has nothing to do
 
 
 def _replica(info: ReplicaInfo) -> Replica:

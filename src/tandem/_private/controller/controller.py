@@ -60,8 +60,7 @@ class Controller:
     # -- lifecycle ---------------------------------------------------------
 
     async def open(self) -> None:
-        self.backend.on_models = self._reconciler.on_models
-        await self.backend.open(self._reconciler.on_replica_exit)
+        await self.backend.open(self._reconciler)  # it takes the backend's events
         self._reconciler.open()
 
     async def close(self) -> None:

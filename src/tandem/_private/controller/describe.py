@@ -1,7 +1,7 @@
 """What the controller reports: status records and request series, read from its records.
 
 Pure reads of the controller's records and of what the backend last learned
-about each replica (:meth:`Backend.describe`); the one-line message of a
+about each replica (:meth:`Backend.facts`); the one-line message of a
 deployment that is not at its target is written here, so ``tandem status``,
 ``tandem.status()`` and the control endpoint say the same.
 """
@@ -72,15 +72,15 @@ def _deployment_status(
 ) -> DeploymentStatus:
     replicas = []
     for r in record.replicas:
-        facts = backend.describe(r.info)
+        facts = backend.facts(r.info)
         replicas.append(
             ReplicaStatus(
                 replica_id=r.replica_id,
                 state=r.state,
                 rank=r.rank,
-                pid=facts.get("pid"),
-                in_flight=facts.get("in_flight", 0),
-                node=facts.get("node"),
+                pid=facts.pid,
+                in_flight=facts.in_flight,
+                node=facts.node,
             )
         )
     states: dict[str, int] = {}
@@ -119,7 +119,7 @@ def request_series(
     for app_name, app in apps.items():
         for name, record in app.deployments.items():
             for replica in record.replicas:
-                stats = backend.describe(replica.info).get("stats")
-                for method, series in getattr(stats, "by_method", {}).items():
+                stats = backend.facts(replica.info).stats
+                for method, series in stats.by_method.items() if stats is not None else ():
                     out.append((app_name, name, method, series))
     return out

@@ -80,11 +80,11 @@ class Reconciler:
 
     # -- what the backend reports ------------------------------------------
 
-    def on_replica_exit(self, replica_id: str) -> None:
+    def replica_exited(self, replica_id: str) -> None:
         self._exited.add(replica_id)
         self._wakeup.set()
 
-    def on_models(self, replica_id: str, model_ids: frozenset[str]) -> None:
+    def models_changed(self, replica_id: str, model_ids: frozenset[str]) -> None:
         """A replica's loaded models changed: routers prefer it for those models."""
         for app in self._apps.values():
             for record in app.deployments.values():
@@ -230,7 +230,7 @@ class Reconciler:
                     [asyncio.ensure_future(backend.refresh(r.info)) for r in record.replicas],
                     timeout=AUTOSCALE_SAMPLE_S,
                 )
-            in_flight = sum(backend.describe(r.info).get("in_flight", 0) for r in record.replicas)
+            in_flight = sum(backend.facts(r.info).in_flight for r in record.replicas)
             now = self._clock()
             queued = self._queued(record.id) + backend.queued(record.id)
             policy.record(now, in_flight + queued)

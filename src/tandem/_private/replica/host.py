@@ -31,7 +31,7 @@ from tandem._private.calls.flow import Credit
 from tandem._private.calls.router import ReplicaSet
 from tandem._private.calls.runtime import Runtime
 from tandem._private.queues import wait_event
-from tandem._private.replica.replica import Replica, ReplicaSpec
+from tandem._private.replica.replica import Replica, ReplicaFacts, ReplicaSpec
 
 # How often the host looks for changes in the requests waiting in its routers.
 QUEUE_REPORT_S = 0.2
@@ -194,22 +194,15 @@ class ReplicaHost:
 
     # -- control -----------------------------------------------------------
 
-    async def check_health(self) -> dict[str, Any]:
+    async def check_health(self) -> ReplicaFacts:
         """Raise if the replica is unhealthy; else its facts."""
         await self.replica.check_health()
         return self.facts()
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> ReplicaFacts:
         """What the driver shows of this replica (status, metrics)."""
         replica = self._replica
-        if replica is None:
-            return {"pid": os.getpid()}
-        return {
-            "pid": os.getpid(),
-            "in_flight": replica.in_flight,
-            "abandoned": replica.abandoned,
-            "stats": replica.stats,
-        }
+        return ReplicaFacts(pid=os.getpid()) if replica is None else replica.facts()
 
     async def reconfigure(self, user_config: Any) -> None:
         await self.replica.reconfigure(user_config)

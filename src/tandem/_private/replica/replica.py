@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import os
 import time
 import types
 from collections.abc import AsyncGenerator, Callable
@@ -69,6 +70,21 @@ class ReplicaSpec:
     serves_http: bool = False  # the ingress of an application with a route prefix
 
 
+@dataclass(frozen=True)
+class ReplicaFacts:
+    """What a backend knows of one replica: for status(), /metrics and autoscaling.
+
+    Sent from replicas in other processes (it pickles); ``node`` is set by
+    backends that place replicas on several machines.
+    """
+
+    pid: int | None = None
+    node: str | None = None
+    in_flight: int = 0
+    abandoned: int = 0  # requests whose callers gave up, still holding a slot
+    stats: RequestStats | None = None
+
+
 class Replica:
     """Hosts the user's object and serves calls to it (see the module docstring)."""
 
@@ -116,6 +132,15 @@ class Replica:
     @property
     def in_flight(self) -> int:
         return self._admission.in_flight
+
+    def facts(self) -> ReplicaFacts:
+        """What the driver shows of this replica (status, /metrics, autoscaling)."""
+        return ReplicaFacts(
+            pid=os.getpid(),
+            in_flight=self.in_flight,
+            abandoned=self.abandoned,
+            stats=self.stats,
+        )
 
     @property
     def abandoned(self) -> int:

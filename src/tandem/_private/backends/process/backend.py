@@ -24,11 +24,10 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from tandem._private.backends.base import Backend, ReplicaStartError
+from tandem._private.backends.base import Backend, BackendEvents, IgnoredOptions, ReplicaStartError
 from tandem._private.backends.process.connection import ProcessAddress, ProcessConnection
 from tandem._private.backends.process.frames import RemoteTraceback, picklable_starlette
 from tandem._private.backends.process.handshake import new_secret
@@ -37,7 +36,7 @@ from tandem._private.backends.process.resources import Resources
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet
 from tandem._private.replica.host import StartSpec
-from tandem._private.replica.replica import ReplicaSpec
+from tandem._private.replica.replica import ReplicaFacts, ReplicaSpec
 from tandem._private.rundir import RunDir, open_run_dir
 from tandem.exceptions import ReplicaUnavailableError
 
@@ -53,7 +52,7 @@ class _Child:
     process: subprocess.Popen[bytes]
     control: Peer
     stopping: bool = False
-    report: dict[str, Any] = field(default_factory=dict)
+    report: ReplicaFacts | None = None  # as of the last health check or refresh
     pidfd: int | None = None
 
 
@@ -69,11 +68,11 @@ class ProcessBackend(Backend):
         self._run_dir: RunDir | None = None
         self._secret = b""
         self._ids = itertools.count()
-        self._on_exit: Callable[[str], None] = lambda _: None
+        self._ignored = IgnoredOptions(self.name)
 
-    async def open(self, on_replica_exit: Callable[[str], None]) -> None:
+    async def open(self, events: BackendEvents) -> None:
         picklable_starlette()
-        self._on_exit = on_replica_exit
+        await super().open(events)
         self._secret = new_secret()
         run_dir = open_run_dir()
         longest = os.path.join(run_dir.path, "r999999.sock")
@@ -98,7 +97,7 @@ class ProcessBackend(Backend):
 
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaInfo:
         assert self._resources is not None
-        self.warn_ignored_placement(spec)
+        self._ignored.placement(spec)
         actor = spec.options.ray_actor_options
         try:
             claim = self._resources.claim(
@@ -112,7 +111,7 @@ class ProcessBackend(Backend):
             raise ReplicaStartError(spec.replica_id, exc, str(exc)) from exc
         env = dict(os.environ)
         if actor is not None and actor.runtime_env:
-            self.warn_ignored_runtime_env(spec, honoured=frozenset({"env_vars"}))
+            self._ignored.runtime_env(spec, honoured=frozenset({"env_vars"}))
             env.update(_env_vars(actor.runtime_env))
         if claim.gpu_ids or (actor is not None and actor.num_gpus is not None):
             env["CUDA_VISIBLE_DEVICES"] = ",".join(claim.gpu_ids)
@@ -146,7 +145,7 @@ class ProcessBackend(Backend):
 
         def on_note(op: str, payload: Any) -> None:
             if op == "models":
-                self.on_models(replica_id, payload)
+                self.events.models_changed(replica_id, payload)
             elif op == "queued":
                 self._queued[replica_id] = payload
 
@@ -207,7 +206,7 @@ class ProcessBackend(Backend):
                     "Replica %s (pid %d) exited with code %s.",
                     child.replica_id, child.process.pid, child.process.returncode,
                 )  # fmt: skip
-                self._on_exit(child.replica_id)
+                self.events.replica_exited(child.replica_id)
 
     def _forget(self, child: _Child) -> None:
         self._queued.pop(child.replica_id, None)
@@ -273,13 +272,12 @@ class ProcessBackend(Backend):
     def queued(self, deployment_id: DeploymentID) -> int:
         return sum(counts.get(deployment_id, 0) for counts in self._queued.values())
 
-    def describe(self, info: ReplicaInfo) -> dict[str, Any]:
+    def facts(self, info: ReplicaInfo) -> ReplicaFacts:
         child = self._children.get(info.replica_id)
+        if child is not None and child.report is not None:
+            return child.report
         address = info.address
-        pid = address.pid if isinstance(address, ProcessAddress) else None
-        if child is None:
-            return {"pid": pid}
-        return {"pid": pid, **child.report}
+        return ReplicaFacts(pid=address.pid if isinstance(address, ProcessAddress) else None)
 
 
 async def _wait_exit(process: subprocess.Popen[bytes], timeout_s: float) -> int | None:

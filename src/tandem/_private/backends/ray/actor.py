@@ -34,6 +34,7 @@ from tandem._private.calls.router import ReplicaSet
 from tandem._private.calls.runtime import Runtime, set_runtime
 from tandem._private.queues import wait_event
 from tandem._private.replica.host import ReplicaHost, StartSpec
+from tandem._private.replica.replica import ReplicaFacts
 
 # A stream's first call returns the items that arrive within this long of the first.
 GATHER_S = 0.002
@@ -221,11 +222,11 @@ class ReplicaActor:
     # -- control -----------------------------------------------------------
 
     @with_traceback
-    async def health(self) -> dict[str, Any]:
+    async def health(self) -> ReplicaFacts:
         return await self._hosting().check_health()
 
-    async def report(self) -> dict[str, Any]:
-        return self._host.facts() if self._host is not None else {}
+    async def report(self) -> ReplicaFacts:
+        return self._host.facts() if self._host is not None else ReplicaFacts()
 
     @with_traceback
     async def reconfigure(self, user_config: Any) -> None:

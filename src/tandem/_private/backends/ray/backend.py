@@ -20,9 +20,9 @@ This module imports Ray; nothing else in tandem's core does.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from tandem._private.backends import RayOptions
-from tandem._private.backends.base import Backend, ReplicaStartError
+from tandem._private.backends.base import Backend, BackendEvents, ReplicaStartError
 from tandem._private.backends.process.frames import RemoteTraceback, picklable_starlette
 from tandem._private.backends.ray import placement
 from tandem._private.backends.ray.actor import ReplicaActor
@@ -39,7 +39,7 @@ from tandem._private.backends.ray.session import connect_ray
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet
 from tandem._private.replica.host import StartSpec
-from tandem._private.replica.replica import ReplicaSpec
+from tandem._private.replica.replica import ReplicaFacts, ReplicaSpec
 from tandem.exceptions import ReplicaUnavailableError
 
 logger = logging.getLogger("tandem")
@@ -60,7 +60,7 @@ class _Actor:
     replica_id: str
     handle: Any
     stopping: bool = False
-    report: dict[str, Any] = field(default_factory=dict)
+    report: ReplicaFacts = field(default_factory=ReplicaFacts)
     queued: dict[DeploymentID, int] = field(default_factory=dict)
     watcher: asyncio.Task[None] | None = None
     address: RayAddress | None = None
@@ -74,7 +74,6 @@ class RayBackend(Backend):
         self._options = options or RayOptions()
         self._actors: dict[str, _Actor] = {}
         self._directory: dict[DeploymentID, ReplicaSet] = {}
-        self._on_exit: Callable[[str], None] = lambda _: None
         self._started_ray = False
 
     def prepare(self) -> None:
@@ -92,9 +91,9 @@ class RayBackend(Backend):
         connect_ray(options.address, options.runtime_env or None)
         self._started_ray = True
 
-    async def open(self, on_replica_exit: Callable[[str], None]) -> None:
+    async def open(self, events: BackendEvents) -> None:
         picklable_starlette()
-        self._on_exit = on_replica_exit
+        await super().open(events)
         self.prepare()  # if prepare() was not called (it is, by tandem.run)
 
     async def close(self) -> None:
@@ -153,10 +152,10 @@ class RayBackend(Backend):
                         actor.address.pid if actor.address else "?",
                         type(error).__name__,
                     )
-                    self._on_exit(actor.replica_id)
+                    self.events.replica_exited(actor.replica_id)
                 return
             actor.queued = news["queued"]
-            self.on_models(actor.replica_id, news["models"])
+            self.events.models_changed(actor.replica_id, news["models"])
 
     async def _gone(self, actor: _Actor) -> None:
         """Wait (a little) until Ray reports the actor dead, then forget it."""
@@ -240,14 +239,12 @@ class RayBackend(Backend):
     def queued(self, deployment_id: DeploymentID) -> int:
         return sum(actor.queued.get(deployment_id, 0) for actor in self._actors.values())
 
-    def describe(self, info: ReplicaInfo) -> dict[str, Any]:
-        address = info.address
-        facts: dict[str, Any] = {}
-        if isinstance(address, RayAddress):
-            facts = {"pid": address.pid, "node": address.node_ip}
+    def facts(self, info: ReplicaInfo) -> ReplicaFacts:
         actor = self._actors.get(info.replica_id)
-        if actor is not None:
-            facts.update(actor.report)
+        facts = actor.report if actor is not None else ReplicaFacts()
+        address = info.address
+        if isinstance(address, RayAddress):  # where Ray put it, which the actor cannot see
+            facts = dataclasses.replace(facts, pid=address.pid, node=address.node_ip)
         return facts
 
 
