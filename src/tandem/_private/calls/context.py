@@ -62,9 +62,10 @@ class RequestMetadata:
     stream: bool = False
     multiplexed_model_id: str = ""
     route: str = ""
-    # Not sent along. The ray backend leaves the call's ObjectRef here, or resolves
-    # the Future that DeploymentResponse._to_object_ref left here to wait for it.
-    sink: Any = None
+    # Not sent along. A connection whose backend has a reference of its own to the
+    # call's result (a Ray ObjectRef) leaves it here, or resolves the Future that
+    # DeploymentResponse._to_object_ref left here to wait for it.
+    call_ref: Any = None
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Positional fields: several times faster to pickle than the default (every hop).

@@ -243,24 +243,24 @@ class DeploymentResponse:
         meta = self._meta
         if meta is None:
             return None
-        sink = meta.sink
-        if sink is not None and not isinstance(sink, asyncio.Future):
-            return sink  # the call already went out
+        call_ref = meta.call_ref
+        if call_ref is not None and not isinstance(call_ref, asyncio.Future):
+            return call_ref  # the call already went out
         if self._outcome is not None or (self._task is not None and self._task.done()):
             return None  # it ended without reaching a replica
-        if sink is None:
-            sink = meta.sink = loop.create_future()
+        if call_ref is None:
+            call_ref = meta.call_ref = loop.create_future()
         self._start_pending()  # if the call has not started, it starts now, as a task
         # Shielded: giving up this wait must not cancel the call itself.
         finished = asyncio.shield(self._wait())
         try:
-            await asyncio.wait([sink, finished], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([call_ref, finished], return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not finished.done():
                 finished.cancel()
             elif not finished.cancelled():
                 finished.exception()  # the caller sees it when it awaits the response
-        return sink.result() if sink.done() else None
+        return call_ref.result() if call_ref.done() else None
 
 
 def _ray_session() -> Any:

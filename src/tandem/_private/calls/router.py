@@ -74,6 +74,14 @@ class RoutedReplica:
         return self.in_flight < self.info.max_ongoing_requests
 
 
+class RoutingPolicy(Protocol):
+    """Which of the replicas with room serves a request (one per router)."""
+
+    def choose(self, candidates: Sequence[RoutedReplica], meta: RequestMetadata) -> RoutedReplica:
+        """One of ``candidates`` (never empty; each has room)."""
+        ...
+
+
 @dataclass
 class PowerOfTwoChoices:
     """Pick two replicas with room at random; send to the one with fewer in flight."""
@@ -106,11 +114,11 @@ class Router:
         self,
         deployment_id: DeploymentID,
         connect: Callable[[ReplicaInfo], ReplicaConnection],
-        policy: PowerOfTwoChoices | None = None,
+        policy: RoutingPolicy | None = None,
     ) -> None:
         self.deployment_id = deployment_id
         self._connect = connect
-        self._policy = policy or PowerOfTwoChoices()
+        self._policy: RoutingPolicy = policy or PowerOfTwoChoices()
         self._replicas: dict[str, RoutedReplica] = {}
         self._replica_set = ReplicaSet(deployment_id)
         self._known = False

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import traceback
 from dataclasses import dataclass, field
@@ -52,7 +53,11 @@ PENDING_WARNING_S = 10.0
 # How long stopping a replica waits for Ray to report its actor dead.
 STOP_WAIT_S = 5.0
 
-_RemoteReplica: Any = ray.remote(ReplicaActor)
+
+@functools.cache
+def _remote_replica() -> Any:
+    """The replica actor class as Ray knows it (made on first use, not at import)."""
+    return ray.remote(ReplicaActor)
 
 
 @dataclass
@@ -116,7 +121,7 @@ class RayBackend(Backend):
         _refuse_unschedulable(spec, options)
         group = placement.create_group(spec)
         try:
-            handle = _RemoteReplica.options(**options, **placement.in_group(group)).remote()
+            handle = _remote_replica().options(**options, **placement.in_group(group)).remote()
         except BaseException:
             placement.remove_group(group)
             raise

@@ -101,12 +101,12 @@ class RayConnection:
     ) -> Any:
         token, ref = self.submit(meta, args, kwargs)
         # Left for DeploymentResponse._to_object_ref, which may be waiting for it.
-        sink = meta.sink
-        if isinstance(sink, asyncio.Future):
-            if not sink.done():
-                sink.set_result(ref)
+        call_ref = meta.call_ref
+        if isinstance(call_ref, asyncio.Future):
+            if not call_ref.done():
+                call_ref.set_result(ref)
         else:
-            meta.sink = ref
+            meta.call_ref = ref
         try:
             return await ref
         except asyncio.CancelledError:
