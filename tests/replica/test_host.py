@@ -109,9 +109,12 @@ class PathProbe:
         return str(importlib.import_module(module).VALUE)
 
 
-def test_the_drivers_import_path_reaches_the_replica_after_its_own(
+def test_the_drivers_import_path_reaches_the_replica(
     remote_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A replica process resolves imports as the driver does (the driver's entries
+    first, so a user's module may shadow an installed one); a Ray actor keeps its
+    own entries first (runtime_env packages must not be shadowed)."""
     (tmp_path / "driver_path_probe.py").write_text("VALUE = 'found'\n")
     missing = str(tmp_path / "no-such-folder")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -120,6 +123,8 @@ def test_the_drivers_import_path_reaches_the_replica_after_its_own(
     assert handle.value_of.remote("driver_path_probe").result(timeout_s=30) == "found"
     path = handle.path.remote().result(timeout_s=10)
     stdlib = os.path.dirname(os.__file__)
-    # Appended: first in the driver's path, it comes after the replica's own entries.
-    assert path.index(str(tmp_path)) > path.index(stdlib)
     assert missing not in path
+    if remote_backend == "process":
+        assert path.index(str(tmp_path)) < path.index(stdlib)
+    else:
+        assert path.index(str(tmp_path)) > path.index(stdlib)

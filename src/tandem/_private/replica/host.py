@@ -52,30 +52,34 @@ class StartSpec:
     replica: bytes
     sys_path: list[str]  # the driver's
     directory: list[ReplicaSet]  # every deployment's replica set, for the replica's handles
+    driver_path_first: bool  # see add_driver_path
 
     @classmethod
-    def of(cls, spec: ReplicaSpec, directory: Iterable[ReplicaSet]) -> StartSpec:
+    def of(
+        cls, spec: ReplicaSpec, directory: Iterable[ReplicaSet], driver_path_first: bool
+    ) -> StartSpec:
         """The start spec of ``spec``, taken in the driver."""
-        return cls(cloudpickle.dumps(spec), list(sys.path), list(directory))
+        return cls(cloudpickle.dumps(spec), list(sys.path), list(directory), driver_path_first)
 
 
-def add_driver_path(path: list[str]) -> None:
-    """Let this process import what the driver imports: add the driver's ``sys.path``
-    entries it lacks, at the end, skipping those that do not exist here.
+def add_driver_path(path: list[str], first: bool) -> None:
+    """Let this process import what the driver imports, from the driver's ``sys.path``
+    (entries that do not exist here are skipped).
 
-    Appended rather than replacing sys.path, on both backends: this process's
-    own entries come first because they describe where it really runs. On Ray
-    those are the runtime_env's (working_dir, py_modules) and the node's own
-    environment, which the driver's paths must not shadow, and which may not
-    exist where the driver runs; a replica process starts with the driver's
-    interpreter and working directory, so its own entries already match the
-    driver's, and what the driver added (its script's folder, entries the user
-    put on sys.path) is found after them. The one thing this gives up: a driver
-    entry that shadows an installed package does not shadow it here.
+    ``first``: the driver's entries go first, in the driver's order, and this
+    process's others after them. A replica process does this: it runs the
+    driver's interpreter on the driver's machine, so it should resolve every
+    import as the driver does, including a module of the user's that shadows an
+    installed package. Otherwise they are appended: a Ray actor's own entries
+    come first, because they are where it really runs (the runtime_env's
+    working_dir, py_modules and pip packages, the node's environment), which
+    the driver's paths must not shadow.
     """
-    for entry in path:
-        if entry not in sys.path and (not entry or os.path.exists(entry)):
-            sys.path.append(entry)
+    wanted = [entry for entry in path if not entry or os.path.exists(entry)]
+    if first:
+        sys.path[:] = [*wanted, *(entry for entry in sys.path if entry not in wanted)]
+    else:
+        sys.path.extend(entry for entry in wanted if entry not in sys.path)
 
 
 class ReplicaHost:
@@ -108,7 +112,7 @@ class ReplicaHost:
 
     async def start(self, spec: StartSpec) -> None:
         """Build the replica and start it; raises what its constructor raises."""
-        add_driver_path(spec.sys_path)
+        add_driver_path(spec.sys_path, spec.driver_path_first)
         for replica_set in spec.directory:
             self._runtime.publish(replica_set)
         replica = self._replica = Replica(pickle.loads(spec.replica))

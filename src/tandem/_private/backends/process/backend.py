@@ -157,7 +157,12 @@ class ProcessBackend(Backend):
         address = os.path.join(self._run_dir.path, f"r{next(self._ids)}.sock")
         try:
             await control.call(
-                "start", (StartSpec.of(spec, self._directory.values()), address, self._secret)
+                "start",
+                (
+                    StartSpec.of(spec, self._directory.values(), driver_path_first=True),
+                    address,
+                    self._secret,
+                ),
             )
         except ReplicaUnavailableError as exc:
             code = await _wait_exit(process, 5) or process.returncode

@@ -127,7 +127,8 @@ class RayBackend(Backend):
             raise
         actor = _Actor(spec.replica_id, handle, group=group)
         self._actors[spec.replica_id] = actor
-        started = handle.start.remote(StartSpec.of(spec, self._directory.values()))
+        start = StartSpec.of(spec, self._directory.values(), driver_path_first=False)
+        started = handle.start.remote(start)
         try:
             pid, node_ip = await _wait_for_start(started, spec, options)
         except BaseException as exc:
