@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -32,7 +32,7 @@ class HTTPOptions(BaseModel):
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     """Port of the data port (0 picks a free one)."""
     root_path: str = ""
-    """Ray Serve's ``root_path``; accepted, but not used by tandem yet."""
+    """Ray Serve's ``root_path``: only "" (serving at the server's root) for now."""
     request_timeout_s: float | None = Field(default=None, gt=0)
     """A request still running after this many seconds gets 408 (None: no limit)."""
     keep_alive_timeout_s: float = Field(default=DEFAULT_KEEP_ALIVE_TIMEOUT_S, gt=0)
@@ -49,6 +49,17 @@ class HTTPOptions(BaseModel):
     max_connections: int | None = Field(default=None, ge=1)
     """Open connections past this get 503 and are closed at once (None: derived from the
     process's open-file limit when the server starts, keeping a reserve for replicas)."""
+
+    @field_validator("root_path")
+    @classmethod
+    def _no_root_path(cls, value: str) -> str:
+        if value not in ("", "/"):
+            raise ValueError(
+                f"root_path {value!r} is not supported yet: serve at the server's root and "
+                "let a reverse proxy in front strip the prefix, or put it in each "
+                "application's route_prefix"
+            )
+        return ""
 
     @model_validator(mode="before")
     @classmethod
