@@ -12,10 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-DEFAULT_LOG_LEVEL = "INFO"
+from tandem._private.log_format import STANDARD_LOG_ATTRIBUTES
 
-# The attributes every LogRecord has, which additional_log_standard_attrs may name.
-STANDARD_LOG_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+DEFAULT_LOG_LEVEL = "INFO"
 
 
 class LoggingConfig(BaseModel):

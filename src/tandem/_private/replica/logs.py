@@ -19,17 +19,16 @@ never reach another's records.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import sys
 import threading
-import time
 from typing import Any
 
-from tandem._private.app.logging_config import STANDARD_LOG_ATTRIBUTES, LoggingConfig
+from tandem._private.app.logging_config import LoggingConfig
 from tandem._private.calls.context import ReplicaContext, _replica_context, _request
+from tandem._private.log_format import JSONFormatter, record_attribute
 
 REPLICA_LOGGER = "tandem.replica"
 _access_logger = logging.getLogger(f"{REPLICA_LOGGER}.access")
@@ -63,7 +62,7 @@ class ReplicaLogs:
     def open(self) -> None:
         """Start writing this replica's lines; raises ValueError if logs_dir is unusable."""
         formatter: logging.Formatter = (
-            _JSONLines(self.config.additional_log_standard_attrs)
+            JSONFormatter(self.config.additional_log_standard_attrs)
             if self.config.encoding == "JSON"
             else _TextLines(self.config.additional_log_standard_attrs)
         )
@@ -212,7 +211,7 @@ class _TextLines(logging.Formatter):
             parts.append(str(request_id))
         line = " ".join(parts) + " -- " + record.message
         for name in self._attributes:
-            line += f" {name}={_attribute(record, name, self)}"
+            line += f" {name}={record_attribute(record, name, self)}"
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -220,38 +219,3 @@ class _TextLines(logging.Formatter):
         if record.stack_info:
             line += "\n" + self.formatStack(record.stack_info)
         return line
-
-
-class _JSONLines(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, where it was logged
-    (application, deployment, replica, request_id), ``extra`` fields and any
-    additional attributes."""
-
-    def __init__(self, attributes: list[str]) -> None:
-        super().__init__()
-        self._attributes = attributes
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in STANDARD_LOG_ATTRIBUTES and not key.startswith("_"):
-                entry[key] = value
-        for name in self._attributes:
-            entry[name] = _attribute(record, name, self)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def _attribute(record: logging.LogRecord, name: str, formatter: logging.Formatter) -> Any:
-    if name == "message":
-        return record.getMessage()
-    if name == "asctime":
-        return formatter.formatTime(record)
-    return getattr(record, name, None)
