@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -41,6 +42,16 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted)
 
 
+def run_server(command: list[str], env: dict[str, str]) -> int:
+    """Run the server until it stops. Ctrl-C reaches it as well as us (one process
+    group): it shuts down gracefully and we wait for it, without a traceback of our
+    own. A SIGTERM sent to us is passed on."""
+    with subprocess.Popen(command, cwd=ROOT / "examples", env=env) as server:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda *_: server.terminate())
+        return server.wait()
+
+
 def main() -> int:
     task = sys.argv[1] if len(sys.argv) > 1 else ""
     rest = sys.argv[2:]
@@ -51,7 +62,7 @@ def main() -> int:
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if task == "serve":
         command = [str(BIN / "tandem"), "run", "hello:language_classifier", *rest]
-        return subprocess.call(command, cwd=ROOT / "examples", env=env)
+        return run_server(command, env)
     if not rest:
         # The whole suite, in two workers; every test on the ray backend goes to one
         # of them (it shares one local Ray), the rest to whichever is free.
