@@ -726,6 +726,37 @@ def test_fastapi_ingress_under_route_prefix(backend: str) -> None:
         assert c.get(url("/api/")).json()["count"] == 1  # a bad body created nothing
 
 
+@serve.deployment
+class NoRequestParameter:
+    def __call__(self) -> str:
+        return "called without the request"
+
+
+@serve.deployment
+def takes_nothing() -> dict[str, int]:
+    return {"answer": 42}
+
+
+@serve.deployment
+class EchoQuery:
+    def __call__(self, request: Request) -> Any:
+        return request.query_params  # a Mapping, not a dict
+
+
+def test_ingress_call_without_a_request_parameter_is_called_without_it(backend: str) -> None:
+    serve.run(NoRequestParameter.bind(), name="a", route_prefix="/a", backend=backend)
+    serve.run(takes_nothing.bind(), name="b", route_prefix="/b", backend=backend)
+    with client() as c:
+        assert c.get(url("/a")).text == "called without the request"
+        assert c.post(url("/b"), content=b"ignored").json() == {"answer": 42}
+
+
+def test_a_returned_mapping_is_json(backend: str) -> None:
+    serve.run(EchoQuery.bind(), backend=backend)
+    with client() as c:
+        assert c.get(url("/"), params={"q": "red", "n": "3"}).json() == {"q": "red", "n": "3"}
+
+
 FUTURE_ANNOTATIONS_MODULE = """
 from __future__ import annotations
 

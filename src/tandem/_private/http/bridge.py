@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,8 @@ def to_response(result: Any) -> Response:
     model_dump = getattr(result, "model_dump", None)
     if callable(model_dump):  # a pydantic model
         return JSONResponse(model_dump(mode="json"))
+    if isinstance(result, Mapping) and not isinstance(result, dict):
+        result = dict(result)  # e.g. request.query_params, as JSON (as Ray Serve does)
     try:
         body = json.dumps(result, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:

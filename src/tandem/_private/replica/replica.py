@@ -36,7 +36,12 @@ from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.replica.abandoned import AbandonedRequests, AbandonedRequestsError
 from tandem._private.replica.admission import Admission, Slot
 from tandem._private.replica.logs import ReplicaLogs
-from tandem._private.replica.running import GENERATOR_TYPES, UserCode, close_quietly
+from tandem._private.replica.running import (
+    GENERATOR_TYPES,
+    UserCode,
+    close_quietly,
+    takes_an_argument,
+)
 from tandem._private.replica.threads import contain
 from tandem._private.stats import RequestStats
 from tandem.exceptions import ReplicaUnavailableError
@@ -110,6 +115,7 @@ class Replica:
         self.logs = None if config is None else ReplicaLogs(config, self.context)
         self.stats = RequestStats()
         self._is_ingress = hasattr(spec.target, "__tandem_ingress_app__")
+        self._call_takes_request: bool | None = None  # known at the first HTTP request
         # Per-replica state of @multiplexed loaders, keyed by the loader.
         self.multiplex_caches: dict[Any, Any] = {}
         # Set by the backend: called with the model ids this replica holds when they change.
@@ -329,13 +335,17 @@ class Replica:
             return serve_http(data, None, asgi_app)
         user = self._user
         method = user.method("__call__")
+        if self._call_takes_request is None:
+            self._call_takes_request = takes_an_argument(method.fn)
+        with_request = self._call_takes_request
 
         async def call(request: Any) -> Any:
+            args = (request,) if with_request else ()  # as Ray: `__call__(self)` gets none
             if method.is_generator:
                 from starlette.responses import StreamingResponse
 
-                return StreamingResponse(user.iterate(method, (request,), {}, slot))
-            return await user.run(method, (request,), {}, slot)
+                return StreamingResponse(user.iterate(method, args, {}, slot))
+            return await user.run(method, args, {}, slot)
 
         return serve_http(data, call, None)
 

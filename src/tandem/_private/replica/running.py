@@ -28,6 +28,20 @@ _DONE = object()
 GENERATOR_TYPES = frozenset({types.GeneratorType, types.AsyncGeneratorType})
 
 
+def takes_an_argument(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` (bound, if a method) can be called with one positional argument."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): assume it does
+        return True
+    positional = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+    )
+    return any(p.kind in positional for p in parameters)
+
+
 @dataclass(frozen=True)
 class Method:
     """A user method and how to run it."""
