@@ -751,6 +751,51 @@ def test_ingress_call_without_a_request_parameter_is_called_without_it(backend: 
         assert c.post(url("/b"), content=b"ignored").json() == {"answer": 42}
 
 
+def build_fastapi_app() -> FastAPI:
+    """An @ingress builder (as in Ray Serve's docs): called where the replica runs."""
+    built = FastAPI()
+
+    @built.get("/")
+    def root() -> dict[str, str]:
+        return {"built": "in the replica"}
+
+    @built.get("/where")
+    def where() -> dict[str, str]:
+        return {"replica": serve.get_replica_context().deployment}
+
+    return built
+
+
+@serve.deployment
+@serve.ingress(build_fastapi_app)
+class BuiltIngress:
+    pass
+
+
+def test_ingress_takes_a_function_that_builds_the_app(backend: str) -> None:
+    serve.run(BuiltIngress.bind(), route_prefix="/built", backend=backend)
+    with client() as c:
+        assert c.get(url("/built/")).json() == {"built": "in the replica"}
+        assert c.get(url("/built/where")).json() == {"replica": "BuiltIngress"}
+
+
+def test_an_ingress_builder_that_returns_no_app_fails_clearly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def builds_nothing() -> None:
+        return None
+
+    @serve.deployment
+    @serve.ingress(builds_nothing)
+    class BuildsNothing:
+        pass
+
+    serve.run(BuildsNothing.bind(), route_prefix="/nothing", backend="local")
+    with client() as c:
+        assert c.get(url("/nothing/")).status_code == 500
+    assert "must return an ASGI app" in caplog.text
+
+
 def test_a_returned_mapping_is_json(backend: str) -> None:
     serve.run(EchoQuery.bind(), backend=backend)
     with client() as c:

@@ -15,23 +15,37 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from tandem._private.calls.context import current_replica_context
+from tandem._private.replica.running import takes_an_argument
 
 C = TypeVar("C", bound=type)
 
 INGRESS_APP_ATTR = "__tandem_ingress_app__"
+# On an ingress class whose app comes from a builder: the builder, and the app it
+# built in this process.
+BUILDER_ATTR = "__tandem_ingress_builder__"
+BUILT_APP_ATTR = "__tandem_ingress_built_app__"
 
 
 def ingress(app: Any) -> Callable[[C], C]:
-    """Class decorator: the deployment serves ``app``'s routes under its route_prefix."""
+    """Class decorator: the deployment serves ``app``'s routes under its route_prefix.
+
+    ``app`` is an ASGI app (e.g. a FastAPI app), or a function of no arguments
+    that builds one (as in Ray Serve): it is then called where the replica runs,
+    on its first request, so the app itself never has to travel.
+    """
     if not callable(app):
         raise TypeError(
-            f"@ingress takes an ASGI app (e.g. a FastAPI app), got {type(app).__name__}."
+            f"@ingress takes an ASGI app (e.g. a FastAPI app) or a function that builds one, "
+            f"got {type(app).__name__}."
         )
 
     def decorate(cls: C) -> C:
         if not inspect.isclass(cls):
             raise TypeError("@ingress decorates a class; put it under @deployment, on the class.")
-        _bind_method_routes(app, cls)
+        if _is_builder(app):
+            setattr(cls, BUILDER_ATTR, app)
+        else:
+            _bind_method_routes(app, cls)
         setattr(cls, INGRESS_APP_ATTR, app)
         return cls
 
@@ -40,7 +54,26 @@ def ingress(app: Any) -> Callable[[C], C]:
 
 def asgi_app_for(instance: Any) -> Any | None:
     """The ASGI app an instance serves, or None if its class is not an ingress."""
-    return getattr(type(instance), INGRESS_APP_ATTR, None)
+    cls = type(instance)
+    builder = getattr(cls, BUILDER_ATTR, None)
+    if builder is None:
+        return getattr(cls, INGRESS_APP_ATTR, None)
+    built = cls.__dict__.get(BUILT_APP_ATTR)
+    if built is None:
+        built = builder()
+        if not callable(built):
+            raise TypeError(
+                f"The @ingress builder {getattr(builder, '__qualname__', builder)!r} returned a "
+                f"{type(built).__name__}; it must return an ASGI app (e.g. a FastAPI app)."
+            )
+        _bind_method_routes(built, cls)
+        setattr(cls, BUILT_APP_ATTR, built)
+    return built
+
+
+def _is_builder(app: Any) -> bool:
+    """A plain function that takes no argument builds the app (an ASGI app takes three)."""
+    return inspect.isfunction(app) and not takes_an_argument(app)
 
 
 async def _serving_instance() -> Any:
