@@ -153,7 +153,12 @@ class Sized:
     def __init__(self) -> None:
         self.totals: list[int] = []
 
-    @serve.batch(max_batch_size=6, batch_wait_timeout_s=0.1, batch_size_fn=len)
+    # As in Ray Serve, batch_size_fn gets the batch's items and says how big it is.
+    @serve.batch(
+        max_batch_size=6,
+        batch_wait_timeout_s=0.1,
+        batch_size_fn=lambda texts: sum(len(t) for t in texts),
+    )
     async def handle_batch(self, texts: list[str]) -> list[int]:
         self.totals.append(sum(len(t) for t in texts))
         return [len(t) for t in texts]
@@ -169,6 +174,9 @@ def test_batch_size_fn_counts_items_by_size(backend: str) -> None:
     handle = serve.run(Sized.bind(), backend=backend, route_prefix=None)
     assert _calls(handle, ["aaa", "bbb", "cc", "d", "eeee"]) == [3, 3, 2, 1, 4]
     assert max(handle.batch_totals.remote().result()) <= 6
+    with pytest.raises(ValueError, match="more than max_batch_size=6"):
+        handle.remote("x" * 7).result()
+    assert handle.remote("ok").result() == 2  # the replica serves on
 
 
 def test_bad_batch_settings_are_rejected() -> None:

@@ -44,7 +44,6 @@ def _is_stop(value: Any) -> bool:
 class _Request:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    size: int
     result: asyncio.Future[Any] | None = None  # unary calls
     items: asyncio.Queue[Any] | None = None  # streaming calls
     done: bool = False
@@ -55,7 +54,18 @@ class _Settings:
     max_batch_size: int
     batch_wait_timeout_s: float
     max_concurrent_batches: int
-    batch_size_fn: Callable[[Any], int] | None = None
+    batch_size_fn: Callable[[list[Any]], int] | None = None
+
+    def size(self, batch: list[_Request]) -> int:
+        """The batch's size: its length, or what batch_size_fn says of its items."""
+        if self.batch_size_fn is None:
+            return len(batch)
+        return int(self.batch_size_fn([_item(r) for r in batch]))
+
+
+def _item(request: _Request) -> Any:
+    """What a caller passed: the one argument of the batched method."""
+    return request.args[0] if request.args else next(iter(request.kwargs.values()))
 
 
 @dataclass
@@ -71,6 +81,14 @@ class _BatchQueue:
     running: set[asyncio.Task[None]] = field(default_factory=set)
 
     def submit(self, request: _Request) -> None:
+        if self.settings.batch_size_fn is not None:
+            size = self.settings.size([request])
+            if size > self.settings.max_batch_size:
+                raise ValueError(
+                    f"This item's size is {size} (by batch_size_fn), more than "
+                    f"max_batch_size={self.settings.max_batch_size}: it fits in no batch; "
+                    "raise max_batch_size or split the item."
+                )
         self.waiting.append(request)
         self.arrived.set()
         if self.task is None:
@@ -103,17 +121,19 @@ class _BatchQueue:
             task.add_done_callback(lambda _: slots.release())
 
     def _full(self) -> bool:
-        return sum(r.size for r in self.waiting) >= self.settings.max_batch_size
+        return self.settings.size(self.waiting) >= self.settings.max_batch_size
 
     def _take(self) -> list[_Request]:
-        batch: list[_Request] = []
-        total = 0
-        while self.waiting:
-            request = self.waiting[0]
-            if batch and total + request.size > self.settings.max_batch_size:
-                break
-            batch.append(self.waiting.pop(0))
-            total += request.size
+        """The longest run of waiting requests, oldest first, whose size fits."""
+        settings = self.settings
+        count = min(len(self.waiting), settings.max_batch_size)
+        if settings.batch_size_fn is not None:
+            count = 1
+            while count < len(self.waiting):
+                if settings.size(self.waiting[: count + 1]) > settings.max_batch_size:
+                    break
+                count += 1
+        batch, self.waiting = self.waiting[:count], self.waiting[count:]
         return batch
 
     async def _run(self, batch: list[_Request]) -> None:
@@ -215,7 +235,7 @@ def batch(
     max_batch_size: int = 10,
     batch_wait_timeout_s: float = 0.01,
     max_concurrent_batches: int = 1,
-    batch_size_fn: Callable[[Any], int] | None = None,
+    batch_size_fn: Callable[[list[Any]], int] | None = None,
 ) -> Any:
     """Batch calls to an async method (or async generator) that takes and returns lists."""
     _validate(max_batch_size, batch_wait_timeout_s, max_concurrent_batches)
@@ -260,10 +280,7 @@ def batch(
             return queue
 
         def make_request(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Request:
-            size = 1
-            if settings.batch_size_fn is not None:
-                size = int(settings.batch_size_fn(args[0] if args else next(iter(kwargs.values()))))
-            return _Request(args, kwargs, max(size, 1))
+            return _Request(args, kwargs)
 
         if streaming:
 
