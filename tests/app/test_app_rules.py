@@ -164,3 +164,10 @@ def test_config_file_without_grpc_servicers_or_external_scaler_is_taken() -> Non
     assert config.applications[0].external_scaler_enabled is False
     with pytest.raises(ValueError, match="external scaler"):
         validate_config(_config(external_scaler_enabled=True))
+
+
+def test_route_prefix_on_a_deployment_says_where_it_belongs() -> None:
+    with pytest.raises(ValueError, match=r"route_prefix is not an option .*serve.run\(app"):
+        serve.deployment(_ping.func_or_class, route_prefix="/x")
+    with pytest.raises(ValueError, match="belongs to the application"):
+        _ping.options(route_prefix="/x")

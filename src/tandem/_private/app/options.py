@@ -238,6 +238,12 @@ def validate_options(
 ) -> DeploymentOptions:
     """Merge ``options`` over ``base`` and validate; raise ValueError naming the bad option."""
     unknown = sorted(set(options) - OPTION_NAMES)
+    if "route_prefix" in unknown:  # a deployment option in old Ray Serve versions
+        raise ValueError(
+            f"route_prefix is not an option of {owner}: a route prefix belongs to the "
+            "application. Pass it to serve.run(app, route_prefix=...), or set route_prefix "
+            "on the application in a config file."
+        )
     if unknown:
         raise ValueError(
             f"Unknown option {unknown[0]!r} for {owner}; valid options are: "
