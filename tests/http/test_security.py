@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -179,7 +181,15 @@ def test_owner_controls_the_server_through_its_control_socket(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
-def test_control_socket_refuses_other_users(cli_server: Any) -> None:
+def test_control_socket_refuses_other_users(
+    cli_server: Any, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    # A runtime directory of its own, in /tmp (which anyone may cross): the test opens it
+    # to others, and other tests' servers, running meanwhile, keep theirs private.
+    base = Path(tempfile.mkdtemp(prefix="tandem-uid-test-"))
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    os.chmod(base, 0o711)
+    monkeypatch.setenv("TANDEM_RUNTIME_DIR", str(base / "run"))
     server = cli_server("greet:app")
     path = str(control_socket_path(server.port))
     # The directory (0700) already keeps others out; open it to test the uid check itself.
