@@ -25,7 +25,6 @@ class FakeBackend(Backend):
     def __init__(self) -> None:
         self.running: dict[str, ReplicaSpec] = {}
         self.fail_starts = 0
-        self.published: list[ReplicaSet] = []
 
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaInfo:
         if self.fail_starts:

@@ -68,9 +68,11 @@ def start(
             f"tandem.start() got unknown option(s) {', '.join(sorted(unknown))}; it takes "
             "proxy_location and http_options."
         )
-    servicers = getattr(grpc_options, "grpc_servicer_functions", None)
-    if isinstance(grpc_options, dict):
-        servicers = grpc_options.get("grpc_servicer_functions")
+    servicers = (
+        grpc_options.get("grpc_servicer_functions")
+        if isinstance(grpc_options, dict)
+        else getattr(grpc_options, "grpc_servicer_functions", None)
+    )
     if servicers:  # without servicer functions, Ray Serve starts no gRPC server either
         raise ValueError(
             "tandem does not serve gRPC yet: drop grpc_servicer_functions from grpc_options "

@@ -258,11 +258,13 @@ def validate_options(
         raise ValueError(describe_validation_error(exc, owner)) from None
 
 
-def describe_validation_error(exc: ValidationError, owner: str) -> str:
-    """One readable line per problem: which option, what was wrong, what was given."""
+def describe_validation_error(exc: ValidationError, owner: str, prefix: str = "") -> str:
+    """One readable line per problem: which option (under ``prefix``, e.g.
+    ``"logging_config."``), what was wrong, what was given."""
     lines = []
     for where, what, given in validation_problems(exc):
         if where:
+            where = prefix + where
             shown = "" if "got " in what else f" (got {given!r})"
             lines.append(f"Invalid option {where!r} for {owner}: {what}{shown}.")
         else:
@@ -303,6 +305,4 @@ def logging_config_of(value: Any, owner: str) -> LoggingConfig | None:
     try:
         return LoggingConfig.model_validate(value)
     except ValidationError as exc:
-        raise ValueError(
-            describe_validation_error(exc, owner).replace("option '", "option 'logging_config.")
-        ) from None
+        raise ValueError(describe_validation_error(exc, owner, "logging_config.")) from None

@@ -85,7 +85,7 @@ def to_response(result: Any) -> Response:
     model_dump = getattr(result, "model_dump", None)
     if callable(model_dump):  # a pydantic model
         return JSONResponse(model_dump(mode="json"))
-    if isinstance(result, Mapping) and not isinstance(result, dict):
+    if not isinstance(result, dict) and isinstance(result, Mapping):
         result = dict(result)  # e.g. request.query_params, as JSON (as Ray Serve does)
     try:
         body = json.dumps(result, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
