@@ -13,9 +13,9 @@ from tandem._private.api import (
     start,
     status,
 )
+from tandem._private.app.autoscaling_config import AutoscalingConfig
 from tandem._private.app.deployment import Application, Deployment, deployment
 from tandem._private.app.logging_config import LoggingConfig
-from tandem._private.app.options import AutoscalingConfig
 from tandem._private.calls.context import (
     ReplicaContext,
     get_multiplexed_model_id,

@@ -7,7 +7,7 @@ import time
 
 import tandem as serve
 from helpers import wait_for
-from tandem._private.app.options import AutoscalingConfig
+from tandem._private.app.autoscaling_config import AutoscalingConfig
 from tandem._private.controller.autoscaling import AutoscalingPolicy
 
 

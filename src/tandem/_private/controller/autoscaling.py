@@ -12,7 +12,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from tandem._private.app.options import AutoscalingConfig
+from tandem._private.app.autoscaling_config import AutoscalingConfig
 
 
 @dataclass(frozen=True)
