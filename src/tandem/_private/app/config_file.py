@@ -22,10 +22,10 @@ from pydantic import (
     model_validator,
 )
 
+from tandem._private.app.autoscaling_config import AutoscalingConfig
 from tandem._private.app.deployment import Application, Deployment
 from tandem._private.app.graph import map_arguments
 from tandem._private.app.importing import build_app, import_attribute
-from tandem._private.app.autoscaling_config import AutoscalingConfig
 from tandem._private.app.logging_config import LoggingConfig
 from tandem._private.app.options import (
     ActorOptions,

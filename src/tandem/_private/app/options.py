@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from tandem._private.app.autoscaling_config import AutoscalingConfig
+from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.app.logging_config import LoggingConfig
 from tandem._private.app.placement import (
     MAX_REPLICAS_PER_NODE_LIMIT,
@@ -119,6 +120,7 @@ class DeploymentOptions(_Strict):
     graceful_shutdown_timeout_s: float = Field(default=DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S, ge=0)
     logging_config: LoggingConfig | None = None
     request_router_config: RequestRouterConfig | None = None
+    backpressure_config: BackpressureConfig | None = None
 
     @field_validator("name")
     @classmethod
