@@ -337,7 +337,7 @@ def test_replica_context_inside_replicas(tmp_path: Path, backend: str) -> None:
                         ctx.deployment,
                         ctx.replica_id,
                         ctx.replica_tag,
-                        ctx.rank,
+                        ctx.rank.rank,
                         ctx.world_size,
                     ]
                 ),
@@ -347,7 +347,7 @@ def test_replica_context_inside_replicas(tmp_path: Path, backend: str) -> None:
             ctx = serve.get_replica_context()
             return {
                 "id": ctx.replica_id,
-                "rank": ctx.rank,
+                "rank": ctx.rank.rank,
                 "is_self": ctx.servable_object is self,
             }
 
@@ -355,7 +355,7 @@ def test_replica_context_inside_replicas(tmp_path: Path, backend: str) -> None:
             ctx = serve.get_replica_context()
             return {
                 "id": ctx.replica_id,
-                "rank": ctx.rank,
+                "rank": ctx.rank.rank,
                 "is_self": ctx.servable_object is self,
             }
 
@@ -388,7 +388,7 @@ def test_world_size_follows_num_replicas_on_redeploy(backend: str) -> None:
     class Sharded:
         def __call__(self) -> tuple[int, int]:
             ctx = serve.get_replica_context()
-            return ctx.rank, ctx.world_size
+            return ctx.rank.rank, ctx.world_size
 
     handle = serve.run(Sharded.bind(), name="sharded", backend=backend)
     assert handle.remote().result() == (0, 1)
@@ -412,7 +412,7 @@ def test_replica_context_in_function_deployment(backend: str) -> None:
     @serve.deployment
     def who() -> list[Any]:
         ctx = serve.get_replica_context()
-        return [ctx.app_name, ctx.deployment, ctx.rank, ctx.world_size]
+        return [ctx.app_name, ctx.deployment, ctx.rank.rank, ctx.world_size]
 
     handle = serve.run(who.bind(), name="fnapp", backend=backend)
     assert handle.remote().result() == ["fnapp", "who", 0, 1]

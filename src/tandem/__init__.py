@@ -4,6 +4,11 @@ The API is Ray Serve's composition API: code written for Ray Serve runs on
 tandem after ``from ray import serve`` becomes ``import tandem as serve``.
 """
 
+# Importing Ray Serve imports starlette.requests, and Ray Serve code relies on it:
+# ``import starlette`` then ``starlette.requests.Request`` in a type hint. Keep that
+# working (it costs about 20 ms of import time).
+import starlette.requests  # noqa: F401
+
 from tandem._private.api import (
     delete,
     get_app_handle,

@@ -17,6 +17,7 @@ from tandem._private.calls.runtime import get_runtime
 __all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"]
 
 _UNSET: Any = object()
+_SERIALIZATIONS = ("cloudpickle", "pickle")
 
 
 class DeploymentHandle:
@@ -54,8 +55,31 @@ class DeploymentHandle:
         stream: bool = _UNSET,
         multiplexed_model_id: str = _UNSET,
         use_new_handle_api: bool = _UNSET,
+        _prefer_local_routing: bool = _UNSET,
+        _by_reference: bool = _UNSET,
+        request_serialization: str = _UNSET,
+        response_serialization: str = _UNSET,
     ) -> DeploymentHandle:
-        """A new handle with some call options changed; this one is left as it is."""
+        """A new handle with some call options changed; this one is left as it is.
+
+        ``_prefer_local_routing`` and ``_by_reference`` choose how Ray Serve moves a
+        call, never its result: tandem routes to the least loaded of two replicas and
+        passes arguments by value on every backend, so both are accepted as they are.
+        Arguments and results travel pickled (cloudpickle for code), so
+        ``request_serialization`` and ``response_serialization`` accept "cloudpickle"
+        and "pickle"; the formats that would restrict them to JSON-like values are
+        refused.
+        """
+        for option, value in (
+            ("request_serialization", request_serialization),
+            ("response_serialization", response_serialization),
+        ):
+            if value is not _UNSET and value not in _SERIALIZATIONS:
+                raise ValueError(
+                    f"{option}={value!r} is not supported: tandem pickles arguments and "
+                    "results (cloudpickle for code); use 'cloudpickle' or 'pickle', or leave "
+                    "it out."
+                )
         if method_name is not _UNSET and not isinstance(method_name, str):
             raise TypeError(f"method_name must be a str, got {type(method_name).__name__}.")
         if multiplexed_model_id is not _UNSET and not isinstance(multiplexed_model_id, str):

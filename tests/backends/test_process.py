@@ -312,7 +312,7 @@ class Leaf:
 @serve.deployment(num_replicas=2)
 class ExplodingParent:
     def __init__(self, leaf: DeploymentHandle, which: str) -> None:
-        if which == "all" or serve.get_replica_context().rank == 0:
+        if which == "all" or serve.get_replica_context().rank.rank == 0:
             raise ValueError("constructor exploded 7f3a")
         time.sleep(0.5)  # this replica is still starting when its sibling fails
 

@@ -196,7 +196,7 @@ def test_bad_batch_settings_are_rejected() -> None:
 @serve.deployment(num_replicas=2, max_ongoing_requests=64)
 class PerReplica:
     def __init__(self) -> None:
-        self.rank = serve.get_replica_context().rank
+        self.rank = serve.get_replica_context().rank.rank
         self.handle_batch.set_max_batch_size(1 if self.rank == 0 else 5)
 
     @serve.batch(max_batch_size=10, batch_wait_timeout_s=0.1)

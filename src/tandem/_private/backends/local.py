@@ -95,7 +95,7 @@ class LocalBackend(Backend):
         await _replica(info).reconfigure(user_config)
 
     async def set_rank(self, info: ReplicaInfo, rank: int, world_size: int) -> None:
-        _replica(info).set_rank(rank, world_size)
+        await _replica(info).set_rank(rank, world_size)
 
     def connect(self, info: ReplicaInfo) -> ReplicaConnection:
         return LocalConnection(_replica(info))

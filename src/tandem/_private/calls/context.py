@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 
 @dataclass(frozen=True)
 class DeploymentID:
@@ -24,6 +26,25 @@ class DeploymentID:
         return f"{self.app_name}#{self.name}"
 
 
+class ReplicaRank(BaseModel):
+    """A replica's place among its deployment's replicas (Ray Serve's model).
+
+    ``rank`` runs from 0 to ``world_size - 1`` and stays unique while replicas come
+    and go. tandem places a deployment's replicas as one group, so ``node_rank`` is
+    0 and ``local_rank`` equals ``rank``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    rank: int
+    node_rank: int = 0
+    local_rank: int = 0
+
+    @classmethod
+    def of(cls, rank: int) -> ReplicaRank:
+        return cls(rank=rank, node_rank=0, local_rank=rank)
+
+
 @dataclass(frozen=True)
 class ReplicaContext:
     """What a replica knows about itself (``tandem.get_replica_context()``)."""
@@ -31,7 +52,7 @@ class ReplicaContext:
     app_name: str
     deployment: str
     replica_id: str
-    rank: int
+    rank: ReplicaRank
     world_size: int
     _replica: Any = field(default=None, repr=False, compare=False)
 

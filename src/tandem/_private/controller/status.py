@@ -3,27 +3,60 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 
-class ApplicationState:
+class _State(str, Enum):
+    """A state's name: equal to its string (``state == "RUNNING"``), shown as it."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class ApplicationState(_State):
+    """An application's state (Ray Serve's ``ApplicationStatus``)."""
+
+    NOT_STARTED = "NOT_STARTED"
     DEPLOYING = "DEPLOYING"
+    DEPLOY_FAILED = "DEPLOY_FAILED"
     RUNNING = "RUNNING"
     UNHEALTHY = "UNHEALTHY"
     DELETING = "DELETING"
 
 
-class DeploymentState:
+class DeploymentState(_State):
+    """A deployment's state (Ray Serve's ``DeploymentStatus``)."""
+
     UPDATING = "UPDATING"
     HEALTHY = "HEALTHY"
     UNHEALTHY = "UNHEALTHY"
+    DEPLOY_FAILED = "DEPLOY_FAILED"
+    UPSCALING = "UPSCALING"
+    DOWNSCALING = "DOWNSCALING"
 
 
-class ReplicaState:
+class ReplicaState(_State):
+    """A replica's state (Ray Serve's ``ReplicaState``, plus FAILED)."""
+
     STARTING = "STARTING"
+    UPDATING = "UPDATING"
+    RECOVERING = "RECOVERING"
     RUNNING = "RUNNING"
     STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+    PENDING_MIGRATION = "PENDING_MIGRATION"
     FAILED = "FAILED"  # in status counts: starts that failed in a row
+
+
+class ProxyStatus(_State):
+    """The HTTP proxy's state (Ray Serve's ``ProxyStatus``)."""
+
+    STARTING = "STARTING"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    DRAINING = "DRAINING"
+    DRAINED = "DRAINED"
 
 
 @dataclass(frozen=True)

@@ -211,8 +211,8 @@ class ReplicaHost:
     async def reconfigure(self, user_config: Any) -> None:
         await self.replica.reconfigure(user_config)
 
-    def set_rank(self, rank: int, world_size: int) -> None:
-        self.replica.set_rank(rank, world_size)
+    async def set_rank(self, rank: int, world_size: int) -> None:
+        await self.replica.set_rank(rank, world_size)
 
     def publish(self, replica_set: ReplicaSet) -> None:
         """A deployment's replica set changed: tell this process's routers."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ from tandem._private.calls.context import (
     HTTP_METHOD,
     DeploymentID,
     ReplicaContext,
+    ReplicaRank,
     RequestMetadata,
     _replica_context,
     _request,
@@ -104,7 +106,7 @@ class Replica:
             app_name=spec.deployment_id.app_name,
             deployment=spec.deployment_id.name,
             replica_id=spec.replica_id,
-            rank=spec.rank,
+            rank=ReplicaRank.of(spec.rank),
             world_size=spec.world_size,
             _replica=self,
         )
@@ -131,9 +133,15 @@ class Replica:
     def servable(self) -> Any:
         return self._user.obj
 
-    def set_rank(self, rank: int, world_size: int) -> None:
-        """A new place among the deployment's replicas (after scaling)."""
-        self.context = dataclasses.replace(self.context, rank=rank, world_size=world_size)
+    async def set_rank(self, rank: int, world_size: int) -> None:
+        """A new place among the deployment's replicas (after scaling); a reconfigure
+        that takes ``rank`` hears of a changed rank, as in Ray Serve."""
+        changed = rank != self.context.rank.rank
+        self.context = dataclasses.replace(
+            self.context, rank=ReplicaRank.of(rank), world_size=world_size
+        )
+        if changed and self._wants_rank():
+            await self.reconfigure(self._options.user_config)
 
     @property
     def in_flight(self) -> int:
@@ -190,19 +198,34 @@ class Replica:
             await self._user.construct(self.spec.init_args, self.spec.init_kwargs)
         finally:
             _replica_context.reset(token)
-        if self._options.user_config is not None:
+        if self._options.user_config is not None or self._wants_rank():
             await self.reconfigure(self._options.user_config)
         self._admission.open = True
 
     async def reconfigure(self, user_config: Any) -> None:
+        """Give the user's ``reconfigure`` the user_config (and ``rank=``, if it takes it)."""
         method = self._user.hook("reconfigure")
         if method is None:
             raise TypeError(
                 f"Deployment {self.name!r} has a user_config but no reconfigure(self, config) "
                 "method to receive it; add one or remove user_config."
             )
-        await self._invoke(method, user_config)
+        if self._wants_rank():
+            await self._invoke(method, user_config, rank=self.context.rank)
+        else:
+            await self._invoke(method, user_config)
         self._options = self._options.model_copy(update={"user_config": user_config})
+
+    def _wants_rank(self) -> bool:
+        """Whether the user's ``reconfigure`` has a ``rank`` parameter (Ray passes the
+        rank only then, so older ``reconfigure(self, config)`` methods keep working)."""
+        method = self._user.hook("reconfigure")
+        if method is None:
+            return False
+        try:
+            return "rank" in inspect.signature(method).parameters
+        except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+            return False
 
     async def check_health(self) -> None:
         """Fail if abandoned requests outlived the grace period (health_check_timeout_s);
@@ -218,11 +241,11 @@ class Replica:
         if method is not None:
             await asyncio.wait_for(self._invoke(method), timeout=grace)
 
-    async def _invoke(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _invoke(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call a hook of the user's object as the replica (get_replica_context() works)."""
         token = _replica_context.set(self.context)
         try:
-            return await self._user.invoke(fn, args, {})
+            return await self._user.invoke(fn, args, kwargs)
         finally:
             _replica_context.reset(token)
 

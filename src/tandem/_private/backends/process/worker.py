@@ -99,7 +99,7 @@ class _Worker:
             await host.reconfigure(payload)
             return None
         if op == "rank":
-            host.set_rank(*payload)
+            await host.set_rank(*payload)
             return None
         if op == "stop":
             await self._stop(payload)

@@ -233,7 +233,7 @@ class ReplicaActor:
         await self._hosting().reconfigure(user_config)
 
     async def rank(self, rank: int, world_size: int) -> None:
-        self._hosting().set_rank(rank, world_size)
+        await self._hosting().set_rank(rank, world_size)
 
     async def stop(self, timeout_s: float) -> None:
         if self._host is not None:
