@@ -66,6 +66,9 @@ def picklable_starlette() -> None:
     copyreg.pickle(State, _reduce_starlette_state)
 
 
+_MAIN = b"__main__"
+
+
 def dumps(message: Any) -> list[bytes | memoryview]:
     """The parts of one frame, ready for ``writelines`` (no copy of large buffers)."""
     buffers: list[pickle.PickleBuffer] = []
@@ -79,8 +82,13 @@ def dumps(message: Any) -> list[bytes | memoryview]:
     try:
         body = pickle.dumps(message, protocol=5, buffer_callback=out_of_band)
     except (pickle.PicklingError, TypeError, AttributeError):
+        body = _MAIN
+    if _MAIN in body:
+        # Classes and functions defined in the driver's __main__ (a script or a
+        # notebook) pickle by name, and no other process has them under that name:
+        # they travel by value. The scan is cheap (large buffers are not in ``body``),
+        # and data that merely contains these bytes only takes the slower path.
         buffers.clear()
-        # Classes and functions defined in __main__ or a notebook travel by value.
         body = cloudpickle.dumps(message, protocol=5, buffer_callback=out_of_band)
     raws = [b.raw() for b in buffers]
     size = len(body) + sum(raw.nbytes for raw in raws)
