@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BACKENDS
+from conftest import BACKENDS
 
 SCRIPT = textwrap.dedent(
     """
@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
         def apply(self, fn, x):
             return fn(x)
 
-        @serve.batch(max_batch_size=4, batch_size_fn=lambda graphs: sum(len(g.nodes) for g in graphs))
+        @serve.batch(max_batch_size=4, batch_size_fn=lambda gs: sum(len(g.nodes) for g in gs))
         async def batched(self, graphs):
             return [len(g.nodes) for g in graphs]
 
