@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -103,3 +105,44 @@ def test_handle_options_take_rays_transport_options() -> None:
         assert handle.options(**options).remote(3).result() == 3
     with pytest.raises(ValueError, match="request_serialization='msgpack' is not supported"):
         handle.options(request_serialization="msgpack")
+
+
+def test_sync_constructor_finds_the_replicas_running_loop(backend: str) -> None:
+    # Ray Serve runs a sync __init__ on the replica's loop: code written for it
+    # starts background tasks there.
+    @serve.deployment
+    class Background:
+        def __init__(self) -> None:
+            self.loop = asyncio.get_running_loop()
+            self.ticks = 0
+            self.task = asyncio.get_event_loop().create_task(self._tick())
+
+        async def _tick(self) -> None:
+            while True:
+                self.ticks += 1
+                await asyncio.sleep(0.01)
+
+        async def __call__(self) -> tuple[bool, int]:
+            return self.loop is asyncio.get_running_loop(), self.ticks
+
+    handle = serve.run(Background.bind(), name="bg", route_prefix=None, backend=backend)
+    same_loop, _ = handle.remote().result()
+    assert same_loop
+    deadline = time.monotonic() + 30
+    while handle.remote().result()[1] < 3:
+        assert time.monotonic() < deadline, "the task made in __init__ never ran"
+        time.sleep(0.01)
+
+
+def test_async_constructor_is_awaited(backend: str) -> None:
+    @serve.deployment
+    class AsyncInit:
+        async def __init__(self, value: int) -> None:
+            await asyncio.sleep(0)
+            self.value = value
+
+        def __call__(self) -> int:
+            return self.value
+
+    handle = serve.run(AsyncInit.bind(7), name="ai", route_prefix=None, backend=backend)
+    assert handle.remote().result() == 7

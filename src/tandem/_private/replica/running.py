@@ -62,6 +62,26 @@ class Method:
         )
 
 
+def _on_loop(
+    loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """Call ``fn`` in a worker thread as if it ran on ``loop``.
+
+    Ray Serve runs a sync constructor on the replica's event loop, so constructors
+    written for it may call ``asyncio.get_running_loop()``, create tasks or open
+    an aiohttp session. tandem keeps the constructor off the loop (a model that
+    loads for seconds must not stall other replicas' requests), and makes ``loop``
+    this thread's running loop meanwhile: such code finds the replica's loop, and
+    the tasks it creates start as soon as the constructor returns (its completion
+    wakes the loop).
+    """
+    asyncio.events._set_running_loop(loop)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        asyncio.events._set_running_loop(None)
+
+
 class UserCode:
     """The user's object of one replica, and how its methods run (see the module docstring)."""
 
@@ -92,8 +112,15 @@ class UserCode:
         """Build the user's object (a function is its own object); raises what they raise."""
         if self.is_function:
             self.obj = self.target
+        elif inspect.iscoroutinefunction(getattr(self.target, "__init__", None)):
+            # An ``async def __init__`` (Ray Serve allows it): awaited on the loop.
+            obj = self.target.__new__(self.target)
+            await obj.__init__(*args, **kwargs)
+            self.obj = obj
         else:
-            self.obj = await self.run_in_thread(self.target, args, kwargs)
+            assert self._loop is not None
+            construct = functools.partial(_on_loop, self._loop, self.target)
+            self.obj = await self.run_in_thread(construct, args, kwargs)
 
     def hook(self, name: str) -> Callable[..., Any] | None:
         """An optional method of the user's class (``reconfigure``, ``check_health``)."""
