@@ -11,6 +11,7 @@ __all__ = [
     "BackPressureError",
     "DeploymentFailedError",
     "DeploymentUnavailableError",
+    "RayServeException",
     "ReplicaUnavailableError",
     "RequestCancelledError",
     "TandemError",
@@ -19,6 +20,11 @@ __all__ = [
 
 class TandemError(Exception):
     """Base class of every error tandem raises itself."""
+
+
+# Ray Serve's name for the base class: ``except serve.exceptions.RayServeException``
+# in code written for Ray Serve catches what tandem raises.
+RayServeException = TandemError
 
 
 class BackPressureError(TandemError):
