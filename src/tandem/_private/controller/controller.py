@@ -30,7 +30,11 @@ from tandem._private.backends.base import Backend
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaSet
 from tandem._private.controller.autoscaling import AutoscalingPolicy
-from tandem._private.controller.describe import render_status, request_series
+from tandem._private.controller.describe import (
+    render_status,
+    request_series,
+    user_metric_reports,
+)
 from tandem._private.controller.reconcile import Reconciler
 from tandem._private.controller.records import ApplicationRecord, DeploymentRecord, ReplicaRecord
 from tandem._private.controller.replicas import Fleet, StartFailed, deploy_error
@@ -318,6 +322,10 @@ class Controller:
     def deployment_series(self) -> list[tuple[str, str, str, Any]]:
         """Per-method request series of every replica, for /metrics."""
         return request_series(self._apps, self.backend)
+
+    def user_metrics(self) -> list[tuple[str, Any]]:
+        """Every replica's custom metrics (tandem.metrics) as last reported, for /metrics."""
+        return user_metric_reports(self._apps, self.backend)
 
     def status(self) -> Status:
         return render_status(self._apps, self.backend, self._clock())

@@ -123,3 +123,15 @@ def request_series(
                 for method, series in stats.by_method.items() if stats is not None else ():
                     out.append((app_name, name, method, series))
     return out
+
+
+def user_metric_reports(
+    apps: Mapping[str, ApplicationRecord], backend: Backend
+) -> list[tuple[str, Any]]:
+    """(replica id, its latest tandem.metrics report or None) of every replica, for /metrics."""
+    return [
+        (replica.replica_id, backend.facts(replica.info).user_metrics)
+        for app in apps.values()
+        for record in app.deployments.values()
+        for replica in record.replicas
+    ]

@@ -19,8 +19,10 @@ async def open_http(runtime: Runtime, options: HTTPOptions) -> HTTPServer:
         controller.deployment_series,
         restarts=lambda: controller.replica_restarts,
         start_failures=lambda: controller.start_failures,
+        user_metrics=controller.user_metrics,
+        refresh=controller.refresh_reports,
     )
-    endpoints = proxy_endpoints(routes=controller.route_prefixes, metrics=metrics.render)
+    endpoints = proxy_endpoints(routes=controller.route_prefixes, metrics=metrics.scrape)
     proxy = Proxy(runtime, controller.routes, endpoints, options, metrics)
     server = HTTPServer(proxy, options)
     await server.start()

@@ -10,7 +10,7 @@ internals (pids, replica ids, exception text, paths).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, Router
@@ -19,20 +19,34 @@ from starlette.types import Receive, Scope, Send
 _KNOWN = "GET /-/healthz, GET /-/routes, GET /metrics"
 
 
-def proxy_endpoints(routes: Callable[[], dict[str, str]], metrics: Callable[[], bytes]) -> Router:
-    """An ASGI app for the paths under ``/-/`` and ``/metrics`` of the data port."""
+def proxy_endpoints(
+    routes: Callable[[], dict[str, str]], metrics: Callable[[], bytes | Awaitable[bytes]]
+) -> Router:
+    """An ASGI app for the paths under ``/-/`` and ``/metrics`` of the data port
+    (``metrics`` may be a coroutine function: it may ask replicas for fresh numbers)."""
+
+    async def render_metrics() -> Response:
+        body = metrics()
+        if not isinstance(body, bytes):
+            body = await body
+        return Response(body, media_type="text/plain; version=0.0.4")
+
     return Router(
         [
             _get("/-/healthz", lambda: PlainTextResponse("success")),
             _get("/-/routes", lambda: JSONResponse(routes())),
-            _get("/metrics", lambda: Response(metrics(), media_type="text/plain; version=0.0.4")),
+            _get("/metrics", render_metrics),
         ],
         redirect_slashes=False,
         default=_not_found,
     )
 
 
-def _get(path: str, respond: Callable[[], Response]) -> Route:
+# Makes the response to a GET: at once, or as a coroutine.
+Respond = Callable[[], Response | Awaitable[Response]]
+
+
+def _get(path: str, respond: Respond) -> Route:
     """A route that answers GET (and HEAD) with ``respond()``, and 405 to other methods."""
     return Route(path, _GetOnly(path, respond))
 
@@ -40,13 +54,14 @@ def _get(path: str, respond: Callable[[], Response]) -> Route:
 class _GetOnly:
     """An ASGI endpoint (so the route passes it every method, and it says which it takes)."""
 
-    def __init__(self, path: str, respond: Callable[[], Response]) -> None:
+    def __init__(self, path: str, respond: Respond) -> None:
         self._path = path
         self._respond = respond
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] in ("GET", "HEAD"):
-            response = self._respond()
+            made = self._respond()
+            response = made if isinstance(made, Response) else await made
         else:
             response = PlainTextResponse(
                 f"Method Not Allowed: {self._path} only answers GET.\n",

@@ -3,12 +3,17 @@
 The proxy counts into plain Python numbers (it runs on one event loop, so no
 locks are needed, and a request costs a few dict operations instead of the
 locked updates of prometheus-client's metric objects); a collector turns the
-counts into Prometheus families when /metrics is scraped.
+counts into Prometheus families when /metrics is scraped. The same registry
+exports the custom metrics of replicas and of the driver (``user_metrics.py``).
+A scrape first asks replicas elsewhere for fresh reports (at most one round per
+``REFRESH_INTERVAL_S``, however often /metrics is asked for).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from tandem._private.http.user_metrics import ReplicaReports, UserMetrics
 from tandem._private.stats import Series
 
 _LABELS = ["application", "deployment", "method"]
@@ -24,6 +30,9 @@ _LABELS = ["application", "deployment", "method"]
 DeploymentSeries = Callable[[], Iterable[tuple[str, str, str, Series]]]
 # (application, deployment, reason) -> count, for replica restarts and failed starts.
 EventCounts = Callable[[], dict[tuple[str, str, str], int]]
+
+# A scrape refreshes replicas' reports unless the last refresh is younger than this.
+REFRESH_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -44,15 +53,23 @@ class ProxyMetrics(Collector):
         deployment_series: DeploymentSeries,
         restarts: EventCounts = dict,
         start_failures: EventCounts = dict,
+        user_metrics: ReplicaReports = list,
+        refresh: Callable[[], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._status = status
         self._deployment_series = deployment_series
         self._restarts = restarts
         self._start_failures = start_failures
+        self._refresh = refresh
+        self._clock = clock
+        self._refreshed_at = float("-inf")
+        self._refreshing = asyncio.Lock()
         self._series: dict[tuple[str, str, str], _HTTPSeries] = {}
         self._in_flight: dict[str, int] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
+        self.registry.register(UserMetrics(user_metrics))
 
     def started(self, app: str) -> None:
         self._in_flight[app] = self._in_flight.get(app, 0) + 1
@@ -171,3 +188,12 @@ class ProxyMetrics(Collector):
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def scrape(self) -> bytes:
+        """Render, after refreshing replicas' reports if the last refresh is not recent."""
+        if self._refresh is not None:
+            async with self._refreshing:  # concurrent scrapes share one refresh
+                if self._clock() - self._refreshed_at >= REFRESH_INTERVAL_S:
+                    await self._refresh()
+                    self._refreshed_at = self._clock()
+        return self.render()

@@ -16,6 +16,7 @@ and publishes replica sets to those routers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pickle
 import sys
@@ -32,6 +33,7 @@ from tandem._private.calls.router import ReplicaSet
 from tandem._private.calls.runtime import Runtime
 from tandem._private.queues import wait_event
 from tandem._private.replica.replica import Replica, ReplicaFacts, ReplicaSpec
+from tandem._private.user_metrics import STORE
 
 # How often the host looks for changes in the requests waiting in its routers.
 QUEUE_REPORT_S = 0.2
@@ -206,7 +208,10 @@ class ReplicaHost:
     def facts(self) -> ReplicaFacts:
         """What the driver shows of this replica (status, metrics)."""
         replica = self._replica
-        return ReplicaFacts(pid=os.getpid()) if replica is None else replica.facts()
+        facts = ReplicaFacts(pid=os.getpid()) if replica is None else replica.facts()
+        # The process is the replica's alone: its metrics made outside the replica
+        # (e.g. at module level) are reported with it too.
+        return dataclasses.replace(facts, user_metrics=STORE.report_all())
 
     async def reconfigure(self, user_config: Any) -> None:
         await self.replica.reconfigure(user_config)

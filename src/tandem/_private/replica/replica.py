@@ -46,6 +46,7 @@ from tandem._private.replica.running import (
 )
 from tandem._private.replica.threads import contain
 from tandem._private.stats import RequestStats
+from tandem._private.user_metrics import STORE, MetricsReport
 from tandem.exceptions import ReplicaUnavailableError
 
 __all__ = ["AbandonedRequestsError", "Replica", "ReplicaSpec", "current_replica"]
@@ -90,6 +91,7 @@ class ReplicaFacts:
     in_flight: int = 0
     abandoned: int = 0  # requests whose callers gave up, still holding a slot
     stats: RequestStats | None = None
+    user_metrics: MetricsReport | None = None  # tandem.metrics series the replica made
 
 
 class Replica:
@@ -154,6 +156,7 @@ class Replica:
             in_flight=self.in_flight,
             abandoned=self.abandoned,
             stats=self.stats,
+            user_metrics=STORE.report(self.replica_id),
         )
 
     @property
