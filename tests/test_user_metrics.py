@@ -27,7 +27,7 @@ from tandem import metrics
 from tandem._private.api import http_url
 from tandem._private.http.metrics import REFRESH_INTERVAL_S, ProxyMetrics
 from tandem._private.http.user_metrics import UserMetrics
-from tandem._private.user_metrics import HistogramValue, MetricsReport, SeriesValue
+from tandem._private.user_metrics import STORE, HistogramValue, MetricsReport, SeriesValue
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -154,6 +154,15 @@ def test_invalid_names_warn_and_discard_as_in_ray() -> None:
     with pytest.warns(FutureWarning, match="':'"):
         metrics.Gauge("um:colon").set(1)
     metrics.Gauge("um_none").set(None)  # None: nothing to do, as in Ray
+
+
+def test_histograms_of_one_name_with_other_boundaries_share_the_first_buckets() -> None:
+    metrics.Histogram("um_bounds", boundaries=[1]).observe(0.5)
+    metrics.Histogram("um_bounds", boundaries=[1, 2, 3]).observe(5)  # no IndexError
+    [(_, value_)] = [
+        (s.labels, s.value) for s in STORE.report(None).series if s.name == "um_bounds"
+    ]
+    assert value_ == HistogramValue((1.0,), (1, 1), 5.5)
 
 
 def test_metrics_pickle_as_their_arguments() -> None:

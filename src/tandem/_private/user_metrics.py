@@ -119,13 +119,13 @@ class MetricStore:
     def observe(
         self, owner: str | None, name: str, labels: Labels, bounds: tuple[float, ...], value: float
     ) -> None:
-        index = bisect.bisect_left(bounds, value)  # buckets hold values <= their bound
         with self._lock:
             cells = self._cells(owner)
             cell = cells.get((name, labels))
             if cell is None:
                 cell = cells[(name, labels)] = _Buckets(bounds)
-            cell.counts[index] += 1
+            # The series' own bounds: another Histogram of this name may have others.
+            cell.counts[bisect.bisect_left(cell.bounds, value)] += 1  # a bucket holds <= bound
             cell.total += value
 
     def _cells(self, owner: str | None) -> dict[tuple[str, Labels], Any]:
