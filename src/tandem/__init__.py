@@ -9,6 +9,13 @@ tandem after ``from ray import serve`` becomes ``import tandem as serve``.
 # working (it costs about 20 ms of import time).
 import starlette.requests  # noqa: F401
 
+# Submodules Ray Serve code reaches as attributes (``serve.metrics.Counter`` after
+# ``import tandem as serve``), outside ``__all__`` as in Ray Serve.
+from tandem import config as config
+from tandem import exceptions as exceptions
+from tandem import handle as handle
+from tandem import metrics as metrics
+from tandem import schema as schema
 from tandem._private.api import (
     delete,
     get_app_handle,
