@@ -1,14 +1,125 @@
-"""``AutoscalingConfig``: when and how far a deployment scales, with Ray Serve's
-field names and defaults. The controller's autoscaler reads it
-(``controller/autoscaling.py``)."""
+"""``AutoscalingConfig`` and ``AutoscalingPolicy``: when and how far a deployment
+scales, and which function decides, with Ray Serve's field names, defaults and
+checks. The controller's autoscaler applies them (``controller/autoscaling.py``).
+
+A policy given by import path is only checked for its form here; the controller
+imports it (this module may not import user code: the options models import it).
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import json
+import warnings
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+# The built-in policy (scale on ongoing requests), as Ray Serve names it under tandem.
+DEFAULT_POLICY_PATH = "tandem.autoscaling_policy:default_autoscaling_policy"
+# Ray Serve's names of the built-in policies, which a config file written for it may hold.
+RAY_POLICY_MODULE = "ray.serve.autoscaling_policy"
+
+# Field names older Ray Serve releases read. Ray Serve 2.60 drops them without a word
+# (the target silently stays 2); tandem refuses them and names the field to write.
+_RENAMED_FIELDS = {"target_num_ongoing_requests_per_replica": "target_ongoing_requests"}
+_RENAMED_POLICY_FIELDS = {"name": "policy_function"}
+
+
+def _refuse_renamed(data: Any, renamed: dict[str, str]) -> Any:
+    if isinstance(data, dict):
+        for old, new in renamed.items():
+            if old in data:
+                raise ValueError(
+                    f"{old!r} is an old name that Ray Serve no longer reads; write {new!r}"
+                )
+    return data
+
+
+def import_path_of(fn: Callable[..., Any]) -> str:
+    """``module:qualified_name`` of a function or class (how a config file names it)."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}:{name}"
+
+
+class AggregationFunction(str, Enum):
+    """How samples over ``look_back_period_s`` become one number (Ray Serve's enum)."""
+
+    MEAN = "mean"  # the time-weighted average
+    MAX = "max"  # the peak
+    MIN = "min"  # the trough
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingPolicy(_Strict):
+    """Which function decides a deployment's (or an application's) replica count.
+
+    ``policy_function`` is a callable or an import path (``module:name``): a
+    function ``(ctx) -> (target_replicas, policy_state)``, or a class that the
+    controller makes once with ``policy_kwargs`` and then calls like that function.
+    """
+
+    policy_function: str | Callable[..., Any] = DEFAULT_POLICY_PATH
+    policy_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return _refuse_renamed(data, _RENAMED_POLICY_FIELDS)
+
+    @field_validator("policy_function", mode="before")
+    @classmethod
+    def _function(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            module, colon, attr = value.partition(":")
+            if not colon:
+                module, _, attr = value.rpartition(".")
+            if not module or not attr:
+                raise ValueError(
+                    f"must be a callable or an import path like 'module:function', got {value!r}"
+                )
+            return value
+        if not callable(value):
+            raise ValueError(
+                "must be a callable or an import path like 'module:function', "
+                f"got {type(value).__name__}"
+            )
+        return value
+
+    @field_validator("policy_kwargs")
+    @classmethod
+    def _json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must be JSON-serializable ({exc})") from None
+        return value
+
+    @field_serializer("policy_function")
+    def _as_path(self, value: str | Callable[..., Any]) -> str:
+        return value if isinstance(value, str) else import_path_of(value)
+
+    def __hash__(self) -> int:
+        return hash((self._as_path(self.policy_function), json.dumps(self.policy_kwargs)))
+
+    def is_default_policy_function(self) -> bool:
+        return self.policy_function == DEFAULT_POLICY_PATH
+
+    @property
+    def label(self) -> str:
+        """How logs and status name the policy."""
+        return self._as_path(self.policy_function)
 
 
 class AutoscalingConfig(_Strict):
@@ -27,6 +138,30 @@ class AutoscalingConfig(_Strict):
     downscaling_factor: float | None = Field(default=None, gt=0)
     upscale_delay_s: float = Field(default=30.0, ge=0)
     downscale_delay_s: float = Field(default=600.0, ge=0)
+    # The wait before going from one replica to none (None: downscale_delay_s).
+    downscale_to_zero_delay_s: float | None = Field(default=None, ge=0)
+    aggregation_function: AggregationFunction = AggregationFunction.MEAN
+    policy: AutoscalingPolicy = Field(default_factory=AutoscalingPolicy)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return _refuse_renamed(data, _RENAMED_FIELDS)
+
+    @field_validator("aggregation_function", mode="before")
+    @classmethod
+    def _aggregation(cls, value: Any) -> Any:
+        if isinstance(value, AggregationFunction):
+            return value
+        try:
+            return AggregationFunction(str(value).lower())
+        except ValueError:
+            choices = ", ".join(repr(f.value) for f in AggregationFunction)
+            raise ValueError(f"must be one of {choices}, got {value!r}") from None
+
+    @field_serializer("aggregation_function")
+    def _aggregation_name(self, value: AggregationFunction) -> str:
+        return value.value  # a plain string, so dumps write YAML and JSON
 
     @model_validator(mode="after")
     def _check_bounds(self) -> AutoscalingConfig:
@@ -42,9 +177,32 @@ class AutoscalingConfig(_Strict):
                 f"initial_replicas ({self.initial_replicas}) must lie between min_replicas "
                 f"({self.min_replicas}) and max_replicas ({self.max_replicas})"
             )
+        if self.look_back_period_s <= self.metrics_interval_s:
+            # Ray Serve warns (and says it will refuse this later): a window no longer
+            # than the interval between samples holds too few of them to decide on.
+            warnings.warn(
+                f"look_back_period_s ({self.look_back_period_s:g}) should be greater than "
+                f"metrics_interval_s ({self.metrics_interval_s:g}); Ray Serve will refuse "
+                "this in a future release.",
+                FutureWarning,
+                stacklevel=2,
+            )
         return self
 
     @classmethod
-    def for_auto(cls) -> AutoscalingConfig:
-        """The configuration ``num_replicas="auto"`` stands for."""
+    def default(cls) -> AutoscalingConfig:
+        """The configuration ``num_replicas="auto"`` stands for (Ray Serve's name)."""
         return cls(min_replicas=1, max_replicas=100, target_ongoing_requests=2.0)
+
+    @classmethod
+    def for_auto(cls) -> AutoscalingConfig:
+        return cls.default()
+
+    def get_upscaling_factor(self) -> float:
+        return self.upscaling_factor or self.upscale_smoothing_factor or self.smoothing_factor
+
+    def get_downscaling_factor(self) -> float:
+        return self.downscaling_factor or self.downscale_smoothing_factor or self.smoothing_factor
+
+    def get_target_ongoing_requests(self) -> float:
+        return self.target_ongoing_requests

@@ -22,9 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-from tandem._private.app.autoscaling_config import AutoscalingConfig
+from tandem._private.app.autoscaling_config import AutoscalingConfig, AutoscalingPolicy
 from tandem._private.app.deployment import Application, Deployment
-from tandem._private.app.graph import map_arguments
+from tandem._private.app.graph import build_application, map_arguments
 from tandem._private.app.importing import build_app, import_attribute
 from tandem._private.app.logging_config import LoggingConfig
 from tandem._private.app.options import (
@@ -33,6 +33,7 @@ from tandem._private.app.options import (
     validate_options,
     validation_problems,
 )
+from tandem._private.app.policy_import import check_policies, policies_of
 from tandem._private.app.routes import normalize_route_prefix, prefix_owner
 from tandem._private.http.options import HTTPOptions
 
@@ -72,6 +73,8 @@ class ApplicationConfig(_Model):
     """The application's deployments that set no logging_config of their own take this."""
     external_scaler_enabled: bool = False
     """Ray Serve's external scaler API; tandem has none, so only false is taken."""
+    autoscaling_policy: AutoscalingPolicy | None = None
+    """An application-level policy: it decides for all the autoscaled deployments at once."""
 
     @field_validator("external_scaler_enabled")
     @classmethod
@@ -186,12 +189,15 @@ def build_applications(
         app = build_app(target, app_config.args, app_config.import_path)
         overrides = {d.name: d.options() for d in app_config.deployments}
         try:
-            built.append(
-                (
-                    app_config,
-                    apply_overrides(app, overrides, app_config.name, app_config.runtime_env),
-                )
+            app = apply_overrides(app, overrides, app_config.name, app_config.runtime_env)
+            # Every autoscaling policy is found now, so a bad one fails the whole file.
+            spec = build_application(app, app_config.name, None)
+            whole = app_config.autoscaling_policy
+            check_policies(
+                [*policies_of(spec), *([(f"application {spec.name!r}", whole)] if whole else [])],
+                reload=reload,
             )
+            built.append((app_config, app))
         except ValueError as exc:
             raise ValueError(f"applications[{index}] ({app_config.name!r}): {exc}") from None
     return built

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tandem._private.app.autoscaling_config import AutoscalingPolicy
 from tandem._private.app.options import DeploymentOptions
 
 _AT_START = (
@@ -57,3 +58,5 @@ class ApplicationSpec:
     route_prefix: str | None
     ingress: str
     deployments: tuple[DeploymentSpec, ...]  # dependencies before dependents
+    # A config file's application-level policy: it decides for every autoscaled deployment.
+    autoscaling_policy: AutoscalingPolicy | None = None

@@ -10,6 +10,7 @@ a bad config changes nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from typing import Any
@@ -138,11 +139,14 @@ def _specs(
     config: ServeConfig, built: list[tuple[ApplicationConfig, Application]]
 ) -> list[ApplicationSpec]:
     return [
-        build_application(
-            app,
-            app_config.name,
-            api.normalize_route_prefix(app_config.route_prefix),
-            config.app_logging(app_config),
+        dataclasses.replace(
+            build_application(
+                app,
+                app_config.name,
+                api.normalize_route_prefix(app_config.route_prefix),
+                config.app_logging(app_config),
+            ),
+            autoscaling_policy=app_config.autoscaling_policy,
         )
         for app_config, app in built
     ]

@@ -25,11 +25,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tandem._private.app.policy_import import check_policies, policies_of
 from tandem._private.app.spec import ApplicationSpec, DeploymentSpec
 from tandem._private.backends.base import Backend
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaSet
-from tandem._private.controller.autoscaling import AutoscalingPolicy
+from tandem._private.controller.autoscaling import Autoscaler
 from tandem._private.controller.describe import (
     render_status,
     request_series,
@@ -96,6 +97,7 @@ class Controller:
 
     async def deploy(self, spec: ApplicationSpec) -> None:
         """Deploy or update one application; return once all its replicas serve."""
+        check_policies(policies_of(spec))  # a bad policy fails the deploy before it starts
         async with self._lock:
             check_prefix_free(spec, self._apps)
             old = self._apps.get(spec.name)
@@ -217,7 +219,7 @@ class Controller:
             old_config = prev.spec.options.user_config
             if prev.spec.options.autoscaling != dspec.options.autoscaling:
                 auto = dspec.options.autoscaling
-                prev.autoscaler = AutoscalingPolicy(auto) if auto is not None else None
+                prev.autoscaler = Autoscaler(auto) if auto is not None else None
                 prev.scaled_target = None
             prev.spec = dspec
             prev.replicas.extend(sorted(started.get(dspec.name, []), key=lambda r: r.rank))

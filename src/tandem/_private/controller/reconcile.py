@@ -5,7 +5,9 @@ that exited or failed their health checks, stops the surplus when the target
 went down, starts the missing replicas once the backoff allows, asks the
 autoscaler for a new target, and refreshes the deployment's state. It decides
 without waiting: starts, stops, health checks and load samples run as tasks
-of their own, so a slow constructor in one deployment delays no other. A start
+of their own, so a slow constructor in one deployment delays no other. An
+application with an application-level autoscaling policy is sampled and
+decided as a whole (``controller/autoscaling.py`` says how). A start
 that fails, for any reason, is tried again with exponential backoff and jitter,
 never given up, so a deployment recovers by itself once the cause is gone.
 
@@ -19,9 +21,12 @@ import asyncio
 import dataclasses
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping
 
 from tandem._private.calls.context import DeploymentID
+from tandem._private.controller.autoscaling import ApplicationAutoscaler, Autoscaler
+from tandem._private.controller.autoscaling_context import AutoscalingContext
 from tandem._private.controller.health import HealthChecks
 from tandem._private.controller.records import ApplicationRecord, DeploymentRecord, ReplicaRecord
 from tandem._private.controller.replicas import Fleet, retry_delay, start_failure
@@ -43,12 +48,16 @@ class Reconciler:
         fleet: Fleet,
         clock: Callable[[], float],
         queued: Callable[[DeploymentID], int],
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._apps = apps  # the controller's, read as they are now on every pass
         self._fleet = fleet
         self._backend = fleet.backend
         self._clock = clock
+        self._wall_clock = wall_clock  # autoscaling's time: policies see real timestamps
         self._queued = queued
+        # Applications with an application-level autoscaling policy, by name.
+        self._app_autoscalers: dict[str, ApplicationAutoscaler] = {}
         self._random = random.Random()
         self._wakeup = asyncio.Event()
         self._exited: set[str] = set()
@@ -105,6 +114,9 @@ class Reconciler:
                     continue  # deploy() and delete() own it meanwhile
                 for record in list(app.deployments.values()):
                     next_due = min(next_due, self._reconcile(record, now))
+                next_due = min(next_due, self._autoscale_if_due(app, now))
+            for name in set(self._app_autoscalers) - set(self._apps):
+                del self._app_autoscalers[name]
             self._wakeup.clear()
             await wait_event(self._wakeup, max(0.005, next_due - now))
 
@@ -140,12 +152,6 @@ class Reconciler:
                     record.starting[rank] = self._fleet.in_background(self._start_one(record, rank))
             else:
                 next_due = min(next_due, record.retry_at)
-        if record.autoscaler is not None and not record.scaling:
-            if record.next_sample <= now:
-                record.scaling = True
-                self._fleet.in_background(self._autoscale(record))
-            else:
-                next_due = min(next_due, record.next_sample)
         record.refresh_state()
         return next_due
 
@@ -219,34 +225,102 @@ class Reconciler:
 
     # -- autoscaling -------------------------------------------------------
 
-    async def _autoscale(self, record: DeploymentRecord) -> None:
-        """Sample the deployment's load, ask its policy, and set the target it chooses."""
-        policy = record.autoscaler
-        assert policy is not None
-        backend = self._backend
+    def _autoscale_if_due(self, app: ApplicationRecord, now: float) -> float:
+        """Start the autoscaling passes that are due; return when the next one is."""
+        scaled = [r for r in app.deployments.values() if r.autoscaler is not None]
+        policy = app.spec.autoscaling_policy
+        if policy is None or not scaled:
+            self._app_autoscalers.pop(app.spec.name, None)
+            next_due = float("inf")
+            for record in scaled:
+                if record.scaling:
+                    continue
+                if record.next_sample <= now:
+                    record.scaling = True
+                    self._fleet.in_background(self._autoscale([record], None))
+                else:
+                    next_due = min(next_due, record.next_sample)
+            return next_due
+        # One policy for the whole application: all of it is sampled and decided at once.
+        whole = self._app_autoscalers.get(app.spec.name)
+        if whole is None or whole.policy != policy:
+            whole = self._app_autoscalers[app.spec.name] = ApplicationAutoscaler(
+                app.spec.name, policy
+            )
+            for record in scaled:
+                own = record.spec.options.autoscaling
+                if own is not None and not own.policy.is_default_policy_function():
+                    logger.warning(
+                        "Deployment %s has an autoscaling policy of its own and its "
+                        "application has one too; the application's decides (as in Ray Serve).",
+                        record.id,
+                    )
+        if any(r.scaling for r in scaled):
+            return float("inf")  # the pass under way wakes the loop when it ends
+        due = min(r.next_sample for r in scaled)
+        if due > now:
+            return due
+        for record in scaled:
+            record.scaling = True
+        self._fleet.in_background(self._autoscale(scaled, whole))
+        return float("inf")
+
+    async def _autoscale(
+        self, records: list[DeploymentRecord], whole: ApplicationAutoscaler | None
+    ) -> None:
+        """Sample the deployments' load and custom metrics, ask the policy (theirs, or
+        ``whole``, the application's) and set the targets it chooses."""
+        # A redeploy may replace an autoscaler meanwhile: this pass keeps to these.
+        scalers = [(r, r.autoscaler) for r in records if r.autoscaler is not None]
         try:
-            if record.replicas:
-                await asyncio.wait(
-                    [asyncio.ensure_future(backend.refresh(r.info)) for r in record.replicas],
-                    timeout=AUTOSCALE_SAMPLE_S,
-                )
-            in_flight = sum(backend.facts(r.info).in_flight for r in record.replicas)
-            now = self._clock()
-            queued = self._queued(record.id) + backend.queued(record.id)
-            policy.record(now, in_flight + queued)
-            target = policy.decide(now, record.target)
-            if target == record.target or self._closing or record.removed:
-                return
-            logger.info(
-                "Scaling %s from %d to %d replicas (%s).",
-                record.id, record.target, target,
-                policy.last_decision.reason if policy.last_decision else "",
-            )  # fmt: skip
-            record.scaled_target = target
-            if target > record.target:
-                record.retry_at = 0.0  # new demand: do not wait out an old backoff
-            self._wakeup.set()  # the loop starts or stops replicas to match
+            await asyncio.gather(*(self._sample(r, a) for r, a in scalers))
+            now = self._wall_clock()
+            members: dict[DeploymentID, tuple[Autoscaler, AutoscalingContext]] = {}
+            for record, autoscaler in scalers:
+                replica_ids = [r.replica_id for r in record.replicas]
+                ctx = autoscaler.context(record.id, replica_ids, record.target, now)
+                members[record.id] = (autoscaler, ctx)
+            if whole is not None:
+                targets = whole.decide(members, now)
+            else:
+                targets = {dep: auto.decide(ctx) for dep, (auto, ctx) in members.items()}
+            for record, autoscaler in scalers:
+                if record.id in targets and record.autoscaler is autoscaler:
+                    self._scale(record, autoscaler, targets[record.id])
+        except Exception:  # a fault of tandem's (policies' own errors are handled inside)
+            logger.exception("Autoscaling %s failed.", ", ".join(str(r.id) for r in records))
         finally:
-            record.scaling = False
-            interval = min(policy.config.metrics_interval_s, AUTOSCALE_SAMPLE_S)
-            record.next_sample = self._clock() + interval
+            for record in records:
+                record.scaling = False
+                if record.autoscaler is not None:
+                    interval = min(record.autoscaler.config.metrics_interval_s, AUTOSCALE_SAMPLE_S)
+                    record.next_sample = self._clock() + interval
+            self._wakeup.set()
+
+    async def _sample(self, record: DeploymentRecord, autoscaler: Autoscaler) -> None:
+        """Record the deployment's requests (running and queued) and custom metrics."""
+        backend = self._backend
+        replicas = list(record.replicas)
+        if replicas:
+            await asyncio.wait(
+                [asyncio.ensure_future(backend.refresh(r.info)) for r in replicas],
+                timeout=AUTOSCALE_SAMPLE_S,
+            )
+        facts = {r.replica_id: backend.facts(r.info) for r in replicas}
+        queued = self._queued(record.id) + backend.queued(record.id)
+        in_flight = sum(f.in_flight for f in facts.values())
+        stats = {replica_id: f.autoscaling_stats for replica_id, f in facts.items()}
+        autoscaler.record(self._wall_clock(), in_flight + queued, queued, stats)
+
+    def _scale(self, record: DeploymentRecord, autoscaler: Autoscaler, target: int) -> None:
+        """Set the target the autoscaler chose; the loop starts or stops replicas to match."""
+        if target == record.target or self._closing or record.removed:
+            return
+        decision = autoscaler.last_decision
+        logger.info(
+            "Scaling %s from %d to %d replicas (%s).",
+            record.id, record.target, target, decision.reason if decision else "",
+        )  # fmt: skip
+        record.scaled_target = target
+        if target > record.target:
+            record.retry_at = 0.0  # new demand: do not wait out an old backoff

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from tandem._private.app.spec import ApplicationSpec, DeploymentSpec
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaInfo
-from tandem._private.controller.autoscaling import AutoscalingPolicy
+from tandem._private.controller.autoscaling import Autoscaler
 from tandem._private.controller.status import ApplicationState, DeploymentState, ReplicaState
 
 
@@ -48,7 +48,7 @@ class DeploymentRecord:
     # Set once the deployment left its application: nothing may restart its replicas.
     removed: bool = False
     # Autoscaling: the policy, the target it chose (None: the initial count), and timing.
-    autoscaler: AutoscalingPolicy | None = None
+    autoscaler: Autoscaler | None = None
     scaled_target: int | None = None
     scaling: bool = False
     next_sample: float = 0.0
@@ -56,7 +56,7 @@ class DeploymentRecord:
     def __post_init__(self) -> None:
         auto = self.spec.options.autoscaling
         if auto is not None and self.autoscaler is None:
-            self.autoscaler = AutoscalingPolicy(auto)
+            self.autoscaler = Autoscaler(auto)
 
     @property
     def target(self) -> int:

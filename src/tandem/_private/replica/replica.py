@@ -37,6 +37,7 @@ from tandem._private.calls.context import (
 from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.replica.abandoned import AbandonedRequests, AbandonedRequestsError
 from tandem._private.replica.admission import Admission, Slot
+from tandem._private.replica.autoscaling_stats import AutoscalingStats, StatsWindow
 from tandem._private.replica.logs import ReplicaLogs
 from tandem._private.replica.running import (
     GENERATOR_TYPES,
@@ -92,6 +93,8 @@ class ReplicaFacts:
     abandoned: int = 0  # requests whose callers gave up, still holding a slot
     stats: RequestStats | None = None
     user_metrics: MetricsReport | None = None  # tandem.metrics series the replica made
+    # What record_autoscaling_stats returned over look_back_period_s (autoscaling_stats.py).
+    autoscaling_stats: StatsWindow = ()
 
 
 class Replica:
@@ -130,6 +133,7 @@ class Replica:
         self.batch_settings: dict[Any, Any] = {}
         # Called when the replica stops (e.g. to end @batch queues).
         self.closers: list[Callable[[], None]] = []
+        self._autoscaling_stats: AutoscalingStats | None = None
 
     @property
     def servable(self) -> Any:
@@ -157,6 +161,9 @@ class Replica:
             abandoned=self.abandoned,
             stats=self.stats,
             user_metrics=STORE.report(self.replica_id),
+            autoscaling_stats=(
+                self._autoscaling_stats.window() if self._autoscaling_stats is not None else ()
+            ),
         )
 
     @property
@@ -204,6 +211,12 @@ class Replica:
         if self._options.user_config is not None or self._wants_rank():
             await self.reconfigure(self._options.user_config)
         self._admission.open = True
+        self._autoscaling_stats = AutoscalingStats.started(
+            self._options.autoscaling,
+            self._user.hook("record_autoscaling_stats"),
+            self._invoke,
+            self.replica_id,
+        )
 
     async def reconfigure(self, user_config: Any) -> None:
         """Give the user's ``reconfigure`` the user_config (and ``rank=``, if it takes it)."""
@@ -260,6 +273,8 @@ class Replica:
         """
         if self._stopped:
             return
+        if self._autoscaling_stats is not None:
+            await self._autoscaling_stats.close()
         timeout = self._options.graceful_shutdown_timeout_s if timeout_s is None else timeout_s
         started = time.monotonic()
         await self._admission.drain(timeout)
