@@ -42,6 +42,7 @@ SCHEMA_ALL = [
     "ApplicationStatus",
     "ApplicationStatusOverview",
     "AutoscalingConfig",
+    "AutoscalingPolicy",
     "BackpressureConfig",
     "DeploymentSchema",
     "DeploymentStatus",

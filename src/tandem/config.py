@@ -1,8 +1,26 @@
 """Configuration classes users import by name: ``from ray.serve.config import
 AutoscalingConfig`` becomes ``from tandem.config import AutoscalingConfig``."""
 
-from tandem._private.app.autoscaling_config import AutoscalingConfig
+from tandem._private.app.autoscaling_config import (
+    AggregationFunction,
+    AutoscalingConfig,
+    AutoscalingPolicy,
+)
+from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.app.request_router_config import RequestRouterConfig
-from tandem._private.http.options import HTTPOptions
+from tandem._private.calls.context import DeploymentID
+from tandem._private.controller.autoscaling_context import AutoscalingContext, ReplicaID
+from tandem._private.http.options import HTTPOptions, ProxyLocation
 
-__all__ = ["AutoscalingConfig", "HTTPOptions", "RequestRouterConfig"]
+__all__ = [
+    "AggregationFunction",
+    "AutoscalingConfig",
+    "AutoscalingContext",
+    "AutoscalingPolicy",
+    "BackpressureConfig",
+    "DeploymentID",
+    "HTTPOptions",
+    "ProxyLocation",
+    "ReplicaID",
+    "RequestRouterConfig",
+]

@@ -6,7 +6,7 @@ file, ``ServeApplicationSchema`` one application, ``DeploymentSchema`` one
 deployment's overrides), and so do the states ``tandem.status()`` reports.
 """
 
-from tandem._private.app.autoscaling_config import AutoscalingConfig
+from tandem._private.app.autoscaling_config import AutoscalingConfig, AutoscalingPolicy
 from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.app.config_file import ApplicationConfig as ServeApplicationSchema
 from tandem._private.app.config_file import DeploymentOverride as DeploymentSchema
@@ -26,6 +26,7 @@ __all__ = [
     "ApplicationStatus",
     "ApplicationStatusOverview",
     "AutoscalingConfig",
+    "AutoscalingPolicy",
     "BackpressureConfig",
     "DeploymentSchema",
     "DeploymentStatus",
