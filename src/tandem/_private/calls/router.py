@@ -5,6 +5,10 @@ requests in flight on each replica, sends a request only to a replica below
 ``max_ongoing_requests``, queues up to ``max_queued_requests`` callers when all
 are busy (beyond that: ``BackPressureError``), and takes new replica sets as the
 controller publishes them, without dropping queued requests.
+
+A deployment with a custom request router (``request_router_config``) has it
+published in its replica set; its requests are then routed by that router
+(``calls.custom_routing``) instead of the built-in policy.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tandem._private.calls.context import DeploymentID, RequestMetadata
+from tandem._private.calls.custom_routing import CustomRouting, RouterSpec, Superseded
+from tandem._private.calls.request_routers import ReplicaID
 from tandem.exceptions import BackPressureError, DeploymentUnavailableError
 
 
@@ -28,6 +34,8 @@ class ReplicaInfo:
     address: Any
     max_ongoing_requests: int
     model_ids: frozenset[str] = frozenset()
+    # What the replica's record_routing_stats() last returned (custom routers read it).
+    routing_stats: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class ReplicaSet:
     state: str = "running"
     message: str = ""
     version: int = 0
+    request_router: RouterSpec | None = None  # None: the built-in policy
 
 
 class ReplicaConnection(Protocol):
@@ -72,6 +81,16 @@ class RoutedReplica:
     @property
     def has_room(self) -> bool:
         return self.in_flight < self.info.max_ongoing_requests
+
+
+@dataclass
+class _Ticket(RoutedReplica):
+    """One request a custom router routed: released through its router, which hears of it."""
+
+    shared: RoutedReplica | None = None
+    routing: CustomRouting | None = None
+    replica_id: ReplicaID | None = None
+    internal_request_id: str = ""
 
 
 class RoutingPolicy(Protocol):
@@ -123,10 +142,13 @@ class Router:
         self._replica_set = ReplicaSet(deployment_id)
         self._known = False
         self._queue: deque[asyncio.Future[RoutedReplica | None]] = deque()
+        self._custom: CustomRouting | None = None
+        self._custom_used = False  # then release() may get a custom router's tickets
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        custom = self._custom
+        return len(self._queue) + (custom.pending if custom is not None else 0)
 
     def update(self, replica_set: ReplicaSet) -> None:
         """Take a newly published replica set; keeps counts for replicas that stay."""
@@ -148,14 +170,39 @@ class Router:
                 if not routed.in_flight:
                     routed.connection.close()
         self._replicas = current
+        if replica_set.request_router is not None or self._custom is not None:
+            self._update_custom(replica_set.request_router)
         self._wake(len(self._queue))
 
-    async def assign(self, meta: RequestMetadata, avoid: set[str] | None = None) -> RoutedReplica:
+    def _update_custom(self, spec: RouterSpec | None) -> None:
+        custom = self._custom
+        if custom is not None and (spec is None or spec.key != custom.spec.key):
+            custom.close()
+            custom = self._custom = None
+        if spec is None:
+            return
+        if custom is None:
+            custom = self._custom = CustomRouting(
+                self.deployment_id, spec, self._raise_if_gone, self._raise_if_queue_full
+            )
+            self._custom_used = True
+        custom.update(self._replicas.values())
+
+    async def assign(
+        self,
+        meta: RequestMetadata,
+        avoid: set[str] | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> RoutedReplica:
         """Wait for a replica with room and count the request against it.
 
         Replicas in ``avoid`` (ids) are skipped while others have room. The
         caller must call :meth:`release` with the result when the request ends.
+        ``args`` and ``kwargs`` are the request's, for a custom router to see.
         """
+        if self._custom is not None:
+            return await self._assign_custom(meta, avoid, args, kwargs or {})
         if avoid:
             return await self._assign_avoiding(meta, avoid)
         if len(self._replicas) == 1 and not self._queue:
@@ -175,13 +222,7 @@ class Router:
                     chosen = self._policy.choose(candidates, meta)
                     chosen.in_flight += 1
                     return chosen
-            limit = self._replica_set.max_queued_requests
-            if limit != -1 and len(self._queue) >= limit:
-                raise BackPressureError(
-                    f"Deployment {self.deployment_id.name!r} of application "
-                    f"{self.deployment_id.app_name!r} has {len(self._queue)} requests queued "
-                    f"(max_queued_requests={limit}); retry later or raise the limit."
-                )
+            self._raise_if_queue_full(len(self._queue))
             waiter: asyncio.Future[RoutedReplica | None] = (
                 asyncio.get_running_loop().create_future()
             )
@@ -220,7 +261,48 @@ class Router:
             return chosen
         return await self.assign(meta)
 
+    async def _assign_custom(
+        self,
+        meta: RequestMetadata,
+        avoid: set[str] | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> RoutedReplica:
+        while True:
+            self._raise_if_gone()
+            custom = self._custom
+            if custom is None:  # the deployment went back to the built-in policy
+                return await self.assign(meta, avoid)
+            try:
+                chosen, pending = await custom.choose(meta, avoid, args, kwargs)
+            except Superseded:
+                continue  # its router was replaced while it waited: ask the new one
+            shared = self._replicas.get(chosen.info.replica_id)
+            if shared is not chosen:
+                await asyncio.sleep(0)
+                continue  # the replica left while the router chose it
+            shared.in_flight += 1
+            try:
+                replica_id = custom.sent(pending, shared)
+            except BaseException:
+                self.release(shared)
+                raise
+            return _Ticket(
+                shared.info,
+                shared.connection,
+                shared=shared,
+                routing=custom,
+                replica_id=replica_id,
+                internal_request_id=pending.metadata.internal_request_id,
+            )
+
     def release(self, routed: RoutedReplica) -> None:
+        if self._custom_used and type(routed) is not RoutedReplica:  # a custom router's
+            assert isinstance(routed, _Ticket) and routed.shared is not None
+            self.release(routed.shared)
+            if routed.routing is not None and routed.replica_id is not None:
+                routed.routing.finished(routed.replica_id, routed.internal_request_id)
+            return
         routed.in_flight -= 1
         if not routed.retired and routed.has_room:
             # Hand the place to the first waiter directly: no race, no extra look.
@@ -241,6 +323,15 @@ class Router:
             if not waiter.done():
                 waiter.set_result(None)
                 count -= 1
+
+    def _raise_if_queue_full(self, queued: int) -> None:
+        limit = self._replica_set.max_queued_requests
+        if limit != -1 and queued >= limit:
+            raise BackPressureError(
+                f"Deployment {self.deployment_id.name!r} of application "
+                f"{self.deployment_id.app_name!r} has {queued} requests queued "
+                f"(max_queued_requests={limit}); retry later or raise the limit."
+            )
 
     def _raise_if_gone(self) -> None:
         state = self._replica_set.state

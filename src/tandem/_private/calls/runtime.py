@@ -174,7 +174,7 @@ class Runtime:
         router = self.router(deployment_id)
         tried: set[str] = set()
         while True:
-            routed = await router.assign(meta, avoid=tried)
+            routed = await router.assign(meta, tried, args, kwargs)
             try:
                 return await routed.connection.call(meta, args, kwargs)
             except ReplicaNotReached as error:
@@ -196,7 +196,7 @@ class Runtime:
         router = self.router(deployment_id)
         tried: set[str] = set()
         while True:
-            routed = await router.assign(meta, avoid=tried)
+            routed = await router.assign(meta, tried, args, kwargs)
             started = False
             try:
                 async for item in routed.connection.stream(meta, args, kwargs):

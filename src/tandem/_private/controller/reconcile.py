@@ -70,6 +70,7 @@ class Reconciler:
                 record, replica, why, "health_check"
             ),
             checked=self._wakeup.set,
+            routing_stats_changed=self._fleet.publish,
         )
         # Counts for /metrics: (application, deployment, reason) -> events.
         self.replica_restarts: dict[tuple[str, str, str], int] = {}

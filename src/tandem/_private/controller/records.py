@@ -28,6 +28,9 @@ class ReplicaRecord:
     state: str = ReplicaState.RUNNING
     next_health_check: float = 0.0
     checking: bool = False
+    # Routing stats (record_routing_stats): when to read them next, and whether a read runs.
+    next_routing_stats: float = 0.0
+    reading_stats: bool = False
 
 
 @dataclass

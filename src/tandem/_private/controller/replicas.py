@@ -21,6 +21,7 @@ from typing import Any
 
 from tandem._private.backends.base import Backend, ReplicaStartError
 from tandem._private.calls.context import DeploymentID
+from tandem._private.calls.custom_routing import RouterSpec
 from tandem._private.calls.router import ReplicaInfo, ReplicaSet
 from tandem._private.controller.records import DeploymentRecord, ReplicaRecord
 from tandem._private.controller.status import ReplicaState
@@ -154,6 +155,7 @@ class Fleet:
                 else ""
             ),
             version=next(self._versions),
+            request_router=_router_spec(record),
         )
         self._publish_here(replica_set)  # to the routers in this process
         self.backend.publish(replica_set)  # and to those in replica processes
@@ -169,6 +171,11 @@ class Fleet:
         """Wait for the background tasks (stops, mostly) to end."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _router_spec(record: DeploymentRecord) -> RouterSpec | None:
+    config = record.spec.options.request_router_config
+    return None if config is None else config.router_spec()
 
 
 def retry_delay(failures: int, rng: random.Random) -> float:

@@ -39,6 +39,7 @@ from tandem._private.replica.abandoned import AbandonedRequests, AbandonedReques
 from tandem._private.replica.admission import Admission, Slot
 from tandem._private.replica.autoscaling_stats import AutoscalingStats, StatsWindow
 from tandem._private.replica.logs import ReplicaLogs
+from tandem._private.replica.routing_stats import RoutingStats
 from tandem._private.replica.running import (
     GENERATOR_TYPES,
     UserCode,
@@ -92,6 +93,7 @@ class ReplicaFacts:
     in_flight: int = 0
     abandoned: int = 0  # requests whose callers gave up, still holding a slot
     stats: RequestStats | None = None
+    routing_stats: dict[str, Any] | None = None  # record_routing_stats()'s last dict
     user_metrics: MetricsReport | None = None  # tandem.metrics series the replica made
     # What record_autoscaling_stats returned over look_back_period_s (autoscaling_stats.py).
     autoscaling_stats: StatsWindow = ()
@@ -133,6 +135,7 @@ class Replica:
         self.batch_settings: dict[Any, Any] = {}
         # Called when the replica stops (e.g. to end @batch queues).
         self.closers: list[Callable[[], None]] = []
+        self._routing_stats: RoutingStats | None = None
         self._autoscaling_stats: AutoscalingStats | None = None
 
     @property
@@ -160,6 +163,7 @@ class Replica:
             in_flight=self.in_flight,
             abandoned=self.abandoned,
             stats=self.stats,
+            routing_stats=None if self._routing_stats is None else self._routing_stats.latest,
             user_metrics=STORE.report(self.replica_id),
             autoscaling_stats=(
                 self._autoscaling_stats.window() if self._autoscaling_stats is not None else ()
@@ -211,6 +215,9 @@ class Replica:
         if self._options.user_config is not None or self._wants_rank():
             await self.reconfigure(self._options.user_config)
         self._admission.open = True
+        self._routing_stats = RoutingStats.started(
+            self._options, self._user.hook("record_routing_stats"), self._invoke, self.replica_id
+        )
         self._autoscaling_stats = AutoscalingStats.started(
             self._options.autoscaling,
             self._user.hook("record_autoscaling_stats"),
@@ -273,6 +280,8 @@ class Replica:
         """
         if self._stopped:
             return
+        if self._routing_stats is not None:
+            await self._routing_stats.close()
         if self._autoscaling_stats is not None:
             await self._autoscaling_stats.close()
         timeout = self._options.graceful_shutdown_timeout_s if timeout_s is None else timeout_s

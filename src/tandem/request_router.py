@@ -1,0 +1,33 @@
+"""Custom request routers: ``from ray.serve.request_router import RequestRouter``
+becomes ``from tandem.request_router import RequestRouter``.
+
+Subclass :class:`RequestRouter`, implement ``choose_replicas``, and name the
+class in a deployment's ``request_router_config``
+(``tandem.config.RequestRouterConfig``).
+"""
+
+from tandem._private.calls.request_routers import (
+    PendingRequest,
+    ReplicaID,
+    ReplicaResult,
+    RequestRouter,
+    RunningReplica,
+)
+from tandem._private.calls.routing_mixins import (
+    FIFOMixin,
+    LocalityMixin,
+    MultiplexMixin,
+    PowerOfTwoChoicesRequestRouter,
+)
+
+__all__ = [
+    "FIFOMixin",
+    "LocalityMixin",
+    "MultiplexMixin",
+    "PendingRequest",
+    "PowerOfTwoChoicesRequestRouter",
+    "ReplicaID",
+    "ReplicaResult",
+    "RequestRouter",
+    "RunningReplica",
+]
