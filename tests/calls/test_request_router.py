@@ -444,6 +444,33 @@ def test_a_router_returning_no_ranks_is_a_clear_error() -> None:
     asyncio.run(scenario())
 
 
+def test_a_router_that_keeps_choosing_a_replica_that_left_is_a_clear_error() -> None:
+    class Sticky(RequestRouter):
+        kept: Any = None
+
+        def update_replicas(self, replicas: list[RunningReplica]) -> None:
+            super().update_replicas(replicas)
+            self.kept = self.kept or replicas[0]
+
+        async def _choose_replica_for_request(self, pending_request: Any, **kw: Any) -> Any:
+            return self.kept  # even once it left: a bug of the router's
+
+        async def choose_replicas(
+            self, candidate_replicas: Any, pending_request: Any = None
+        ) -> Any:
+            return [candidate_replicas]
+
+    async def scenario() -> None:
+        config = _router(Sticky)
+        router = Router(DEPLOYMENT, _Line)
+        router.update(_set(config, "a"))
+        router.update(_set(config, "b", version=2))
+        with pytest.raises(RequestRouterError, match="keeps choosing replica a"):
+            await router.assign(_meta())
+
+    asyncio.run(scenario())
+
+
 def test_a_subclass_of_the_default_router_routes_to_the_less_loaded() -> None:
     class Pow2(PowerOfTwoChoicesRequestRouter):
         pass

@@ -309,6 +309,13 @@ class CustomRouting:
 
     # -- errors ----------------------------------------------------------------
 
+    def stale_choice(self, replica_id: str) -> RequestRouterError:
+        return self._failed(
+            f"keeps choosing replica {replica_id}, which no longer runs (choose from "
+            "candidate_replicas)",
+            None,
+        )
+
     def _failed(self, what: str, error: BaseException | None) -> RequestRouterError:
         detail = f" ({type(error).__name__}: {error})" if error is not None else ""
         return RequestRouterError(

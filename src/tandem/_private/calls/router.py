@@ -25,6 +25,9 @@ from tandem._private.calls.custom_routing import CustomRouting, RouterSpec, Supe
 from tandem._private.calls.request_routers import ReplicaID
 from tandem.exceptions import BackPressureError, DeploymentUnavailableError
 
+# A custom router that keeps choosing replicas that are gone fails the request after this.
+MAX_STALE_CHOICES = 100
+
 
 @dataclass(frozen=True)
 class ReplicaInfo:
@@ -268,6 +271,7 @@ class Router:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> RoutedReplica:
+        stale = 0
         while True:
             self._raise_if_gone()
             custom = self._custom
@@ -278,9 +282,12 @@ class Router:
             except Superseded:
                 continue  # its router was replaced while it waited: ask the new one
             shared = self._replicas.get(chosen.info.replica_id)
-            if shared is not chosen:
+            if shared is not chosen:  # the replica left while the router chose it
+                stale += 1
+                if stale >= MAX_STALE_CHOICES:
+                    raise custom.stale_choice(chosen.info.replica_id)
                 await asyncio.sleep(0)
-                continue  # the replica left while the router chose it
+                continue
             shared.in_flight += 1
             try:
                 replica_id = custom.sent(pending, shared)
@@ -297,7 +304,8 @@ class Router:
             )
 
     def release(self, routed: RoutedReplica) -> None:
-        if self._custom_used and type(routed) is not RoutedReplica:  # a custom router's
+        if self._custom_used and type(routed) is not RoutedReplica:
+            # A request a custom router routed: count it off its replica, then tell it.
             assert isinstance(routed, _Ticket) and routed.shared is not None
             self.release(routed.shared)
             if routed.routing is not None and routed.replica_id is not None:
