@@ -7,6 +7,10 @@ is imported then), so a wrong one is reported at ``@deployment`` time.
 every caller; the default router publishes none (routers use their built-in
 policy). ``record_routing_stats`` is called on every replica that defines it,
 every ``request_routing_stats_period_s`` (``replica/routing_stats.py``).
+``initial_backoff_s``, ``backoff_multiplier`` and ``max_backoff_s`` pace a
+custom router's rounds when no replica it ranked has room (a freed slot or a
+replica change ends the wait early); the built-in policy never polls: a waiting
+request is handed the first slot that frees up.
 """
 
 from __future__ import annotations
