@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tandem._private.calls.context import ReplicaContext, current_replica_context
 
-__all__ = ["_get_internal_replica_context"]
+__all__ = ["ReplicaContext", "_get_internal_replica_context"]
 
 
 def _get_internal_replica_context() -> ReplicaContext | None:
