@@ -12,7 +12,7 @@ from typing import Any
 
 from tandem._private.calls.context import DeploymentID, RequestMetadata, current_request
 from tandem._private.calls.responses import DeploymentResponse, DeploymentResponseGenerator
-from tandem._private.calls.runtime import get_runtime
+from tandem._private.calls.runtime import Runtime, get_runtime
 
 __all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"]
 
@@ -23,7 +23,7 @@ _SERIALIZATIONS = ("cloudpickle", "pickle")
 class DeploymentHandle:
     """Calls one deployment: ``handle.remote(...)`` or ``handle.method.remote(...)``."""
 
-    __slots__ = ("_id", "_method", "_methods", "_model_id", "_stream")
+    __slots__ = ("_id", "_method", "_methods", "_model_id", "_runtime", "_stream")
 
     def __init__(
         self,
@@ -39,6 +39,9 @@ class DeploymentHandle:
         self._stream = stream
         self._model_id = multiplexed_model_id
         self._methods: dict[str, DeploymentHandle] | None = None
+        # Only for an application in local testing mode next to another backend's
+        # runtime (see tandem.run); None: this process's runtime, looked up per call.
+        self._runtime: Runtime | None = None
 
     @property
     def deployment_name(self) -> str:
@@ -86,7 +89,7 @@ class DeploymentHandle:
             raise TypeError(
                 f"multiplexed_model_id must be a str, got {type(multiplexed_model_id).__name__}."
             )
-        return DeploymentHandle(
+        handle = DeploymentHandle(
             self._id.name,
             self._id.app_name,
             method_name=self._method if method_name is _UNSET else method_name,
@@ -95,6 +98,8 @@ class DeploymentHandle:
             if multiplexed_model_id is _UNSET
             else multiplexed_model_id,
         )
+        handle._runtime = self._runtime
+        return handle
 
     def __getattr__(self, name: str) -> DeploymentHandle:
         if name.startswith("_"):
@@ -120,7 +125,7 @@ class DeploymentHandle:
                             "iterate over it and pass the items instead."
                         )
                     pending = DeploymentResponse
-        runtime = get_runtime()
+        runtime = self._runtime or get_runtime()
         parent = current_request()
         meta = RequestMetadata(
             # A request keeps its id across hops so logs and cancellation can follow it.

@@ -10,6 +10,7 @@ replacement replica has threads of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import traceback
 from collections.abc import AsyncIterator
@@ -49,13 +50,18 @@ class LocalConnection:
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: Any = None) -> None:
         self._ignored = IgnoredOptions(self.name)
+        # Set for an application in local testing mode that runs next to another
+        # backend's runtime: its replicas' own calls go through this runtime.
+        self.runtime = runtime
 
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaInfo:
         self._ignored.runtime_env(spec)  # one process: no environment of its own
         self._ignored.placement(spec)
         replica = Replica(spec)
+        if self.runtime is not None:
+            replica.context = dataclasses.replace(replica.context, _runtime=self.runtime)
         replica.on_models_changed = lambda ids: self.events.models_changed(spec.replica_id, ids)
         try:
             await replica.start()

@@ -55,6 +55,9 @@ class ReplicaContext:
     rank: ReplicaRank
     world_size: int
     _replica: Any = field(default=None, repr=False, compare=False)
+    # The runtime this replica's own calls go through when it is not the process's
+    # (an application in local testing mode next to another backend's runtime).
+    _runtime: Any = field(default=None, repr=False, compare=False)
 
     @property
     def replica_tag(self) -> str:

@@ -16,7 +16,7 @@ import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
-from tandem._private.calls.context import DeploymentID, RequestMetadata
+from tandem._private.calls.context import DeploymentID, RequestMetadata, _replica_context
 from tandem._private.calls.control_plane import ControlPlane
 from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet, Router
@@ -236,7 +236,10 @@ _runtime_lock = threading.Lock()
 
 
 def get_runtime() -> Runtime:
-    runtime = _runtime
+    """The runtime calls from here go through: the replica's own, if it has one (see
+    :func:`current_runtime`), else this process's."""
+    context = _replica_context.get()
+    runtime = _runtime if context is None or context._runtime is None else context._runtime
     if runtime is None:  # shutdown() unsets the runtime before closing it
         raise DeploymentUnavailableError(
             "tandem is not running in this process; start an application with tandem.run() first."
@@ -245,7 +248,10 @@ def get_runtime() -> Runtime:
 
 
 def current_runtime() -> Runtime | None:
-    return _runtime
+    """This process's runtime, or, in a replica of an application run in local testing
+    mode next to another backend's runtime, that application's own runtime."""
+    context = _replica_context.get()
+    return _runtime if context is None or context._runtime is None else context._runtime
 
 
 def set_runtime(runtime: Runtime | None) -> None:
