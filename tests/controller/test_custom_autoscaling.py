@@ -289,25 +289,35 @@ def test_ray_serve_names_of_the_built_in_policy_need_no_ray() -> None:
 @pytest.mark.parametrize(
     ("fields", "words"),
     [
-        ({"target_num_ongoing_requests_per_replica": 3}, "write 'target_ongoing_requests'"),
-        ({"policy": {"name": "m:f"}}, "write 'policy_function'"),
         ({"policy": {"policy_function": "no_colon_or_dot"}}, "import path like 'module:function'"),
         ({"policy": {"policy_function": 3}}, "must be a callable or an import path"),
         ({"policy": {"policy_kwargs": {"f": object()}}}, "JSON-serializable"),
+        (
+            {"target_num_ongoing_requests_per_replica": 3, "target_ongoing_requests": 2},
+            "give only 'target_ongoing_requests'",
+        ),
     ],
-    ids=["old-target-name", "old-policy-name", "bad-path", "not-callable", "kwargs-not-json"],
+    ids=["bad-path", "not-callable", "kwargs-not-json", "old-and-new-name"],
 )
-def test_config_refuses_old_names_and_bad_policies_clearly(
-    fields: dict[str, Any], words: str
-) -> None:
+def test_config_refuses_bad_policies_clearly(fields: dict[str, Any], words: str) -> None:
     with pytest.raises(ValueError, match="autoscaling_config") as info:
         serve.deployment(autoscaling_config=fields)(Unfindable.func_or_class)
     assert words in str(info.value)
 
 
-def test_a_config_file_refuses_an_old_field_name_too() -> None:
-    with pytest.raises(ValueError, match="target_ongoing_requests"):
-        validate_config(
+def test_old_field_names_are_read_as_the_fields_they_became() -> None:
+    # Code and docs written for older Ray Serve still use these names.
+    with pytest.warns(DeprecationWarning, match="write 'target_ongoing_requests'"):
+        config = AutoscalingConfig(target_num_ongoing_requests_per_replica=3)
+    assert config.target_ongoing_requests == 3
+    with pytest.warns(DeprecationWarning, match="write 'policy_function'"):
+        policy = AutoscalingPolicy(name="m:f")
+    assert policy.policy_function == "m:f"
+
+
+def test_a_config_file_reads_an_old_field_name_too() -> None:
+    with pytest.warns(DeprecationWarning, match="target_ongoing_requests"):
+        config = validate_config(
             {
                 "applications": [
                     {
@@ -324,6 +334,9 @@ def test_a_config_file_refuses_an_old_field_name_too() -> None:
                 ]
             }
         )
+    deployment = config.applications[0].deployments[0]
+    assert deployment.autoscaling_config is not None
+    assert deployment.autoscaling_config.target_ongoing_requests == 3
 
 
 def test_a_policy_given_as_a_callable_is_written_to_files_as_its_import_path() -> None:

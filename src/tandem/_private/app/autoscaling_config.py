@@ -28,19 +28,28 @@ DEFAULT_POLICY_PATH = "tandem.autoscaling_policy:default_autoscaling_policy"
 # Ray Serve's names of the built-in policies, which a config file written for it may hold.
 RAY_POLICY_MODULE = "ray.serve.autoscaling_policy"
 
-# Field names older Ray Serve releases read. Ray Serve 2.60 drops them without a word
-# (the target silently stays 2); tandem refuses them and names the field to write.
+# Field names older Ray Serve releases read, which code and docs written for them
+# still use. Ray Serve 2.60 drops them without a word (the target silently stays 2);
+# tandem reads them as the field they became, with a DeprecationWarning naming it.
 _RENAMED_FIELDS = {"target_num_ongoing_requests_per_replica": "target_ongoing_requests"}
 _RENAMED_POLICY_FIELDS = {"name": "policy_function"}
 
 
-def _refuse_renamed(data: Any, renamed: dict[str, str]) -> Any:
-    if isinstance(data, dict):
-        for old, new in renamed.items():
-            if old in data:
-                raise ValueError(
-                    f"{old!r} is an old name that Ray Serve no longer reads; write {new!r}"
-                )
+def _map_renamed(data: Any, renamed: dict[str, str]) -> Any:
+    if not isinstance(data, dict) or not any(old in data for old in renamed):
+        return data
+    data = dict(data)
+    for old, new in renamed.items():
+        if old not in data:
+            continue
+        if new in data:
+            raise ValueError(f"{old!r} is the old name of {new!r}; give only {new!r}")
+        warnings.warn(
+            f"{old!r} is the old name of {new!r}; write {new!r} (read as it here).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        data[new] = data.pop(old)
     return data
 
 
@@ -76,7 +85,7 @@ class AutoscalingPolicy(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data: Any) -> Any:
-        return _refuse_renamed(data, _RENAMED_POLICY_FIELDS)
+        return _map_renamed(data, _RENAMED_POLICY_FIELDS)
 
     @field_validator("policy_function", mode="before")
     @classmethod
@@ -146,7 +155,7 @@ class AutoscalingConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data: Any) -> Any:
-        return _refuse_renamed(data, _RENAMED_FIELDS)
+        return _map_renamed(data, _RENAMED_FIELDS)
 
     @field_validator("aggregation_function", mode="before")
     @classmethod
