@@ -14,6 +14,7 @@ import pytest
 import tandem
 import tandem as serve
 import tandem.handle
+from tandem._private.app.config_file import validate_config
 
 # -- decorating ---------------------------------------------------------------
 
@@ -269,6 +270,42 @@ def test_num_replicas_auto_runs(backend: str) -> None:
     handle = serve.run(Auto.bind(), name="auto", backend=backend)
     assert handle.remote().result() == "ok"
     assert serve.status().applications["auto"].deployments["Auto"].running_replicas >= 1
+
+
+def test_num_replicas_auto_fills_a_partial_autoscaling_config_from_its_defaults() -> None:
+    # As in Ray Serve: the fields given lie over what "auto" stands for (1 to 100
+    # replicas, 2 ongoing requests each); before, max_replicas stayed 1 and min 2 failed.
+    @serve.deployment(num_replicas="auto", autoscaling_config={"min_replicas": 2})
+    class Auto:
+        def __call__(self) -> str:
+            return "ok"
+
+    auto = Auto.deployment_options.autoscaling
+    assert auto is not None
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (2, 100, 2.0)
+    assert auto.upscale_delay_s == serve.AutoscalingConfig().upscale_delay_s
+    assert Auto.deployment_options.initial_replicas() == 2
+
+    other = Auto.options(autoscaling_config={"max_replicas": 5, "target_ongoing_requests": 7})
+    auto = other.deployment_options.autoscaling
+    assert auto is not None
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 5, 7.0)
+    # The fields given are still checked against each other.
+    with pytest.raises(ValueError, match=r"min_replicas \(200\) must not exceed max_replicas"):
+        Auto.options(autoscaling_config={"min_replicas": 200})
+
+    serve.run(Auto.bind(), name="auto", route_prefix=None, backend="local")
+    deployment = serve.status().applications["auto"].deployments["Auto"]
+    assert (deployment.target_replicas, deployment.running_replicas) == (2, 2)
+
+
+def test_num_replicas_auto_fills_a_partial_autoscaling_config_in_a_config_file() -> None:
+    override = {"name": "Auto", "num_replicas": "auto", "autoscaling_config": {"min_replicas": 2}}
+    config = validate_config(
+        {"applications": [{"import_path": "m:app", "deployments": [override]}]}
+    )
+    auto = config.applications[0].deployments[0].autoscaling_config
+    assert auto is not None and (auto.min_replicas, auto.max_replicas) == (2, 100)
 
 
 # -- .bind() and the application graph -------------------------------------------

@@ -30,6 +30,7 @@ from tandem._private.app.logging_config import LoggingConfig
 from tandem._private.app.options import (
     ActorOptions,
     NumReplicas,
+    fill_auto,
     validate_options,
     validation_problems,
 )
@@ -57,6 +58,11 @@ class DeploymentOverride(_Model):
     graceful_shutdown_wait_loop_s: float | None = Field(default=None, ge=0)
     graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
     logging_config: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_fills_autoscaling(cls, data: Any) -> Any:
+        return fill_auto(data)
 
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.model_fields_set if k != "name"}

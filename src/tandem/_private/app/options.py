@@ -94,6 +94,29 @@ def _check_num_replicas(value: Any) -> Any:
 NumReplicas = Annotated[int | Literal["auto"] | None, BeforeValidator(_check_num_replicas)]
 
 
+def fill_auto(data: Any) -> Any:
+    """Options (a dict) where ``num_replicas="auto"`` comes with an ``autoscaling_config``:
+    the config's fields lie over those "auto" stands for (AutoscalingConfig.default()).
+
+    As in Ray Serve, ``num_replicas="auto", autoscaling_config={"min_replicas": 2}``
+    scales between 2 and the default maximum of 100; the fields given win.
+    """
+    if not isinstance(data, dict) or not _is_auto(data.get("num_replicas")):
+        return data
+    given = data.get("autoscaling_config")
+    if isinstance(given, AutoscalingConfig):
+        given = {name: getattr(given, name) for name in given.model_fields_set}
+    if not isinstance(given, dict):
+        return data  # None: "auto" alone; anything else: pydantic says what is wrong
+    auto = AutoscalingConfig.default()
+    filled = {name: getattr(auto, name) for name in auto.model_fields_set}
+    return {**data, "autoscaling_config": {**filled, **given}}
+
+
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value == "auto"
+
+
 class DeploymentOptions(_Strict):
     """Every option ``@deployment`` and ``.options()`` accept."""
 
@@ -121,6 +144,11 @@ class DeploymentOptions(_Strict):
     logging_config: LoggingConfig | None = None
     request_router_config: RequestRouterConfig | None = None
     backpressure_config: BackpressureConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_fills_autoscaling(cls, data: Any) -> Any:
+        return fill_auto(data)
 
     @field_validator("name")
     @classmethod
