@@ -153,7 +153,7 @@ def test_config_file_options_tandem_cannot_apply_are_refused(top: Any, words: st
         validate_config({**_config(), **top})
 
 
-def test_config_file_without_grpc_servicers_or_external_scaler_is_taken() -> None:
+def test_config_file_without_grpc_servicers_or_with_external_scaler_is_taken() -> None:
     config = validate_config(
         {
             **_config(external_scaler_enabled=False),
@@ -162,8 +162,9 @@ def test_config_file_without_grpc_servicers_or_external_scaler_is_taken() -> Non
         }
     )
     assert config.applications[0].external_scaler_enabled is False
-    with pytest.raises(ValueError, match="external scaler"):
-        validate_config(_config(external_scaler_enabled=True))
+    # The control endpoint's scale request serves it (tests/controller/test_external_scaler.py).
+    config = validate_config(_config(external_scaler_enabled=True))
+    assert config.applications[0].external_scaler_enabled is True
 
 
 def test_route_prefix_on_a_deployment_says_where_it_belongs() -> None:

@@ -7,6 +7,7 @@ process; they run the controller's coroutines on the runtime's loop and wait.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import threading
 import time
@@ -215,11 +216,14 @@ def run(
     logging_config: LoggingConfig | dict[str, Any] | None = None,
     backend: str | None = None,
     _local_testing_mode: bool = False,
+    external_scaler_enabled: bool = False,
 ) -> DeploymentHandle:
     """Deploy an application (or update it in place) and return its ingress handle.
 
     ``logging_config`` applies to the application's deployments that set none of
-    their own. Returns once every replica has been constructed. A constructor that raises
+    their own. ``external_scaler_enabled``: the replica counts are set from outside
+    (the control endpoint's scale request); no deployment may autoscale then.
+    Returns once every replica has been constructed. A constructor that raises
     makes ``run`` raise DeploymentFailedError with the original traceback, and
     leaves no part of the new version running.
     """
@@ -236,7 +240,12 @@ def run(
     if backend is not None or _local_testing_mode:
         resolve_backend_name("local" if _local_testing_mode else backend)  # a bad name fails now
     app_logging = logging_config_of(logging_config, f"application {name!r}")
+    if not isinstance(external_scaler_enabled, bool):
+        raise TypeError(
+            f"external_scaler_enabled must be True or False, got {external_scaler_enabled!r}."
+        )
     spec = build_application(target, name, prefix, app_logging)
+    spec = dataclasses.replace(spec, external_scaler_enabled=external_scaler_enabled)
     runtime = open_runtime("local" if _local_testing_mode else backend)
     runtime.run_sync(_controller(runtime).deploy(spec))
     if prefix is not None:

@@ -24,6 +24,7 @@ from pydantic import (
 
 from tandem._private.app.autoscaling_config import AutoscalingConfig, AutoscalingPolicy
 from tandem._private.app.deployment import Application, Deployment
+from tandem._private.app.external_scaler import autoscaled, check_external_scaler
 from tandem._private.app.graph import build_application, map_arguments
 from tandem._private.app.importing import build_app, import_attribute
 from tandem._private.app.logging_config import LoggingConfig
@@ -64,6 +65,10 @@ class DeploymentOverride(_Model):
     def _auto_fills_autoscaling(cls, data: Any) -> Any:
         return fill_auto(data)
 
+    def autoscales(self) -> bool:
+        """Whether this override turns autoscaling on (Ray Serve's is_autoscaling_configured)."""
+        return self.num_replicas == "auto" or self.autoscaling_config is not None
+
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.model_fields_set if k != "name"}
 
@@ -78,19 +83,10 @@ class ApplicationConfig(_Model):
     logging_config: LoggingConfig | None = None
     """The application's deployments that set no logging_config of their own take this."""
     external_scaler_enabled: bool = False
-    """Ray Serve's external scaler API; tandem has none, so only false is taken."""
+    """Replica counts are set from outside, through the control endpoint's scale request;
+    then no deployment of the application may autoscale."""
     autoscaling_policy: AutoscalingPolicy | None = None
     """An application-level policy: it decides for all the autoscaled deployments at once."""
-
-    @field_validator("external_scaler_enabled")
-    @classmethod
-    def _no_external_scaler(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(
-                "tandem has no external scaler API; scale with num_replicas or "
-                "autoscaling_config, and set external_scaler_enabled to false"
-            )
-        return value
 
     @model_validator(mode="after")
     def _unique_deployments(self) -> ApplicationConfig:
@@ -98,6 +94,12 @@ class ApplicationConfig(_Model):
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"deployment {name!r} is listed twice")
+        # The overrides now; what the code sets is checked once it is imported.
+        check_external_scaler(
+            self.name,
+            self.external_scaler_enabled,
+            [d.name for d in self.deployments if d.autoscales()],
+        )
         # Here, not at deploy time, so a bad prefix fails the whole file before anything runs.
         self.route_prefix = normalize_route_prefix(self.route_prefix)
         return self
@@ -198,6 +200,11 @@ def build_applications(
             app = apply_overrides(app, overrides, app_config.name, app_config.runtime_env)
             # Every autoscaling policy is found now, so a bad one fails the whole file.
             spec = build_application(app, app_config.name, None)
+            check_external_scaler(
+                spec.name,
+                app_config.external_scaler_enabled,
+                autoscaled((d.name, d.options) for d in spec.deployments),
+            )
             whole = app_config.autoscaling_policy
             check_policies(
                 [*policies_of(spec), *([(f"application {spec.name!r}", whole)] if whole else [])],

@@ -60,3 +60,6 @@ class ApplicationSpec:
     deployments: tuple[DeploymentSpec, ...]  # dependencies before dependents
     # A config file's application-level policy: it decides for every autoscaled deployment.
     autoscaling_policy: AutoscalingPolicy | None = None
+    # Ray Serve's external scaler: replica counts are set from outside (the control
+    # endpoint), so no deployment of the application may autoscale.
+    external_scaler_enabled: bool = False

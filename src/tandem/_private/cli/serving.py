@@ -94,6 +94,7 @@ class ServeSession:
             apply_config=self.apply_config,
             delete=delete,
             shutdown=self.request_stop,
+            scale=controller.scale,
         )
         socket_path = control_socket_path(port)
         token_path = socket_path.with_suffix(".token") if self._control_tcp else None
@@ -147,6 +148,7 @@ def _specs(
                 config.app_logging(app_config),
             ),
             autoscaling_policy=app_config.autoscaling_policy,
+            external_scaler_enabled=app_config.external_scaler_enabled,
         )
         for app_config, app in built
     ]

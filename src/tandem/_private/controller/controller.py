@@ -25,6 +25,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tandem._private.app.external_scaler import (
+    ExternalScalerDisabledError,
+    autoscaled,
+    check_external_scaler,
+    disabled_message,
+)
 from tandem._private.app.policy_import import check_policies, policies_of
 from tandem._private.app.spec import ApplicationSpec, DeploymentSpec
 from tandem._private.backends.base import Backend
@@ -98,6 +104,11 @@ class Controller:
     async def deploy(self, spec: ApplicationSpec) -> None:
         """Deploy or update one application; return once all its replicas serve."""
         check_policies(policies_of(spec))  # a bad policy fails the deploy before it starts
+        check_external_scaler(
+            spec.name,
+            spec.external_scaler_enabled,
+            autoscaled((d.name, d.options) for d in spec.deployments),
+        )
         async with self._lock:
             check_prefix_free(spec, self._apps)
             old = self._apps.get(spec.name)
@@ -179,11 +190,7 @@ class Controller:
 
         jobs = [start(record, record.target, 0, True) for record in fresh]
         for prev, dspec in kept:
-            same_scaling = prev.spec.options.autoscaling == dspec.options.autoscaling
-            if prev.autoscaler is not None and same_scaling:
-                wanted = prev.target  # the autoscaler's choice stands
-            else:
-                wanted = DeploymentRecord(prev.id, dspec).target
+            wanted = DeploymentRecord(prev.id, dspec, scaled_target=prev.kept_target(dspec)).target
             if wanted > len(prev.replicas):
                 record = DeploymentRecord(prev.id, dspec)
                 jobs.append(start(record, wanted - len(prev.replicas), len(prev.replicas), False))
@@ -217,10 +224,10 @@ class Controller:
         for prev, dspec in kept:
             prev.message = ""
             old_config = prev.spec.options.user_config
+            prev.scaled_target = prev.kept_target(dspec)
             if prev.spec.options.autoscaling != dspec.options.autoscaling:
                 auto = dspec.options.autoscaling
                 prev.autoscaler = Autoscaler(auto) if auto is not None else None
-                prev.scaled_target = None
             prev.spec = dspec
             prev.replicas.extend(sorted(started.get(dspec.name, []), key=lambda r: r.rank))
             resized = bool(started.get(dspec.name)) or len(prev.replicas) > prev.target
@@ -263,6 +270,24 @@ class Controller:
             raise DeploymentFailedError(
                 f"Application {app.spec.name!r} was updated, but: " + " ".join(problems)
             )
+
+    async def scale(self, app_name: str, deployment: str, target: int) -> None:
+        """Set a deployment's target replica count for an external scaler; the loop
+        starts or stops replicas to match.
+
+        Raises LookupError for an unknown application or deployment, and
+        ExternalScalerDisabledError if its application did not enable the external scaler.
+        """
+        async with self._lock:  # a deploy or delete under way decides first
+            app = self._apps.get(app_name)
+            if app is None:
+                raise LookupError(f"There is no application {app_name!r}.")
+            record = app.deployments.get(deployment)
+            if record is None:
+                raise LookupError(f"Application {app_name!r} has no deployment {deployment!r}.")
+            if not app.spec.external_scaler_enabled:
+                raise ExternalScalerDisabledError(disabled_message(app_name, deployment))
+            self._reconciler.set_target(record, target, "external scaler")
 
     async def delete(self, name: str) -> bool:
         async with self._lock:

@@ -315,13 +315,19 @@ class Reconciler:
 
     def _scale(self, record: DeploymentRecord, autoscaler: Autoscaler, target: int) -> None:
         """Set the target the autoscaler chose; the loop starts or stops replicas to match."""
+        decision = autoscaler.last_decision
+        self.set_target(record, target, decision.reason if decision else "")
+
+    def set_target(self, record: DeploymentRecord, target: int, why: str) -> None:
+        """Set a deployment's target (the autoscaler's or an external scaler's choice) and
+        wake the loop, which starts or stops replicas to match."""
         if target == record.target or self._closing or record.removed:
             return
-        decision = autoscaler.last_decision
         logger.info(
-            "Scaling %s from %d to %d replicas (%s).",
-            record.id, record.target, target, decision.reason if decision else "",
-        )  # fmt: skip
-        record.scaled_target = target
+            "Scaling %s from %d to %d replicas (%s).", record.id, record.target, target, why
+        )
         if target > record.target:
             record.retry_at = 0.0  # new demand: do not wait out an old backoff
+        record.scaled_target = target
+        record.refresh_state()
+        self._wakeup.set()

@@ -50,7 +50,8 @@ class DeploymentRecord:
     retry_at: float = 0.0
     # Set once the deployment left its application: nothing may restart its replicas.
     removed: bool = False
-    # Autoscaling: the policy, the target it chose (None: the initial count), and timing.
+    # Autoscaling: the policy, the target it (or an external scaler) chose (None: the
+    # initial count), and timing.
     autoscaler: Autoscaler | None = None
     scaled_target: int | None = None
     scaling: bool = False
@@ -68,6 +69,21 @@ class DeploymentRecord:
         if self.autoscaler is not None:
             return self.spec.options.initial_replicas()  # may be 0: scale from zero on demand
         return max(1, self.spec.options.initial_replicas())
+
+    def kept_target(self, spec: DeploymentSpec) -> int | None:
+        """The chosen target (``scaled_target``) that stands when this deployment, which
+        keeps its replicas, is deployed again as ``spec``; None: it starts over from
+        ``spec``'s options.
+
+        An autoscaler's choice stands while the autoscaling config is the same; an
+        external scaler's while nothing of the deployment's options changed (as in
+        Ray Serve, where a redeploy that changes nothing leaves the target alone).
+        """
+        if self.autoscaler is not None:
+            same = spec.options.autoscaling == self.spec.options.autoscaling
+        else:
+            same = spec.options.autoscaling is None and spec.options == self.spec.options
+        return self.scaled_target if same else None
 
     def missing_ranks(self) -> list[int]:
         """Ranks below the target that no running or starting replica holds."""

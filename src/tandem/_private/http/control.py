@@ -15,6 +15,10 @@ It answers (JSON):
     PUT  /-/applications   apply a config file's content; applications it omits are deleted
     DELETE /-/applications/NAME   delete one application
     POST /-/shutdown       stop the server gracefully
+    POST /api/v1/applications/APP/deployments/NAME/scale
+                           set a deployment's replica count (Ray Serve's external
+                           scaler API: {"target_num_replicas": N}; only for
+                           applications deployed with external_scaler_enabled)
 
 Nothing here is reachable from the data port.
 """
@@ -36,11 +40,14 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tandem._private.app.external_scaler import ExternalScalerDisabledError, ScaleDeploymentRequest
+from tandem._private.app.options import validation_problems
 from tandem._private.http.limits import ConnectionLimits, Refusals, protocol_class
 from tandem._private.http.server import bind_socket
 
@@ -48,6 +55,7 @@ logger = logging.getLogger("tandem.control")
 
 # Control requests are small; a config file of a few hundred applications fits.
 MAX_CONTROL_BODY = 16 * 1024 * 1024
+MAX_SCALE_BODY = 64 * 1024  # {"target_num_replicas": N} is a few bytes
 # Only the owner (or a token holder) gets past the first request, but anyone who
 # reaches a TCP control port could hold connections open before that.
 CONTROL_LIMITS = ConnectionLimits(
@@ -60,7 +68,10 @@ _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 class ControlActions:
     """What the control endpoint can do; each runs on the runtime's loop.
 
-    ``apply_config`` raises ValueError for a config it refuses.
+    ``apply_config`` raises ValueError for a config it refuses. ``scale(app,
+    deployment, n)`` raises LookupError for an unknown application or deployment
+    and ExternalScalerDisabledError when its application did not enable the
+    external scaler (None: this server scales nothing from outside).
     """
 
     status: Callable[[], Awaitable[Any]]
@@ -68,11 +79,13 @@ class ControlActions:
     apply_config: Callable[[Any], Awaitable[None]]
     delete: Callable[[str], Awaitable[bool]]  # False if there is no such application
     shutdown: Callable[[], None]
+    scale: Callable[[str, str, int], Awaitable[None]] | None = None
 
 
 _KNOWN = (
     "GET /-/healthz, GET /-/status, GET /-/routes, PUT /-/applications, "
-    "DELETE /-/applications/NAME and POST /-/shutdown"
+    "DELETE /-/applications/NAME, POST /-/shutdown and "
+    "POST /api/v1/applications/APP/deployments/NAME/scale"
 )
 
 
@@ -90,6 +103,11 @@ class ControlApp:
                 Route("/-/applications", self._apply, methods=["PUT"]),
                 Route("/-/applications/{name:path}", self._delete, methods=["DELETE"]),
                 Route("/-/shutdown", self._shutdown, methods=["POST"]),
+                Route(
+                    "/api/v1/applications/{app}/deployments/{deployment}/scale",
+                    self._scale,
+                    methods=["POST"],
+                ),
             ],
             redirect_slashes=False,
             default=_not_a_control_request,
@@ -120,14 +138,12 @@ class ControlApp:
         return JSONResponse({"deleted": name})
 
     async def _apply(self, request: Request) -> Response:
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_CONTROL_BODY:
-                return JSONResponse(
-                    {"error": f"The config is larger than {MAX_CONTROL_BODY} bytes."},
-                    status_code=413,
-                )
+        body = await _read_body(request, MAX_CONTROL_BODY)
+        if body is None:
+            return JSONResponse(
+                {"error": f"The config is larger than {MAX_CONTROL_BODY} bytes."},
+                status_code=413,
+            )
         try:
             config = json.loads(body)
         except ValueError as exc:
@@ -140,6 +156,61 @@ class ControlApp:
             logger.exception("Applying a config failed")
             return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
         return JSONResponse({"applied": True})
+
+    async def _scale(self, request: Request) -> Response:
+        """Ray Serve's scale request, with the status codes of its dashboard: 400 for a
+        bad body, 404 for an unknown application or deployment, 412 when the
+        application did not enable the external scaler."""
+        app, deployment = request.path_params["app"], request.path_params["deployment"]
+        body = await _read_body(request, MAX_SCALE_BODY)
+        if body is None:
+            return JSONResponse(
+                {"error": f"The request body is larger than {MAX_SCALE_BODY} bytes."},
+                status_code=413,
+            )
+        try:
+            wanted = ScaleDeploymentRequest.model_validate(json.loads(body))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{where or 'the body'}: {what}" for where, what, _ in validation_problems(exc)
+            )
+            return _scale_refused(400, f'{problems} (send {{"target_num_replicas": N}}, N >= 0)')
+        except ValueError as exc:
+            return _scale_refused(400, f"the body is not JSON: {exc}")
+        if self._actions.scale is None:
+            return JSONResponse(
+                {"error": "This server does not scale deployments from outside."}, status_code=404
+            )
+        try:
+            await self._actions.scale(app, deployment, wanted.target_num_replicas)
+        except LookupError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
+        except ExternalScalerDisabledError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=412)
+        except Exception as exc:  # the owner may see it: this is the control endpoint
+            logger.exception("Scaling %s of %s failed", deployment, app)
+            return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=503)
+        return JSONResponse(
+            {
+                "message": f"Deployment {deployment!r} of application {app!r} scales to "
+                f"{wanted.target_num_replicas} replica(s); replicas start or stop in the "
+                "background."
+            }
+        )
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None once it grows past ``limit`` bytes."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return body
+
+
+def _scale_refused(status: int, why: str) -> Response:
+    return JSONResponse({"error": f"Invalid request body: {why}"}, status_code=status)
 
 
 async def _not_a_control_request(scope: Scope, receive: Receive, send: Send) -> None:
