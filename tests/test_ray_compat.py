@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import os
 import subprocess
 import sys
 import time
@@ -146,3 +149,132 @@ def test_async_constructor_is_awaited(backend: str) -> None:
 
     handle = serve.run(AsyncInit.bind(7), name="ai", route_prefix=None, backend=backend)
     assert handle.remote().result() == 7
+
+
+def test_local_testing_mode_next_to_another_backend_runs_apart() -> None:
+    # Ray Serve runs a local-testing-mode application in-process, apart from the
+    # applications Serve runs: both answer, neither replaces the other.
+    @serve.deployment
+    class Doubler:
+        def double(self, s: str) -> str:
+            return s + " " + s
+
+    @serve.deployment
+    class Hello:
+        def __init__(self, doubler: Any) -> None:
+            self.doubler = doubler
+
+        async def __call__(self, name: str) -> tuple[str, int]:
+            return await self.doubler.double.remote(name), os.getpid()
+
+    app = Hello.bind(Doubler.bind())
+    on_process = serve.run(app, route_prefix=None, backend="process")
+    in_process = serve.run(app, route_prefix=None, _local_testing_mode=True)
+    text, pid = in_process.remote("hi").result()
+    assert (text, pid) == ("hi hi", os.getpid())
+    text, pid = on_process.remote("ho").result()
+    assert text == "ho ho" and pid != os.getpid()
+    # Handles derived from the testing app's handle stay with it.
+    assert in_process.options(method_name="__call__").remote("x").result()[1] == os.getpid()
+    assert serve.status().backend == "process"
+
+
+@pytest.fixture
+def tandem_logger_restored() -> Any:
+    logger = logging.getLogger("tandem")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    access = logging.getLogger("tandem.access")
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:], logger.level, logger.propagate = saved
+    access.disabled = False
+
+
+def test_start_logging_config_sets_the_systems_own_logs(
+    tandem_logger_restored: Any, tmp_path: Any
+) -> None:
+    # Ray Serve's serve.start(logging_config=...) configures its controller's and
+    # proxies' logs: level, encoding, folder, access log.
+    serve.start(
+        logging_config={
+            "encoding": "JSON",
+            "log_level": "DEBUG",
+            "enable_access_log": False,
+            "logs_dir": str(tmp_path),
+        }
+    )
+    logger = logging.getLogger("tandem")
+    assert logger.level == logging.DEBUG
+    assert logging.getLogger("tandem.access").disabled
+    logger.debug("hello from the system")
+    for handler in logger.handlers:
+        handler.flush()
+    line = json.loads((tmp_path / "tandem.log").read_text().splitlines()[-1])
+    assert line["message"] == "hello from the system" and line["level"] == "DEBUG"
+
+
+@serve.deployment
+def _healthy_apps() -> list[str]:
+    # Ray Serve's monitoring example: a deployment that reads serve.status().
+    return [
+        name
+        for name, app in serve.status().applications.items()
+        if app.status == serve.schema.ApplicationStatus.RUNNING
+    ]
+
+
+def test_status_inside_a_replica_tells_what_the_driver_sees(backend: str) -> None:
+    if backend == "ray":
+        handle = serve.run(_healthy_apps.bind(), name="monitor", route_prefix=None, backend=backend)
+        with pytest.raises(RuntimeError, match="ray backend"):
+            handle.remote().result()
+        return
+    handle = serve.run(_healthy_apps.bind(), name="monitor", route_prefix=None, backend=backend)
+    assert handle.remote().result() == ["monitor"]
+
+
+def test_run_many_deploys_each_target_and_returns_their_handles() -> None:
+    @serve.deployment
+    class named:  # noqa: N801 - reads like the function it stands for
+        def __init__(self, tag: str) -> None:
+            self.tag = tag
+
+        def __call__(self) -> str:
+            return self.tag
+
+    handles = serve.run_many(
+        [
+            serve.RunTarget(named.bind("a"), name="a", route_prefix="/a"),
+            serve.RunTarget(named.bind("b"), name="b", route_prefix="/b"),
+        ],
+        backend="local",
+    )
+    assert [h.remote().result() for h in handles] == ["a", "b"]
+    assert set(serve.status().applications) >= {"a", "b"}
+    with pytest.raises(ValueError, match="unique"):
+        serve.run_many([serve.RunTarget(named.bind("c"), name="c", route_prefix="/a")] * 2)
+    with pytest.raises(TypeError, match="RunTarget"):
+        serve.run_many([named.bind("d")])  # type: ignore[list-item]
+
+
+def test_shutdown_async_and_trace_context() -> None:
+    @serve.deployment
+    def traced() -> Any:
+        return serve.get_trace_context()
+
+    handle = serve.run(traced.bind(), name="t", route_prefix=None, backend="local")
+    assert handle.remote().result() is None  # no tracing configured
+    asyncio.run(serve.shutdown_async())
+    assert serve.status().applications == {}
+
+
+def test_controller_options_are_refused_unless_empty() -> None:
+    @serve.deployment
+    def f() -> int:
+        return 1
+
+    assert serve.run(f.bind(), route_prefix=None, controller_options={}).remote().result() == 1
+    with pytest.raises(ValueError, match="controller_options is not supported"):
+        serve.run(f.bind(), route_prefix=None, controller_options={"runtime_env": {"a": 1}})

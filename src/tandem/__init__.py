@@ -17,11 +17,15 @@ from tandem import handle as handle
 from tandem import metrics as metrics
 from tandem import schema as schema
 from tandem._private.api import (
+    RunTarget,
     delete,
     get_app_handle,
     get_deployment_handle,
+    get_trace_context,
     run,
+    run_many,
     shutdown,
+    shutdown_async,
     start,
     status,
 )
@@ -50,6 +54,7 @@ __all__ = [
     "DeploymentResponseGenerator",
     "LoggingConfig",
     "ReplicaContext",
+    "RunTarget",
     "Status",
     "batch",
     "delete",
@@ -58,10 +63,13 @@ __all__ = [
     "get_deployment_handle",
     "get_multiplexed_model_id",
     "get_replica_context",
+    "get_trace_context",
     "ingress",
     "multiplexed",
     "run",
+    "run_many",
     "shutdown",
+    "shutdown_async",
     "start",
     "status",
 ]

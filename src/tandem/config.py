@@ -10,7 +10,7 @@ from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.app.request_router_config import RequestRouterConfig
 from tandem._private.calls.context import DeploymentID
 from tandem._private.controller.autoscaling_context import AutoscalingContext, ReplicaID
-from tandem._private.http.options import HTTPOptions, ProxyLocation
+from tandem._private.http.options import HTTPOptions
 
 __all__ = [
     "AggregationFunction",
@@ -20,7 +20,6 @@ __all__ = [
     "BackpressureConfig",
     "DeploymentID",
     "HTTPOptions",
-    "ProxyLocation",
     "ReplicaID",
     "RequestRouterConfig",
 ]

@@ -11,6 +11,7 @@ from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.app.config_file import ApplicationConfig as ServeApplicationSchema
 from tandem._private.app.config_file import DeploymentOverride as DeploymentSchema
 from tandem._private.app.config_file import ServeConfig as ServeDeploySchema
+from tandem._private.app.external_scaler import ScaleDeploymentRequest
 from tandem._private.app.logging_config import LoggingConfig
 from tandem._private.app.request_router_config import RequestRouterConfig
 from tandem._private.calls.context import ReplicaRank
@@ -37,6 +38,7 @@ __all__ = [
     "ReplicaRank",
     "ReplicaState",
     "RequestRouterConfig",
+    "ScaleDeploymentRequest",
     "ServeApplicationSchema",
     "ServeDeploySchema",
     "ServeStatus",

@@ -6,13 +6,15 @@ process; they run the controller's coroutines on the runtime's loop and wait.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 
@@ -22,11 +24,13 @@ from tandem._private.app.graph import build_application
 from tandem._private.app.logging_config import LoggingConfig
 from tandem._private.app.options import describe_validation_error, logging_config_of
 from tandem._private.backends import Backend, create_backend, resolve_backend_name
+from tandem._private.backends.local import LocalBackend
 from tandem._private.calls.context import DeploymentID, current_replica_context
 from tandem._private.calls.control_plane import ControlPlane
 from tandem._private.calls.runtime import Runtime, current_runtime, set_runtime
 from tandem._private.controller.controller import Controller
 from tandem._private.controller.status import Status
+from tandem._private.http.logs import configure_logging
 from tandem._private.http.options import HTTPOptions
 from tandem.exceptions import DeploymentUnavailableError
 from tandem.handle import DeploymentHandle
@@ -79,13 +83,18 @@ def start(
             "tandem does not serve gRPC yet: drop grpc_servicer_functions from grpc_options "
             "(HTTP and handles serve every application)."
         )
-    if logging_config is not None:
-        raise ValueError(
-            "start(logging_config=...) is not supported: tandem's own logs follow Python's "
-            "logging configuration (or `tandem run --log-level/--log-format`); set "
-            "logging_config per deployment or in run() for your replicas' logs."
-        )
+    system_logging = logging_config_of(logging_config, "tandem.start()")
     with _lock:
+        if system_logging is not None:
+            # As Ray Serve's: the logs of the system itself (controller, proxy, access
+            # log); replicas follow their deployment's or application's logging_config.
+            configure_logging(
+                system_logging.log_level,
+                json_format=system_logging.encoding == "JSON",
+                logs_dir=system_logging.logs_dir,
+                access_log=system_logging.enable_access_log,
+                attributes=system_logging.additional_log_standard_attrs,
+            )
         if http_options is not None:
             try:
                 _options.http_options = (
@@ -183,28 +192,54 @@ def open_runtime(backend: str | Backend | None) -> Runtime:
             return runtime
         if not isinstance(backend, Backend):
             backend = create_backend(resolve_backend_name(backend))
-        backend_name = backend.name
-        backend.prepare()
-        # At exit, stop the replicas before the libraries they use (Ray registers its
-        # own handler when imported; handlers run last-in first-out).
-        atexit.unregister(shutdown)
-        atexit.register(shutdown)
-        runtime = Runtime(backend.connect)
-        runtime.backend_name = backend_name
-        runtime.open()
-
-        async def open_controller() -> Controller:
-            controller = Controller(backend, runtime.publish, queued=runtime.queued)
-            await controller.open()
-            return controller
-
-        try:
-            runtime.controller = runtime.run_sync(open_controller())
-        except BaseException:
-            runtime.close()
-            raise
+        runtime = _new_runtime(backend)
         set_runtime(runtime)
         return runtime
+
+
+def _new_runtime(backend: Backend) -> Runtime:
+    """A runtime with its controller, on ``backend`` (not yet this process's runtime)."""
+    backend.prepare()
+    # At exit, stop the replicas before the libraries they use (Ray registers its
+    # own handler when imported; handlers run last-in first-out).
+    atexit.unregister(shutdown)
+    atexit.register(shutdown)
+    runtime = Runtime(backend.connect)
+    runtime.backend_name = backend.name
+    runtime.open()
+
+    async def open_controller() -> Controller:
+        controller = Controller(backend, runtime.publish, queued=runtime.queued)
+        await controller.open()
+        return controller
+
+    try:
+        runtime.controller = runtime.run_sync(open_controller())
+    except BaseException:
+        runtime.close()
+        raise
+    return runtime
+
+
+# Applications run in local testing mode while another backend's runtime runs here:
+# Ray Serve runs those in-process, apart from the rest, and so does this runtime.
+_testing_runtime: Runtime | None = None
+
+
+def _local_testing_runtime() -> Runtime:
+    """Where ``run(..., _local_testing_mode=True)`` deploys: this process's runtime if
+    it is (or will be) a local one, else a local runtime of its own whose handles and
+    replicas call each other, and nothing else."""
+    global _testing_runtime
+    with _lock:
+        runtime = current_runtime()
+        if runtime is None or not runtime.is_open or runtime.backend_name == "local":
+            return open_runtime("local")
+        if _testing_runtime is None or not _testing_runtime.is_open:
+            backend = LocalBackend()
+            _testing_runtime = _new_runtime(backend)
+            backend.runtime = _testing_runtime
+        return _testing_runtime
 
 
 def run(
@@ -216,6 +251,7 @@ def run(
     logging_config: LoggingConfig | dict[str, Any] | None = None,
     backend: str | None = None,
     _local_testing_mode: bool = False,
+    controller_options: Any = None,
     external_scaler_enabled: bool = False,
 ) -> DeploymentHandle:
     """Deploy an application (or update it in place) and return its ingress handle.
@@ -236,6 +272,7 @@ def run(
         )
     if not isinstance(name, str) or not name:
         raise ValueError(f"The application name must be a non-empty string, got {name!r}.")
+    _refuse_controller_options(controller_options)
     prefix = normalize_route_prefix(route_prefix)
     if backend is not None or _local_testing_mode:
         resolve_backend_name("local" if _local_testing_mode else backend)  # a bad name fails now
@@ -246,18 +283,38 @@ def run(
         )
     spec = build_application(target, name, prefix, app_logging)
     spec = dataclasses.replace(spec, external_scaler_enabled=external_scaler_enabled)
-    runtime = open_runtime("local" if _local_testing_mode else backend)
+    runtime = _local_testing_runtime() if _local_testing_mode else open_runtime(backend)
     runtime.run_sync(_controller(runtime).deploy(spec))
-    if prefix is not None:
-        _ensure_http(runtime)
     handle = DeploymentHandle(spec.ingress, name)
+    if runtime is _testing_runtime:
+        handle._runtime = runtime  # no HTTP either: Ray serves none in local testing mode
+    elif prefix is not None:
+        _ensure_http(runtime)
     if blocking:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            shutdown()
+        _block_until_interrupted()
     return handle
+
+
+def _refuse_controller_options(options: Any) -> None:
+    """Ray Serve's ``controller_options`` configure its controller actor (a runtime_env);
+    tandem's controller runs in this process, so only empty options are taken."""
+    given = options if isinstance(options, dict) else getattr(options, "__dict__", options)
+    if options is None or given == {} or (isinstance(given, dict) and not any(given.values())):
+        return
+    raise ValueError(
+        "controller_options is not supported: tandem's controller runs in this process, "
+        "not in an actor with a runtime_env of its own. Leave controller_options out (set "
+        "runtime_env on the deployments' ray_actor_options instead)."
+    )
+
+
+def _block_until_interrupted() -> None:
+    """``blocking=True``: serve until Ctrl-C, then shut down."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        shutdown()
 
 
 def delete(name: str, _blocking: bool = True) -> None:
@@ -270,30 +327,49 @@ def delete(name: str, _blocking: bool = True) -> None:
 
 def shutdown() -> None:
     """Stop every application and tandem's runtime in this process."""
-    global _options
+    global _options, _testing_runtime
     with _lock:
         runtime = current_runtime()
         if runtime is not None and runtime.on_loop_thread():
             raise RuntimeError("tandem.shutdown() cannot be called from inside a deployment.")
         _options = _StartOptions()
+        testing, _testing_runtime = _testing_runtime, None
+        if testing is not None:
+            _close(testing)
         if runtime is None:
             return
         try:
-            # HTTP first: requests in flight finish while their deployments still run.
-            if runtime.is_open:
-                runtime.run_sync(_stop_http(runtime), timeout=60)
-            if runtime.is_open and runtime.controller is not None:
-                runtime.run_sync(runtime.controller.close(), timeout=120)
+            _close(runtime, before_close=lambda: set_runtime(None))
         finally:
             set_runtime(None)
-            runtime.close()
+
+
+def _close(runtime: Runtime, before_close: Callable[[], None] = lambda: None) -> None:
+    """Stop HTTP (requests in flight finish while their deployments still run), then
+    the applications, then the loop."""
+    try:
+        if runtime.is_open:
+            runtime.run_sync(_stop_http(runtime), timeout=60)
+        if runtime.is_open and runtime.controller is not None:
+            runtime.run_sync(runtime.controller.close(), timeout=120)
+    finally:
+        before_close()  # the process's runtime is unset before its loop goes
+        runtime.close()
 
 
 def status() -> Status:
     """Applications → deployments → state, replica counts and the last error message."""
     runtime = current_runtime()
-    if runtime is None or not runtime.is_open or runtime.controller is None:
+    if runtime is None or not runtime.is_open:
         return Status(backend="", applications={})
+    if runtime.controller is None:  # in a replica: the driver knows
+        if runtime.driver_status is None:
+            raise RuntimeError(
+                "tandem.status() inside a replica works on the local and process backends; "
+                "on the ray backend, call it from the driver (or `tandem status`)."
+            )
+        driver_status = runtime.driver_status
+        return cast(Status, runtime.run_sync(driver_status()))
     controller = runtime.controller
     if runtime.on_loop_thread():
         return controller.status()
@@ -346,3 +422,74 @@ def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> 
             f"There is no deployment {deployment_name!r} in application {app_name!r}."
         )
     return DeploymentHandle(deployment_name, app_name)
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """One application for :func:`run_many` (Ray Serve's ``RunTarget``)."""
+
+    target: Application
+    name: str = "default"
+    route_prefix: str | None = _DEFAULT_PREFIX
+    logging_config: LoggingConfig | dict[str, Any] | None = None
+    external_scaler_enabled: bool = False
+
+
+def run_many(
+    targets: list[RunTarget] | tuple[RunTarget, ...],
+    *,
+    blocking: bool = False,
+    wait_for_ingress_deployment_creation: bool = True,
+    wait_for_applications_running: bool = True,
+    _local_testing_mode: bool = False,
+    controller_options: Any = None,
+    backend: str | None = None,
+) -> list[DeploymentHandle]:
+    """Deploy several applications and return their ingress handles, in order.
+
+    Every target is checked (types, names, route prefixes unique among them) before
+    the first deploys. Like run(), each returns once its replicas are constructed:
+    tandem has no "deploying in the background" state to return earlier in, so the
+    two ``wait_for_*`` flags only ever make it wait, as True does.
+    """
+    targets = list(targets)
+    for target in targets:
+        if not isinstance(target, RunTarget):
+            raise TypeError(
+                f"tandem.run_many() takes RunTarget objects, got {type(target).__name__}."
+            )
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Application names must be unique in run_many(), got {names}.")
+    prefixes = [p for t in targets if (p := normalize_route_prefix(t.route_prefix)) is not None]
+    if len(set(prefixes)) != len(prefixes):
+        raise ValueError(f"Route prefixes must be unique in run_many(), got {prefixes}.")
+    handles = [
+        run(
+            t.target,
+            name=t.name,
+            route_prefix=t.route_prefix,
+            logging_config=t.logging_config,
+            external_scaler_enabled=t.external_scaler_enabled,
+            controller_options=controller_options,
+            backend=backend,
+            _local_testing_mode=_local_testing_mode,
+        )
+        for t in targets
+    ]
+    if blocking:
+        _block_until_interrupted()
+    return handles
+
+
+async def shutdown_async() -> None:
+    """shutdown() for async code: stops everything without blocking the caller's loop."""
+    await asyncio.to_thread(shutdown)
+
+
+def get_trace_context() -> dict[str, str] | None:
+    """The tracing context of the request being served, for child spans.
+
+    None while tracing is off, as in Ray Serve; tandem does not trace requests yet.
+    """
+    return None

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol
 
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet
+from tandem._private.controller.status import Status
 from tandem._private.replica.replica import ReplicaFacts, ReplicaSpec
 
 logger = logging.getLogger("tandem")
@@ -37,6 +38,9 @@ class BackendEvents(Protocol):
     def models_changed(self, replica_id: str, model_ids: frozenset[str]) -> None:
         """The multiplexed models a replica holds changed (routers prefer holders)."""
 
+    def status(self) -> Status:
+        """What ``tandem.status()`` says now: replicas in other processes ask for it."""
+
 
 class _NoEvents:
     def replica_exited(self, replica_id: str) -> None:
@@ -44,6 +48,9 @@ class _NoEvents:
 
     def models_changed(self, replica_id: str, model_ids: frozenset[str]) -> None:
         pass
+
+    def status(self) -> Status:
+        return Status(backend="", applications={})
 
 
 class Backend(ABC):

@@ -50,6 +50,8 @@ class Runtime:
         self.controller: ControlPlane | None = None
         self.backend_name = ""
         self.http: Any = None  # the HTTP server, in the process that serves HTTP
+        # In a replica process: asks the driver what tandem.status() says there.
+        self.driver_status: Callable[[], Coroutine[Any, Any, Any]] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 

@@ -27,10 +27,11 @@ from collections.abc import Callable, Mapping
 from tandem._private.calls.context import DeploymentID
 from tandem._private.controller.autoscaling import ApplicationAutoscaler, Autoscaler
 from tandem._private.controller.autoscaling_context import AutoscalingContext
+from tandem._private.controller.describe import render_status
 from tandem._private.controller.health import HealthChecks
 from tandem._private.controller.records import ApplicationRecord, DeploymentRecord, ReplicaRecord
 from tandem._private.controller.replicas import Fleet, retry_delay, start_failure
-from tandem._private.controller.status import ApplicationState
+from tandem._private.controller.status import ApplicationState, Status
 from tandem._private.queues import wait_event
 
 logger = logging.getLogger("tandem")
@@ -93,6 +94,9 @@ class Reconciler:
     def replica_exited(self, replica_id: str) -> None:
         self._exited.add(replica_id)
         self._wakeup.set()
+
+    def status(self) -> Status:
+        return render_status(self._apps, self._backend, self._clock())
 
     def models_changed(self, replica_id: str, model_ids: frozenset[str]) -> None:
         """A replica's loaded models changed: routers prefer it for those models."""

@@ -3,25 +3,47 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 
 from tandem._private.log_format import JSONFormatter
 
 access_logger = logging.getLogger("tandem.access")
 
 
-def configure_logging(level: str = "INFO", json_format: bool = False) -> None:
-    """Set up tandem's loggers for a server process (the CLI calls this once)."""
-    handler = logging.StreamHandler()
-    if json_format:
-        handler.setFormatter(JSONFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-        )
+def configure_logging(
+    level: str = "INFO",
+    json_format: bool = False,
+    *,
+    logs_dir: str | None = None,
+    access_log: bool = True,
+    attributes: Sequence[str] = (),
+) -> None:
+    """Set up tandem's own loggers (the controller's, the proxy's, the access log):
+    the CLI calls this once, ``tandem.start(logging_config=...)`` too.
+
+    ``logs_dir`` also writes them to ``tandem.log`` in that folder; ``access_log``
+    False silences the access log; ``attributes`` are LogRecord attributes added to
+    JSON lines.
+    """
+    formatter: logging.Formatter = (
+        JSONFormatter(attributes)
+        if json_format
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    )
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if logs_dir is not None:
+        os.makedirs(logs_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(logs_dir, "tandem.log"), "a", "utf-8"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
     logger = logging.getLogger("tandem")
-    logger.handlers[:] = [handler]
+    for old in logger.handlers:
+        old.close()
+    logger.handlers[:] = handlers
     logger.setLevel(level.upper())
     logger.propagate = False
+    access_logger.disabled = not access_log
 
 
 def log_access(

@@ -121,6 +121,12 @@ class ProcessBackend(Backend):
             self._resources.release(spec.replica_id)
             raise
 
+    async def _answer(self, op: str, payload: Any) -> Any:
+        """What a replica process asks the driver: ``tandem.status()`` from its code."""
+        if op == "status":
+            return self.events.status()
+        raise ValueError(f"Unknown request {op!r} from a replica.")
+
     async def _spawn(self, spec: ReplicaSpec, env: dict[str, str]) -> ReplicaInfo:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -149,7 +155,9 @@ class ProcessBackend(Backend):
             elif op == "queued":
                 self._queued[replica_id] = payload
 
-        control = await peer_on_socket(ours, Peer(f"replica {replica_id}", on_note=on_note))
+        control = await peer_on_socket(
+            ours, Peer(f"replica {replica_id}", on_call=self._answer, on_note=on_note)
+        )
         child = _Child(spec.replica_id, process, control)
         self._children[spec.replica_id] = child
         self._watch(child)

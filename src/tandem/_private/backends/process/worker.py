@@ -75,6 +75,7 @@ class _Worker:
         control = Peer("the driver", on_call=self._on_control, on_note=self._on_driver_note)
         self._peers.add(control)
         self._control = control
+        self.runtime.driver_status = lambda: control.call("status", None)
         await peer_on_socket(sock, control)
         await control.closed.wait()
         if self.exit_code is None:  # the driver went away without a word
