@@ -172,3 +172,12 @@ def test_route_prefix_on_a_deployment_says_where_it_belongs() -> None:
         serve.deployment(_ping.func_or_class, route_prefix="/x")
     with pytest.raises(ValueError, match="belongs to the application"):
         _ping.options(route_prefix="/x")
+
+
+def test_request_router_settings_at_the_top_level_say_where_they_belong() -> None:
+    # Ray Serve's early request-router releases took request_router_class= on the
+    # deployment itself; it moved into request_router_config.
+    with pytest.raises(ValueError, match=r"belongs in request_router_config"):
+        serve.deployment(_ping.func_or_class, request_router_class="m:Router")
+    with pytest.raises(ValueError, match=r"request_routing_stats_period_s=\.\.\."):
+        _ping.options(request_routing_stats_period_s=1)

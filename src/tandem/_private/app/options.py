@@ -225,6 +225,7 @@ class DeploymentOptions(_Strict):
 
 
 OPTION_NAMES = frozenset(DeploymentOptions.model_fields)
+_REQUEST_ROUTER_FIELDS = frozenset(RequestRouterConfig.model_fields)
 
 
 def validate_options(
@@ -237,6 +238,13 @@ def validate_options(
             f"route_prefix is not an option of {owner}: a route prefix belongs to the "
             "application. Pass it to serve.run(app, route_prefix=...), or set route_prefix "
             "on the application in a config file."
+        )
+    routing = [name for name in unknown if name in _REQUEST_ROUTER_FIELDS]
+    if routing:  # the request router's settings, given at the top level
+        raise ValueError(
+            f"{routing[0]} is not an option of {owner} itself: it belongs in "
+            f"request_router_config, e.g. request_router_config=RequestRouterConfig("
+            f"{routing[0]}=...) (from tandem.config import RequestRouterConfig)."
         )
     if unknown:
         raise ValueError(
