@@ -278,3 +278,13 @@ def test_controller_options_are_refused_unless_empty() -> None:
     assert serve.run(f.bind(), route_prefix=None, controller_options={}).remote().result() == 1
     with pytest.raises(ValueError, match="controller_options is not supported"):
         serve.run(f.bind(), route_prefix=None, controller_options={"runtime_env": {"a": 1}})
+
+
+def test_handle_and_response_types_take_type_parameters() -> None:
+    # Ray Serve's are generic: `def __init__(self, model: DeploymentHandle[Model])`
+    # is evaluated when the class is defined (no `from __future__ import annotations`).
+    from tandem.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+
+    assert DeploymentHandle[int] is not None
+    assert DeploymentResponse[str] is not None
+    assert DeploymentResponseGenerator[bytes] is not None

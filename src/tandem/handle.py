@@ -8,7 +8,7 @@ loop and returns a :class:`DeploymentResponse` (or, with ``stream=True``, a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from tandem._private.calls.context import DeploymentID, RequestMetadata, current_request
 from tandem._private.calls.responses import DeploymentResponse, DeploymentResponseGenerator
@@ -17,10 +17,12 @@ from tandem._private.calls.runtime import Runtime, get_runtime
 __all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"]
 
 _UNSET: Any = object()
+# The deployment's class: ``DeploymentHandle[Model]`` in type hints, as in Ray Serve.
+T = TypeVar("T")
 _SERIALIZATIONS = ("cloudpickle", "pickle")
 
 
-class DeploymentHandle:
+class DeploymentHandle(Generic[T]):
     """Calls one deployment: ``handle.remote(...)`` or ``handle.method.remote(...)``."""
 
     __slots__ = ("_id", "_method", "_methods", "_model_id", "_runtime", "_stream")
@@ -38,7 +40,7 @@ class DeploymentHandle:
         self._method = method_name
         self._stream = stream
         self._model_id = multiplexed_model_id
-        self._methods: dict[str, DeploymentHandle] | None = None
+        self._methods: dict[str, DeploymentHandle[Any]] | None = None
         # Only for an application in local testing mode next to another backend's
         # runtime (see tandem.run); None: this process's runtime, looked up per call.
         self._runtime: Runtime | None = None
@@ -62,7 +64,7 @@ class DeploymentHandle:
         _by_reference: bool = _UNSET,
         request_serialization: str = _UNSET,
         response_serialization: str = _UNSET,
-    ) -> DeploymentHandle:
+    ) -> DeploymentHandle[Any]:
         """A new handle with some call options changed; this one is left as it is.
 
         ``_prefer_local_routing`` and ``_by_reference`` choose how Ray Serve moves a
@@ -89,7 +91,7 @@ class DeploymentHandle:
             raise TypeError(
                 f"multiplexed_model_id must be a str, got {type(multiplexed_model_id).__name__}."
             )
-        handle = DeploymentHandle(
+        handle: DeploymentHandle[Any] = DeploymentHandle(
             self._id.name,
             self._id.app_name,
             method_name=self._method if method_name is _UNSET else method_name,
@@ -101,7 +103,7 @@ class DeploymentHandle:
         handle._runtime = self._runtime
         return handle
 
-    def __getattr__(self, name: str) -> DeploymentHandle:
+    def __getattr__(self, name: str) -> DeploymentHandle[Any]:
         if name.startswith("_"):
             raise AttributeError(name)
         # ``handle.method.remote()`` is common on hot paths: keep the method handles.
@@ -168,7 +170,7 @@ class DeploymentHandle:
 
 def _rebuild_handle(
     name: str, app: str, method: str, stream: bool, model_id: str
-) -> DeploymentHandle:
+) -> DeploymentHandle[Any]:
     return DeploymentHandle(
         name, app, method_name=method, stream=stream, multiplexed_model_id=model_id
     )

@@ -253,7 +253,7 @@ def run(
     _local_testing_mode: bool = False,
     controller_options: Any = None,
     external_scaler_enabled: bool = False,
-) -> DeploymentHandle:
+) -> DeploymentHandle[Any]:
     """Deploy an application (or update it in place) and return its ingress handle.
 
     ``logging_config`` applies to the application's deployments that set none of
@@ -285,7 +285,7 @@ def run(
     spec = dataclasses.replace(spec, external_scaler_enabled=external_scaler_enabled)
     runtime = _local_testing_runtime() if _local_testing_mode else open_runtime(backend)
     runtime.run_sync(_controller(runtime).deploy(spec))
-    handle = DeploymentHandle(spec.ingress, name)
+    handle: DeploymentHandle[Any] = DeploymentHandle(spec.ingress, name)
     if runtime is _testing_runtime:
         handle._runtime = runtime  # no HTTP either: Ray serves none in local testing mode
     elif prefix is not None:
@@ -390,7 +390,7 @@ def _running() -> Runtime:
     return runtime
 
 
-def get_app_handle(name: str) -> DeploymentHandle:
+def get_app_handle(name: str) -> DeploymentHandle[Any]:
     """A handle to the ingress deployment of the application ``name``."""
     runtime = _running()
     controller = _controller(runtime)
@@ -403,7 +403,9 @@ def get_app_handle(name: str) -> DeploymentHandle:
     return DeploymentHandle(ingress, name)
 
 
-def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> DeploymentHandle:
+def get_deployment_handle(
+    deployment_name: str, app_name: str | None = None
+) -> DeploymentHandle[Any]:
     """A handle to a deployment; ``app_name`` defaults to the caller's own application."""
     runtime = _running()
     if app_name is None:
@@ -444,7 +446,7 @@ def run_many(
     _local_testing_mode: bool = False,
     controller_options: Any = None,
     backend: str | None = None,
-) -> list[DeploymentHandle]:
+) -> list[DeploymentHandle[Any]]:
     """Deploy several applications and return their ingress handles, in order.
 
     Every target is checked (types, names, route prefixes unique among them) before

@@ -13,7 +13,7 @@ import concurrent.futures
 import importlib.util
 import threading
 from collections.abc import AsyncIterator, Coroutine, Generator, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.flow import STREAM_BUFFER
@@ -21,6 +21,10 @@ from tandem._private.calls.runtime import Runtime
 from tandem.exceptions import RequestCancelledError
 
 __all__ = ["DeploymentResponse", "DeploymentResponseGenerator"]
+
+# What a call returns (or a stream yields): ``DeploymentResponse[int]`` in type hints,
+# as Ray Serve's classes allow.
+R = TypeVar("R")
 
 
 def _refuse_blocking_on_loop(what: str) -> None:
@@ -34,7 +38,7 @@ def _refuse_blocking_on_loop(what: str) -> None:
     )
 
 
-class DeploymentResponse:
+class DeploymentResponse(Generic[R]):
     """The future result of a unary call: ``await`` it, or ``.result()`` in sync code.
 
     Passed as an argument of another ``.remote()`` call, it is replaced by its
@@ -277,7 +281,7 @@ def _ray_session() -> Any:
 _END = object()
 
 
-class DeploymentResponseGenerator:
+class DeploymentResponseGenerator(Generic[R]):
     """The results of a streaming call, as the replica yields them.
 
     ``async for`` in async code, ``for`` in sync code. Closing it early (or
@@ -296,7 +300,7 @@ class DeploymentResponseGenerator:
 
     # async iteration ------------------------------------------------------
 
-    def __aiter__(self) -> DeploymentResponseGenerator:
+    def __aiter__(self) -> DeploymentResponseGenerator[Any]:
         return self
 
     async def __anext__(self) -> Any:
