@@ -485,9 +485,3 @@ def test_unknown_limit_in_a_config_file_is_refused_clearly(app_dir: Path) -> Non
     assert (options.max_connections, options.max_body_bytes) == (10, None)
     with pytest.raises(ValueError, match="did you mean 'max_connections'"):
         serve.start(http_options={"max_conections": 10})
-
-
-def test_root_path_is_refused_until_tandem_applies_it() -> None:
-    with pytest.raises(ValueError, match="root_path '/api' is not supported yet"):
-        serve.start(http_options={"root_path": "/api"})
-    serve.start(http_options={"port": 0, "root_path": ""})

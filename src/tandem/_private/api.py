@@ -31,7 +31,8 @@ from tandem._private.calls.runtime import Runtime, current_runtime, set_runtime
 from tandem._private.controller.controller import Controller
 from tandem._private.controller.status import Status
 from tandem._private.http.logs import configure_logging
-from tandem._private.http.options import HTTPOptions
+from tandem._private.http.options import HTTPOptions, ProxyLocation
+from tandem._private.http.tls import tls_context
 from tandem.exceptions import DeploymentUnavailableError
 from tandem.handle import DeploymentHandle
 
@@ -48,6 +49,7 @@ class _StartOptions:
     """
 
     http_options: HTTPOptions = field(default_factory=HTTPOptions)
+    proxy_location: ProxyLocation | None = None
     serve_http: bool = True
 
 
@@ -64,7 +66,8 @@ def start(
 ) -> None:
     """Configure HTTP before applications run (Ray Serve's ``serve.start``).
 
-    ``http_options``: host, port (0 picks a free one), request_timeout_s, ...;
+    ``http_options``: host, port (0 picks a free one), root_path, HTTPS files
+    (``ssl_*``, loaded now: a bad one raises ValueError here), request_timeout_s, ...;
     ``proxy_location="Disabled"`` serves no HTTP. If an HTTP server already
     runs with other options, it is restarted with these.
     """
@@ -95,23 +98,23 @@ def start(
                 access_log=system_logging.enable_access_log,
                 attributes=system_logging.additional_log_standard_attrs,
             )
+        requested = None if proxy_location is None else ProxyLocation.of(proxy_location)
         if http_options is not None:
             try:
-                _options.http_options = (
+                options = (
                     http_options
                     if isinstance(http_options, HTTPOptions)
                     else HTTPOptions.model_validate(http_options)
                 )
             except ValidationError as exc:
                 raise ValueError(describe_validation_error(exc, "http_options")) from None
-        if proxy_location is not None:
-            location = getattr(proxy_location, "value", proxy_location)
-            if location not in ("Disabled", "HeadOnly", "EveryNode"):
-                raise ValueError(
-                    f"proxy_location must be 'Disabled', 'HeadOnly' or 'EveryNode', "
-                    f"got {proxy_location!r}."
-                )
-            _options.serve_http = location != "Disabled"
+            tls_context(options)  # a bad key, certificate or password fails now
+            _options.http_options = options
+        if requested is not None:
+            _options.proxy_location = requested
+        if http_options is not None or requested is not None:
+            where = _options.http_options.proxy_location(_options.proxy_location)
+            _options.serve_http = where is not ProxyLocation.Disabled
         runtime = current_runtime()
         if runtime is not None and runtime.is_open and runtime.http is not None:
             runtime.run_sync(_stop_http(runtime))

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from tandem._private.app.autoscaling_config import AutoscalingConfig, AutoscalingPolicy
+from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.app.deployment import Application, Deployment
 from tandem._private.app.external_scaler import autoscaled, check_external_scaler
 from tandem._private.app.graph import build_application, map_arguments
@@ -51,6 +52,7 @@ class DeploymentOverride(_Model):
     num_replicas: NumReplicas = None
     max_ongoing_requests: int | None = Field(default=None, ge=1)
     max_queued_requests: int | None = Field(default=None, ge=-1)
+    backpressure_config: BackpressureConfig | None = None
     user_config: Any = None
     autoscaling_config: AutoscalingConfig | None = None
     ray_actor_options: ActorOptions | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from tandem._private.app.options import DeploymentOptions
 from tandem._private.app.spec import ApplicationSpec
 from tandem._private.controller.status import Status
 
@@ -45,6 +46,8 @@ class ControlPlane(Protocol):
     def routes(self) -> tuple[tuple[str, str, str], ...]: ...
 
     def route_prefixes(self) -> dict[str, str]: ...
+
+    def deployment_options(self, app_name: str, deployment: str) -> DeploymentOptions | None: ...
 
     def deployment_series(self) -> list[tuple[str, str, str, Any]]: ...
 

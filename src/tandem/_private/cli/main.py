@@ -243,12 +243,12 @@ def run(
     click.echo("tandem: stopped.", err=True)
 
 
-def _describe_control(session: Any, http_host: str) -> None:
+def _describe_control(session: Any, http_host: str | None) -> None:
     """Say where the control endpoint is, and warn about what the network can reach."""
     control = session.control
     if control is None:
         return
-    if not _is_loopback(http_host):
+    if http_host is not None and not _is_loopback(http_host):
         click.echo(
             f"tandem: --host {http_host}: the data port is reachable from the network; "
             "the control endpoint is not (it is a Unix socket only you can use).",

@@ -29,7 +29,9 @@ from tandem._private.backends import Backend
 from tandem._private.calls.runtime import current_runtime
 from tandem._private.controller.status import Status
 from tandem._private.http.control import ControlActions, ControlApp, ControlServer
+from tandem._private.http.options import ProxyLocation
 from tandem._private.http.server import bind_socket
+from tandem._private.http.tls import tls_context
 from tandem._private.rundir import control_socket_path
 
 logger = logging.getLogger("tandem")
@@ -52,12 +54,18 @@ class ServeSession:
         """Deploy every application of ``config``, serve HTTP and the control endpoint;
         return the URL."""
         built = build_applications(config)
-        # A taken port fails now, before any constructor runs; port 0 becomes a real one,
-        # which names the control socket.
-        probe = bind_socket(config.http_options.host, config.http_options.port)
-        port = int(probe.getsockname()[1])
-        probe.close()
-        http_options = config.http_options.model_copy(update={"port": port})
+        http_options = config.http_options
+        where = http_options.proxy_location(config.proxy_location)
+        serve_http = where is not ProxyLocation.Disabled
+        if serve_http:
+            tls_context(http_options)  # an unusable HTTPS file fails now, before any constructor
+        if http_options.host is not None:
+            # A taken port fails now too; port 0 becomes a real one, which names the control
+            # socket.
+            probe = bind_socket(http_options.host, http_options.port)
+            port = int(probe.getsockname()[1])
+            probe.close()
+            http_options = http_options.model_copy(update={"port": port})
         specs = _specs(config, built)
         runtime = api.open_runtime(self._backend)
         controller = runtime.controller
@@ -66,10 +74,11 @@ class ServeSession:
             runtime.run_sync(controller.deploy(spec))
         # HTTP starts once every application runs, so the first request finds them all,
         # and after the control endpoint: whoever finds the data port up can control it.
-        self._open_control(port)
-        if config.proxy_location == "Disabled":
+        self._open_control(http_options.port)
+        if not serve_http:
             return None  # handles only, as Ray Serve without proxies
-        return api.serve_http_now(http_options)
+        url = api.serve_http_now(http_options)
+        return http_options.root_url or url
 
     def _open_control(self, port: int) -> None:
         runtime = current_runtime()

@@ -31,6 +31,7 @@ from tandem._private.app.external_scaler import (
     check_external_scaler,
     disabled_message,
 )
+from tandem._private.app.options import DeploymentOptions
 from tandem._private.app.policy_import import check_policies, policies_of
 from tandem._private.app.spec import ApplicationSpec, DeploymentSpec
 from tandem._private.backends.base import Backend
@@ -96,6 +97,12 @@ class Controller:
 
     def route_prefixes(self) -> dict[str, str]:
         return self._routes.prefixes()
+
+    def deployment_options(self, app_name: str, deployment: str) -> DeploymentOptions | None:
+        """The options a running deployment was deployed with (None: no such deployment)."""
+        app = self._apps.get(app_name)
+        record = None if app is None else app.deployments.get(deployment)
+        return None if record is None else record.spec.options
 
     def routes(self) -> tuple[tuple[str, str, str], ...]:
         """(prefix, application, ingress) of every running application, longest prefix first."""

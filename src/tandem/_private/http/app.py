@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.calls.runtime import Runtime
 from tandem._private.http.endpoints import proxy_endpoints
 from tandem._private.http.metrics import ProxyMetrics
@@ -23,7 +24,12 @@ async def open_http(runtime: Runtime, options: HTTPOptions) -> HTTPServer:
         refresh=controller.refresh_reports,
     )
     endpoints = proxy_endpoints(routes=controller.route_prefixes, metrics=metrics.scrape)
-    proxy = Proxy(runtime, controller.routes, endpoints, options, metrics)
+
+    def backpressure(app: str, deployment: str) -> BackpressureConfig | None:
+        deployed = controller.deployment_options(app, deployment)
+        return None if deployed is None else deployed.backpressure_config
+
+    proxy = Proxy(runtime, controller.routes, endpoints, options, metrics, backpressure)
     server = HTTPServer(proxy, options)
     await server.start()
     return server

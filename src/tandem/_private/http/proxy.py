@@ -10,20 +10,29 @@ Clients never see internals: 5xx bodies are a short fixed message and the
 request id; what went wrong (exception text, traceback) goes to the log and to
 the owner's detailed status. A client's ``X-Request-Id`` is kept only if it is
 sane (see :data:`REQUEST_ID`). A body larger than ``max_body_bytes`` gets 413
-before it is buffered.
+before it is buffered. A request shed because the ingress's callers' queue is
+full (``max_queued_requests``) gets its deployment's ``backpressure_config``:
+503 (or 429), with ``Retry-After`` if it names a delay.
+
+Routes match the path after ``http_options.root_path`` (uvicorn puts it in the
+scope's ``root_path`` and before ``path``); the application's route prefix is
+added to the ``root_path`` its ingress sees.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncGenerator, Callable
+from http import HTTPStatus
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.calls.context import HTTP_METHOD, DeploymentID, RequestMetadata
 from tandem._private.calls.runtime import Runtime
 from tandem._private.http.bridge import HTTPRequestData
@@ -40,6 +49,8 @@ from tandem.exceptions import (
 logger = logging.getLogger("tandem.proxy")
 
 RouteTable = Callable[[], tuple[tuple[str, str, str], ...]]
+# (application, deployment) -> its backpressure_config, if it set one.
+BackpressureLookup = Callable[[str, str], BackpressureConfig | None]
 
 # A request still running after this long starts listening for the client leaving.
 DISCONNECT_WATCH_DELAY_S = 0.05
@@ -53,10 +64,10 @@ REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 # What clients see for each failure kind (the details go to the log).
 _PUBLIC_TEXT = {
-    "backpressure": "Service Unavailable: too many requests are waiting; retry later",
-    "unavailable": "Service Unavailable: the application cannot take requests now",
-    "cancelled": "Service Unavailable: the request was cancelled",
-    "replica_unavailable": "Bad Gateway: the replica serving this request went away",
+    "backpressure": "too many requests are waiting; retry later",
+    "unavailable": "the application cannot take requests now",
+    "cancelled": "the request was cancelled",
+    "replica_unavailable": "the replica serving this request went away",
 }
 
 
@@ -82,7 +93,8 @@ def match_route(routes: tuple[tuple[str, str, str], ...], path: str) -> tuple[st
 
 
 class Proxy:
-    """See the module docstring. ``routes()`` returns the current route table."""
+    """See the module docstring. ``routes()`` returns the current route table;
+    ``backpressure(app, deployment)`` a deployment's backpressure_config."""
 
     def __init__(
         self,
@@ -91,9 +103,11 @@ class Proxy:
         endpoints: ASGIApp,
         options: HTTPOptions,
         metrics: ProxyMetrics,
+        backpressure: BackpressureLookup,
     ) -> None:
         self._runtime = runtime
         self._routes = routes
+        self._backpressure = backpressure
         self._endpoints = endpoints
         self._options = options
         self.metrics = metrics
@@ -108,7 +122,7 @@ class Proxy:
         # uvicorn runs it with lifespan="off": no other scope type arrives
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope["path"]
+        path = _route_path(scope)
         if path.startswith("/-/") or path == "/metrics":
             await self._endpoints(scope, receive, send)
             return
@@ -179,7 +193,8 @@ class Proxy:
                 raise  # the server itself is shutting down
             return await self._stopped(send, exchange, request_id)
         except Exception as exc:
-            return await _failed(send, exc, exchange, request_id, app)
+            shed = self._backpressure(app, ingress) if isinstance(exc, BackPressureError) else None
+            return await _failed(send, exc, exchange, request_id, app, shed)
         finally:
             self._exchanges.discard(exchange)
             exchange.finish()
@@ -295,10 +310,24 @@ async def _relay(
 
 
 async def _failed(
-    send: Send, exc: Exception, exchange: _Exchange, request_id: str, app: str
+    send: Send,
+    exc: Exception,
+    exchange: _Exchange,
+    request_id: str,
+    app: str,
+    shed: BackpressureConfig | None = None,
 ) -> tuple[int, str]:
-    """Log a failed request and answer it (unless its response already started)."""
+    """Log a failed request and answer it (unless its response already started).
+
+    ``shed``: the backpressure_config that answers a request shed for backpressure.
+    """
     status, kind = _classify(exc)
+    headers: list[tuple[bytes, bytes]] = []
+    if kind == "backpressure" and shed is not None:
+        status = shed.status_code
+        if shed.retry_after_s is not None:
+            # Whole seconds (RFC 9110), rounded up: never sooner than configured.
+            headers.append((b"retry-after", str(math.ceil(shed.retry_after_s)).encode()))
     if status == 500:
         logger.error(
             "Request %s to application %r failed",
@@ -310,9 +339,9 @@ async def _failed(
         text = f"Internal Server Error (request id {request_id}).\n"
     else:
         logger.warning("Request %s to application %r: %s", request_id, app, exc)
-        text = f"{_PUBLIC_TEXT[kind]} (request id {request_id}).\n"
+        text = f"{HTTPStatus(status).phrase}: {_PUBLIC_TEXT[kind]} (request id {request_id}).\n"
     if not exchange.response_started:  # else too late to change the status: the stream just ends
-        await _plain(send, status, text, request_id)
+        await _plain(send, status, text, request_id, headers=headers)
     return status, kind
 
 
@@ -357,6 +386,15 @@ async def _read_body(scope: Scope, receive: Receive, limit: int | None) -> bytes
             return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
+def _route_path(scope: Scope) -> str:
+    """The path routes match: ``path`` after the scope's ``root_path`` (as Starlette reads it)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :] or "/"
+    return path
+
+
 def _request_id(scope: Scope) -> str:
     """The client's X-Request-Id if it is sane, else a new one (never raw text in logs)."""
     for key, value in scope["headers"]:
@@ -381,12 +419,20 @@ def _model_id(scope: Scope) -> str:
     return ""
 
 
-async def _plain(send: Send, status: int, text: str, request_id: str, close: bool = False) -> None:
+async def _plain(
+    send: Send,
+    status: int,
+    text: str,
+    request_id: str,
+    close: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     body = text.encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", request_id.encode()),
+        *(headers or ()),
     ]
     if close:  # e.g. a body left unread: the connection cannot carry another request
         headers.append((b"connection", b"close"))

@@ -1,5 +1,6 @@
 """uvicorn serving the proxy on tandem's event loop (no extra thread, no extra hop),
-behind the connection limits of :mod:`tandem._private.http.limits`."""
+behind the connection limits of :mod:`tandem._private.http.limits`, over HTTPS when
+``http_options`` give a key and certificate (:mod:`tandem._private.http.tls`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import uvicorn
 
 from tandem._private.http.limits import ConnectionLimits, Refusals, protocol_class
 from tandem._private.http.options import HTTPOptions
+from tandem._private.http.tls import TLSAcceptor, tls_context
 
 logger = logging.getLogger("tandem.proxy")
 
@@ -50,6 +52,7 @@ class HTTPServer:
         self._watcher: asyncio.Task[None] | None = None
         self._socket: socket.socket | None = None
         self._refusals: Refusals | None = None
+        self._tls: TLSAcceptor | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -60,21 +63,31 @@ class HTTPServer:
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        return f"{self._options.scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
 
     async def start(self) -> None:
-        self._socket = bind_socket(self._options.host, self._options.port)
-        limits = ConnectionLimits.from_options(self._options)
+        """Listen and serve; raises ValueError for unusable HTTPS files, OSError for the port."""
+        options = self._options
+        if options.host is None:
+            raise ValueError("http_options.host is None: there is no address to serve HTTP on.")
+        context = tls_context(options)  # before binding: a bad file leaves no socket behind
+        self._socket = bind_socket(options.host, options.port)
+        limits = ConnectionLimits.from_options(options)
         self._refusals = Refusals(limits)
+        http: Any = protocol_class(limits, self._refusals)
+        if context is not None:
+            self._tls = http = TLSAcceptor(http, context, limits, self._refusals)
         config = uvicorn.Config(
             self._app,
             loop="none",
             lifespan="off",
             log_level="warning",
             access_log=False,
-            http=protocol_class(limits, self._refusals),
+            http=http,
+            # Requests arrive without it; the app sees it in the scope (Ray Serve's root_path).
+            root_path=options.root_path,
             # uvicorn annotates an int but only hands it to loop.call_later: a float works.
-            timeout_keep_alive=self._options.keep_alive_timeout_s,  # type: ignore[arg-type]
+            timeout_keep_alive=options.keep_alive_timeout_s,  # type: ignore[arg-type]
             h11_max_incomplete_event_size=limits.max_header_bytes,  # for the h11 fallback
             server_header=False,
         )
@@ -105,6 +118,9 @@ class HTTPServer:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
             self._watcher = None
+        if self._tls is not None:
+            self._tls.close()  # e.g. connections still shaking hands
+            self._tls = None
         if self._socket is not None:
             self._socket.close()
         if self._refusals is not None:
