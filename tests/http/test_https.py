@@ -181,6 +181,14 @@ def test_key_and_certificate_must_come_together() -> None:
             HTTPOptions(**given)
     # Empty strings mean "not given", as Ray Serve reads them.
     assert not HTTPOptions(ssl_keyfile="", ssl_certfile="").tls
+    # A password of the wrong type is refused without showing it.
+    given = {"ssl_keyfile": "k", "ssl_certfile": "c", "ssl_keyfile_password": 918273}
+    with pytest.raises(ValueError) as failure:
+        serve.start(http_options=given)
+    assert "must be a string" in str(failure.value) and "918273" not in str(failure.value)
+    with pytest.raises(ValueError) as failure:
+        HTTPOptions(**given)
+    assert "918273" not in str(failure.value)
 
 
 def test_unusable_files_and_passwords_fail_at_start_with_a_clear_error(

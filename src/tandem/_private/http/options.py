@@ -59,7 +59,8 @@ class ProxyLocation(str, Enum):
 class HTTPOptions(BaseModel):
     """Where the proxy listens, and what one request or connection may cost it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: pydantic's own message must not show ssl_keyfile_password.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     host: str | None = DEFAULT_HOST
     """Interface the data port listens on (None: serve no HTTP, as Ray Serve does)."""
@@ -141,6 +142,14 @@ class HTTPOptions(BaseModel):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value  # as Ray Serve reads them
+
+    @field_validator("ssl_keyfile_password", mode="before")
+    @classmethod
+    def _password_is_text(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            # Says "got", so tandem's error message does not show the value either.
+            raise ValueError(f"must be a string, got a {type(value).__name__}")
+        return value
 
     @field_validator("location", mode="before")
     @classmethod
