@@ -288,3 +288,10 @@ def test_handle_and_response_types_take_type_parameters() -> None:
     assert DeploymentHandle[int] is not None
     assert DeploymentResponse[str] is not None
     assert DeploymentResponseGenerator[bytes] is not None
+
+
+def test_one_replica_id_type_serves_routers_and_autoscaling_policies() -> None:
+    import tandem.config
+    import tandem.request_router
+
+    assert tandem.config.ReplicaID is tandem.request_router.ReplicaID

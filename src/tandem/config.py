@@ -8,9 +8,9 @@ from tandem._private.app.autoscaling_config import (
 )
 from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.app.request_router_config import RequestRouterConfig
-from tandem._private.calls.context import DeploymentID
-from tandem._private.controller.autoscaling_context import AutoscalingContext, ReplicaID
-from tandem._private.http.options import HTTPOptions
+from tandem._private.calls.context import DeploymentID, ReplicaID
+from tandem._private.controller.autoscaling_context import AutoscalingContext
+from tandem._private.http.options import HTTPOptions, ProxyLocation
 
 __all__ = [
     "AggregationFunction",
@@ -20,6 +20,7 @@ __all__ = [
     "BackpressureConfig",
     "DeploymentID",
     "HTTPOptions",
+    "ProxyLocation",
     "ReplicaID",
     "RequestRouterConfig",
 ]

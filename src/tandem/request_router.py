@@ -6,9 +6,9 @@ class in a deployment's ``request_router_config``
 (``tandem.config.RequestRouterConfig``).
 """
 
+from tandem._private.calls.context import ReplicaID
 from tandem._private.calls.request_routers import (
     PendingRequest,
-    ReplicaID,
     ReplicaResult,
     RequestRouter,
     RunningReplica,

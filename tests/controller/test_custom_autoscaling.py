@@ -18,13 +18,9 @@ import tandem as serve
 from helpers import eventually, wait_for
 from tandem._private.app.autoscaling_config import AutoscalingConfig, AutoscalingPolicy
 from tandem._private.app.config_file import validate_config
-from tandem._private.calls.context import DeploymentID
+from tandem._private.calls.context import DeploymentID, ReplicaID
 from tandem._private.controller.autoscaling import ApplicationAutoscaler, Autoscaler
-from tandem._private.controller.autoscaling_context import (
-    AutoscalingContext,
-    ReplicaID,
-    TimeStampedValue,
-)
+from tandem._private.controller.autoscaling_context import AutoscalingContext, TimeStampedValue
 from tandem._private.replica.autoscaling_stats import AutoscalingStats
 from tandem.autoscaling_policy import (
     default_autoscaling_policy,

@@ -26,6 +26,45 @@ class DeploymentID:
         return f"{self.app_name}#{self.name}"
 
 
+@dataclass(frozen=True)
+class ReplicaID:
+    """A replica's identity (Ray Serve's ``ReplicaID``): its own id within its deployment.
+
+    tandem's string form of it, ``app#deployment#unique``, is what
+    ``get_replica_context().replica_id`` and status give.
+    """
+
+    unique_id: str
+    deployment_id: DeploymentID
+
+    @classmethod
+    def of(cls, replica_id: str, deployment_id: DeploymentID) -> ReplicaID:
+        """From tandem's replica id (``app#deployment#unique``) of a known deployment."""
+        return cls(replica_id.rpartition("#")[2], deployment_id)
+
+    def to_full_id_str(self) -> str:
+        """The id tandem gives the replica (``get_replica_context().replica_id``)."""
+        return f"{self.deployment_id.app_name}#{self.deployment_id.name}#{self.unique_id}"
+
+    @staticmethod
+    def is_full_id_str(s: str) -> bool:
+        return s.count("#") >= 2
+
+    @classmethod
+    def from_full_id_str(cls, s: str) -> ReplicaID:
+        rest, _, unique_id = s.rpartition("#")
+        app_name, _, name = rest.rpartition("#")
+        if not unique_id or not name:
+            raise ValueError(f"{s!r} is not a replica id ('app#deployment#id').")
+        return cls(unique_id, DeploymentID(app_name, name))
+
+    def __str__(self) -> str:
+        return (
+            f"Replica(id='{self.unique_id}', deployment='{self.deployment_id.name}', "
+            f"app='{self.deployment_id.app_name}')"
+        )
+
+
 class ReplicaRank(BaseModel):
     """A replica's place among its deployment's replicas (Ray Serve's model).
 

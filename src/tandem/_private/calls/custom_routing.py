@@ -28,10 +28,9 @@ from typing import Any
 
 import cloudpickle
 
-from tandem._private.calls.context import HTTP_METHOD, DeploymentID, RequestMetadata
+from tandem._private.calls.context import HTTP_METHOD, DeploymentID, ReplicaID, RequestMetadata
 from tandem._private.calls.request_routers import (
     PendingRequest,
-    ReplicaID,
     ReplicaResult,
     RequestRouter,
     RoutingMetadata,

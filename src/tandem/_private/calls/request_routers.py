@@ -24,37 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tandem._private.calls.context import DeploymentID
-
-
-@dataclass(frozen=True)
-class ReplicaID:
-    """A replica's identity: its own id within its deployment."""
-
-    unique_id: str
-    deployment_id: DeploymentID
-
-    def to_full_id_str(self) -> str:
-        """The id tandem gives the replica (``get_replica_context().replica_id``)."""
-        return f"{self.deployment_id.app_name}#{self.deployment_id.name}#{self.unique_id}"
-
-    @staticmethod
-    def is_full_id_str(s: str) -> bool:
-        return s.count("#") >= 2
-
-    @classmethod
-    def from_full_id_str(cls, s: str) -> ReplicaID:
-        rest, _, unique_id = s.rpartition("#")
-        app_name, _, name = rest.rpartition("#")
-        if not unique_id or not name:
-            raise ValueError(f"{s!r} is not a replica id ('app#deployment#id').")
-        return cls(unique_id, DeploymentID(app_name, name))
-
-    def __str__(self) -> str:
-        return (
-            f"Replica(id='{self.unique_id}', deployment='{self.deployment_id.name}', "
-            f"app='{self.deployment_id.app_name}')"
-        )
+from tandem._private.calls.context import DeploymentID, ReplicaID
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tandem._private.calls.context import DeploymentID, RequestMetadata
+from tandem._private.calls.context import DeploymentID, ReplicaID, RequestMetadata
 from tandem._private.calls.custom_routing import CustomRouting, RouterSpec, Superseded
-from tandem._private.calls.request_routers import ReplicaID
 from tandem.exceptions import BackPressureError, DeploymentUnavailableError
 
 # A custom router that keeps choosing replicas that are gone fails the request after this.

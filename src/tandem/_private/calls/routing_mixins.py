@@ -15,9 +15,9 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from tandem._private.calls.context import ReplicaID
 from tandem._private.calls.request_routers import (
     PendingRequest,
-    ReplicaID,
     RequestRouter,
     RunningReplica,
 )

@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tandem._private.app.autoscaling_config import AutoscalingConfig, AutoscalingPolicy
-from tandem._private.calls.context import DeploymentID
+from tandem._private.calls.context import DeploymentID, ReplicaID
 from tandem._private.controller.autoscaling_context import (
     AutoscalingContext,
-    ReplicaID,
     TimeSeries,
     TimeStampedValue,
     aggregate,

@@ -13,33 +13,13 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 from tandem._private.app.autoscaling_config import AggregationFunction
-from tandem._private.calls.context import DeploymentID
+from tandem._private.calls.context import DeploymentID, ReplicaID
 
 T = TypeVar("T")
 
 # The last sample of a window counts for at least this long (seconds), so a sample
 # taken this instant still weighs in the mean (as in Ray Serve).
 MIN_LAST_SAMPLE_S = 1e-3
-
-
-@dataclass(frozen=True)
-class ReplicaID:
-    """A replica, as policies see it: the keys of ``aggregated_metrics`` and ``raw_metrics``."""
-
-    unique_id: str
-    deployment_id: DeploymentID
-
-    @classmethod
-    def of(cls, replica_id: str, deployment_id: DeploymentID) -> ReplicaID:
-        """From tandem's replica id (``app#deployment#unique``)."""
-        return cls(replica_id.rpartition("#")[2], deployment_id)
-
-    def to_full_id_str(self) -> str:
-        """The id ``get_replica_context().replica_id`` gives inside the replica."""
-        return f"{self.deployment_id.app_name}#{self.deployment_id.name}#{self.unique_id}"
-
-    def __str__(self) -> str:
-        return self.to_full_id_str()
 
 
 @dataclass(order=True, frozen=True)
