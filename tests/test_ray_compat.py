@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import tandem as serve
+from conftest import RAY_INSTALLED
 from tandem.schema import ReplicaRank
 
 
@@ -295,3 +296,32 @@ def test_one_replica_id_type_serves_routers_and_autoscaling_policies() -> None:
     import tandem.request_router
 
     assert tandem.config.ReplicaID is tandem.request_router.ReplicaID
+
+
+@pytest.mark.skipif(not RAY_INSTALLED, reason="needs Ray")
+def test_process_replicas_join_the_drivers_ray_for_ray_core_calls(local_ray: None) -> None:
+    # Ray Serve's own examples keep Ray actor handles in deployments and call ray.get
+    # there; on the process backend the replica joins the driver's Ray to do the same.
+    import ray
+
+    @ray.remote
+    class Store:
+        def __init__(self) -> None:
+            self.items: list[str] = []
+
+        def add(self, item: str) -> None:
+            self.items.append(item)
+
+        def get(self) -> list[str]:
+            return self.items
+
+    store = Store.remote()  # type: ignore[attr-defined]
+
+    @serve.deployment
+    def record(item: str) -> int:
+        ray.get(store.add.remote(item))
+        return os.getpid()
+
+    handle = serve.run(record.bind(), name="rayuser", route_prefix=None, backend="process")
+    assert handle.remote("a").result() != os.getpid()
+    assert ray.get(store.get.remote()) == ["a"]

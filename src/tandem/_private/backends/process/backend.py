@@ -33,6 +33,7 @@ from tandem._private.backends.process.frames import RemoteTraceback, picklable_s
 from tandem._private.backends.process.handshake import new_secret
 from tandem._private.backends.process.peer import Peer, peer_on_socket
 from tandem._private.backends.process.resources import Resources
+from tandem._private.backends.process.worker import RAY_ADDRESS_ENV, RAY_NAMESPACE_ENV
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet
 from tandem._private.replica.host import StartSpec
@@ -115,6 +116,7 @@ class ProcessBackend(Backend):
             env.update(_env_vars(actor.runtime_env))
         if claim.gpu_ids or (actor is not None and actor.num_gpus is not None):
             env["CUDA_VISIBLE_DEVICES"] = ",".join(claim.gpu_ids)
+        env.update(_ray_link())
         try:
             return await self._spawn(spec, env)
         except BaseException:
@@ -305,6 +307,17 @@ async def _wait_exit(process: subprocess.Popen[bytes], timeout_s: float) -> int 
             return None
         await asyncio.sleep(0.01)
     return process.returncode
+
+
+def _ray_link() -> dict[str, str]:
+    """If this driver uses Ray, where its cluster is: the replica process joins it
+    before it reads its deployment, so user code that holds Ray actor handles or
+    calls ``ray.get`` works there as it does in the driver (and on Ray Serve)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return {}
+    context = ray.get_runtime_context()
+    return {RAY_ADDRESS_ENV: context.gcs_address, RAY_NAMESPACE_ENV: context.namespace}
 
 
 def _env_vars(runtime_env: dict[str, Any]) -> dict[str, str]:

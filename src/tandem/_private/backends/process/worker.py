@@ -17,6 +17,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -35,6 +36,9 @@ logger = logging.getLogger("tandem.worker")
 
 # After answering "stop", the process lives this much longer, for the answer to leave.
 EXIT_DELAY_S = 0.05
+# Set by the driver when it uses Ray: the cluster (and namespace) this process joins.
+RAY_ADDRESS_ENV = "TANDEM_REPLICA_RAY_ADDRESS"
+RAY_NAMESPACE_ENV = "TANDEM_REPLICA_RAY_NAMESPACE"
 
 
 def _die_with_parent(parent: int) -> None:
@@ -110,6 +114,8 @@ class _Worker:
     async def _start(self, spec: StartSpec, address: str, secret: bytes) -> None:
         picklable_starlette()
         self._secret = secret
+        if os.environ.get(RAY_ADDRESS_ENV) and _holds_ray_objects(spec):
+            await asyncio.to_thread(_join_drivers_ray)
         await self.host.start(spec)
         self._forwarding = asyncio.ensure_future(self._forward_news())
         self._listener = PeerListener(secret, self._new_caller)
@@ -166,6 +172,31 @@ class _Worker:
     def _on_caller_note(self, op: str, payload: Any) -> None:
         if op == "read":
             self.host.read(*payload)
+
+
+def _holds_ray_objects(spec: StartSpec) -> bool:
+    """Whether the deployment cannot be read without Ray: it holds Ray actor handles
+    or object refs (as Ray Serve's own examples do). Joining costs about a second,
+    so a replica joins the driver's Ray only then."""
+    try:
+        pickle.loads(spec.replica)
+    except Exception as exc:  # any other failure: host.start reports it
+        return "Ray has not been started" in str(exc)
+    return False
+
+
+def _join_drivers_ray() -> None:
+    """Join the driver's Ray cluster (see _holds_ray_objects)."""
+    import ray  # only here: a driver that uses Ray has it installed
+
+    address = os.environ[RAY_ADDRESS_ENV]
+
+    ray.init(
+        address=address,
+        namespace=os.environ.get(RAY_NAMESPACE_ENV) or None,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
 
 
 def main() -> None:
