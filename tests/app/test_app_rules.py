@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 import tandem as serve
-from tandem._private.app.config_file import validate_config
+from tandem._private.app.config_file import apply_overrides, validate_config
 from tandem._private.app.importing import build_app
 
 
@@ -181,3 +181,37 @@ def test_request_router_settings_at_the_top_level_say_where_they_belong() -> Non
         serve.deployment(_ping.func_or_class, request_router_class="m:Router")
     with pytest.raises(ValueError, match=r"request_routing_stats_period_s=\.\.\."):
         _ping.options(request_routing_stats_period_s=1)
+
+
+def test_config_file_overrides_take_router_and_placement_options() -> None:
+    # Ray Serve's DeploymentSchema has them; they reach the deployment's options.
+    config = validate_config(
+        _config(
+            deployments=[
+                {
+                    "name": "_ping",
+                    "request_router_config": {"request_routing_stats_period_s": 3},
+                    "placement_group_bundles": [{"CPU": 1}],
+                    "placement_group_strategy": "PACK",
+                }
+            ]
+        )
+    )
+    overrides = {d.name: d.options() for d in config.applications[0].deployments}
+    app = apply_overrides(_ping.bind(), overrides, "default")
+    options = app.deployment.deployment_options
+    assert options.request_router_config is not None
+    assert options.request_router_config.request_routing_stats_period_s == 3
+    assert options.placement_group_strategy == "PACK"
+    assert options.placement_group_bundles == [{"CPU": 1}]
+    other = validate_config(_config(deployments=[{"name": "_ping", "max_replicas_per_node": 2}]))
+    spread = apply_overrides(
+        _ping.bind(), {d.name: d.options() for d in other.applications[0].deployments}, "default"
+    )
+    assert spread.deployment.deployment_options.max_replicas_per_node == 2
+    with pytest.raises(ValueError, match="request_router_config"):
+        apply_overrides(
+            _ping.bind(),
+            {"_ping": {"request_router_config": {"request_routing_stats_period_s": -1}}},
+            "default",
+        )

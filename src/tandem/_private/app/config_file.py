@@ -61,6 +61,10 @@ class DeploymentOverride(_Model):
     graceful_shutdown_wait_loop_s: float | None = Field(default=None, ge=0)
     graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
     logging_config: dict[str, Any] | None = None
+    request_router_config: dict[str, Any] | None = None
+    placement_group_bundles: list[dict[str, float]] | None = None
+    placement_group_strategy: str | None = None
+    max_replicas_per_node: int | None = None
 
     @model_validator(mode="before")
     @classmethod
