@@ -12,6 +12,7 @@ the slot is taken when the request has written its own file: no timing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -125,3 +126,19 @@ def test_a_config_file_sets_backpressure_config() -> None:
     )
     options = config.applications[0].deployments[0].options()
     assert options["backpressure_config"] == BackpressureConfig(status_code=429)
+
+
+def test_a_flood_of_shed_requests_logs_a_line_per_period_not_per_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tandem._private.http import proxy
+
+    now = [0.0]
+    log = proxy._SheddingLog(clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="tandem.proxy"):
+        assert log.note("app")  # the first is logged in full
+        assert not any(log.note("app") for _ in range(50))
+        assert log.note("other")  # each application has its own
+        now[0] = proxy.SHED_LOG_PERIOD_S + 1
+        assert log.note("app")
+    assert "shed 50 more requests" in caplog.text

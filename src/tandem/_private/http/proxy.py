@@ -309,6 +309,39 @@ async def _relay(
         await stream.aclose()
 
 
+class _SheddingLog:
+    """Shed requests come in floods: log the first of each application's, then at most
+    one line per SHED_LOG_PERIOD_S that says how many were shed meanwhile (each one
+    is still in the access log and in /metrics)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+
+    def note(self, app: str) -> bool:
+        """Whether to log this shed request (else it is counted for the next line)."""
+        now = self._clock()
+        last = self._last.get(app)
+        if last is not None and now - last < SHED_LOG_PERIOD_S:
+            self._since[app] = self._since.get(app, 0) + 1
+            return False
+        skipped = self._since.pop(app, 0)
+        if skipped:
+            logger.warning(
+                "Application %r shed %d more requests in the last %.0f s (its queue was full).",
+                app,
+                skipped,
+                now - (last or now),
+            )
+        self._last[app] = now
+        return True
+
+
+SHED_LOG_PERIOD_S = 10.0
+_shedding = _SheddingLog()
+
+
 async def _failed(
     send: Send,
     exc: Exception,
@@ -338,7 +371,8 @@ async def _failed(
         )
         text = f"Internal Server Error (request id {request_id}).\n"
     else:
-        logger.warning("Request %s to application %r: %s", request_id, app, exc)
+        if kind != "backpressure" or _shedding.note(app):
+            logger.warning("Request %s to application %r: %s", request_id, app, exc)
         text = f"{HTTPStatus(status).phrase}: {_PUBLIC_TEXT[kind]} (request id {request_id}).\n"
     if not exchange.response_started:  # else too late to change the status: the stream just ends
         await _plain(send, status, text, request_id, headers=headers)
