@@ -122,9 +122,7 @@ def test_supported_names_import_from_tandem(name: str) -> None:
     _resolve(name)
 
 
-@pytest.mark.parametrize(
-    "name", sorted(n for n, s in _python_names(_rows()).items() if s == "not")
-)
+@pytest.mark.parametrize("name", sorted(n for n, s in _python_names(_rows()).items() if s == "not"))
 def test_names_marked_not_are_absent(name: str) -> None:
     # A name tandem gained belongs in a supported or partly row.
     with pytest.raises((AttributeError, ModuleNotFoundError)):

@@ -325,3 +325,10 @@ def test_process_replicas_join_the_drivers_ray_for_ray_core_calls(local_ray: Non
     handle = serve.run(record.bind(), name="rayuser", route_prefix=None, backend="process")
     assert handle.remote("a").result() != os.getpid()
     assert ray.get(store.get.remote()) == ["a"]
+
+
+def test_deployment_id_takes_rays_arguments() -> None:
+    from tandem.config import DeploymentID
+
+    assert DeploymentID("Model") == DeploymentID(name="Model", app_name="default")
+    assert DeploymentID("Model", "app").app_name == "app"

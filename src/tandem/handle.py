@@ -36,7 +36,7 @@ class DeploymentHandle(Generic[T]):
         stream: bool = False,
         multiplexed_model_id: str = "",
     ) -> None:
-        self._id = DeploymentID(app_name, deployment_name)
+        self._id = DeploymentID(name=deployment_name, app_name=app_name)
         self._method = method_name
         self._stream = stream
         self._model_id = multiplexed_model_id

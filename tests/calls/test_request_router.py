@@ -293,7 +293,7 @@ def test_backoff_settings_reach_the_router() -> None:
 
 # -- the router's mechanics, with fake connections --------------------------------------
 
-DEPLOYMENT = DeploymentID("app", "Model")
+DEPLOYMENT = DeploymentID(app_name="app", name="Model")
 
 
 class _Line:
@@ -644,7 +644,7 @@ def test_the_public_module_names_what_ray_serves_does() -> None:
 
 def test_replica_ids_read_as_in_ray_serve() -> None:
     replica_id = ReplicaID.from_full_id_str("app#Model#1a2b3c")
-    assert replica_id == ReplicaID("1a2b3c", DeploymentID("app", "Model"))
+    assert replica_id == ReplicaID("1a2b3c", DeploymentID(app_name="app", name="Model"))
     assert replica_id.to_full_id_str() == "app#Model#1a2b3c"
     assert str(replica_id) == "Replica(id='1a2b3c', deployment='Model', app='app')"
     assert {replica_id: 1}[ReplicaID.from_full_id_str("app#Model#1a2b3c")] == 1

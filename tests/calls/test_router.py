@@ -16,7 +16,7 @@ from tandem._private.calls.router import (
     Router,
 )
 
-DEPLOYMENT = DeploymentID("app", "Model")
+DEPLOYMENT = DeploymentID(app_name="app", name="Model")
 
 
 class _Line:

@@ -16,7 +16,7 @@ from tandem._private.calls.context import DeploymentID
 from tandem._private.controller.autoscaling import Autoscaler
 from tandem._private.controller.autoscaling_context import aggregate
 
-DEP = DeploymentID("app", "Model")
+DEP = DeploymentID(app_name="app", name="Model")
 
 
 def _autoscaler(**overrides: float | str) -> Autoscaler:

@@ -37,7 +37,7 @@ def _app(name: str, prefix: str | None) -> ApplicationRecord:
 
 def _deployment() -> DeploymentRecord:
     spec = build_application(_model.bind(), "app", None).deployments[0]
-    return DeploymentRecord(DeploymentID("app", spec.name), spec)
+    return DeploymentRecord(DeploymentID(app_name="app", name=spec.name), spec)
 
 
 # -- backoff ------------------------------------------------------------------------

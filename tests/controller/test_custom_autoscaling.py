@@ -27,7 +27,7 @@ from tandem.autoscaling_policy import (
     replica_queue_length_autoscaling_policy,
 )
 
-DEP = DeploymentID("app", "Model")
+DEP = DeploymentID(app_name="app", name="Model")
 QUICK = {
     "min_replicas": 1,
     "max_replicas": 3,
@@ -651,7 +651,7 @@ def test_a_config_file_with_an_unfindable_application_policy_fails_before_anythi
 def _members(*names: str) -> dict[DeploymentID, tuple[Autoscaler, AutoscalingContext]]:
     members = {}
     for name in names:
-        dep = DeploymentID("app", name)
+        dep = DeploymentID(app_name="app", name=name)
         autoscaler = Autoscaler(AutoscalingConfig(**{**QUICK, "max_replicas": 10}))
         autoscaler.record(0.0, 1.0)
         members[dep] = (autoscaler, autoscaler.context(dep, [f"app#{name}#r0"], 1, 0.0))
@@ -663,15 +663,15 @@ def test_an_application_policy_answers_only_for_some_and_the_rest_keep_their_siz
         return {dep: 20.0 for dep in contexts if dep.name == "A"}, None
 
     whole = ApplicationAutoscaler("app", AutoscalingPolicy(policy_function=policy))
-    assert whole.decide(_members("A", "B"), 0.0) == {DeploymentID("app", "A"): 10}
+    assert whole.decide(_members("A", "B"), 0.0) == {DeploymentID(app_name="app", name="A"): 10}
 
 
 @pytest.mark.parametrize(
     ("answer", "words"),
     [
-        (({DeploymentID("app", "Elsewhere"): 2}, {}), "not an autoscaled deployment"),
+        (({DeploymentID(app_name="app", name="Elsewhere"): 2}, {}), "not an autoscaled deployment"),
         ((2, {}), "targets must be a dict"),
-        (({}, {DeploymentID("app", "A"): 5}), "policy_state must be a dict"),
+        (({}, {DeploymentID(app_name="app", name="A"): 5}), "policy_state must be a dict"),
         (None, "must return (targets by DeploymentID, policy states)"),
     ],
     ids=["unknown-deployment", "not-a-dict", "bad-state", "none"],

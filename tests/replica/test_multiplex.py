@@ -401,7 +401,7 @@ def test_stopping_a_replica_unloads_every_model_it_holds(backend: str, tmp_path:
 def _spec(target: type, **options: Any) -> ReplicaSpec:
     return ReplicaSpec(
         replica_id="app#Model#r1",
-        deployment_id=DeploymentID("app", "Model"),
+        deployment_id=DeploymentID(app_name="app", name="Model"),
         target=target,
         init_args=(),
         init_kwargs={},

@@ -94,7 +94,7 @@ class Defiant:
 def _replica(target: type, clock: Clock) -> Replica:
     spec = ReplicaSpec(
         replica_id="Wedge#r1",
-        deployment_id=DeploymentID("app", "Wedge"),
+        deployment_id=DeploymentID(app_name="app", name="Wedge"),
         target=target,
         init_args=(),
         init_kwargs={},

@@ -422,7 +422,7 @@ def get_deployment_handle(
                 "Pass app_name= to get_deployment_handle(): it cannot be inferred outside a "
                 "deployment when zero or several applications run."
             )
-    if not runtime.knows(DeploymentID(app_name, deployment_name)):
+    if not runtime.knows(DeploymentID(name=deployment_name, app_name=app_name)):
         raise DeploymentUnavailableError(
             f"There is no deployment {deployment_name!r} in application {app_name!r}."
         )

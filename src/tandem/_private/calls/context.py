@@ -17,10 +17,11 @@ from pydantic import BaseModel, ConfigDict
 
 @dataclass(frozen=True)
 class DeploymentID:
-    """A deployment's identity: its name within its application."""
+    """A deployment's identity: its name within its application (Ray Serve's fields,
+    in its order: ``DeploymentID("Model")`` is Model of the "default" application)."""
 
-    app_name: str
     name: str
+    app_name: str = "default"
 
     def __str__(self) -> str:
         return f"{self.app_name}#{self.name}"
@@ -56,7 +57,7 @@ class ReplicaID:
         app_name, _, name = rest.rpartition("#")
         if not unique_id or not name:
             raise ValueError(f"{s!r} is not a replica id ('app#deployment#id').")
-        return cls(unique_id, DeploymentID(app_name, name))
+        return cls(unique_id, DeploymentID(name=name, app_name=app_name))
 
     def __str__(self) -> str:
         return (

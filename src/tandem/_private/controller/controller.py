@@ -132,7 +132,7 @@ class Controller:
                     kept.append((prev, dspec))
                     app.deployments[dspec.name] = prev
                     continue
-                record = DeploymentRecord(DeploymentID(spec.name, dspec.name), dspec)
+                record = DeploymentRecord(DeploymentID(app_name=spec.name, name=dspec.name), dspec)
                 fresh.append(record)
                 app.deployments[dspec.name] = record
                 if prev is None:

@@ -185,7 +185,9 @@ class Proxy:
         self._exchanges.add(exchange)
         self.metrics.started(app)
         try:
-            stream = self._runtime.stream(DeploymentID(app, ingress), meta, (data,), {})
+            stream = self._runtime.stream(
+                DeploymentID(app_name=app, name=ingress), meta, (data,), {}
+            )
             await _relay(stream, send, exchange, request_id, on_complete)
             return exchange.status, _error_kind(exchange.status)
         except asyncio.CancelledError:
