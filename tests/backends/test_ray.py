@@ -346,7 +346,7 @@ def ray_start_record() -> Iterator[Path]:
         record.write_text(before)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_tandem_run_through_ray_client_then_on_its_own_ray_despite_the_record(
     tmp_path: Path, ray_start_record: Path
 ) -> None:
@@ -366,14 +366,16 @@ def test_tandem_run_through_ray_client_then_on_its_own_ray_despite_the_record(
         assert wait_for(lambda: _accepts(client_port), 60), "the Ray Client server never listened"
         # Through Ray Client, as from outside the cluster, with the code's folder shipped.
         address = f"ray://127.0.0.1:{client_port}"
-        try:
-            facts = _serve_where(tmp_path, "--address", address, "--working-dir", ".")
-        except AssertionError as failure:
-            # Ray's client server sometimes fails to start its per-client server
-            # (psutil.ZombieProcess in its proxier); that is Ray's, so once more.
-            if "Initialization failure from server" not in str(failure):
-                raise
-            facts = _serve_where(tmp_path, "--address", address, "--working-dir", ".")
+        # Ray's client server sometimes fails to start its per-client server under
+        # load (the forked process dies before it runs, or psutil.ZombieProcess in its
+        # proxier; its log is empty): that is Ray's, and the next client gets a new one.
+        for attempt in range(3):
+            try:
+                facts = _serve_where(tmp_path, "--address", address, "--working-dir", ".")
+                break
+            except AssertionError as failure:
+                if "Initialization failure from server" not in str(failure) or attempt == 2:
+                    raise
         assert facts["in_actor"] is True
         assert facts["gcs"].endswith(f":{gcs_port}")
         assert facts["data"] == "shipped"
