@@ -1,4 +1,5 @@
-"""Waiting on the loop: a queue that a producer task fills, and an event with a timeout."""
+"""Waiting on the loop: a queue that a producer task fills, an event with a timeout, and
+undoing a cancellation a task caused itself."""
 
 from __future__ import annotations
 
@@ -32,3 +33,12 @@ async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
     finally:
         waiter.cancel()
     return event.is_set()
+
+
+def uncancel(task: asyncio.Task[Any] | None) -> None:
+    """Forget the cancellations requested of ``task`` (Python 3.11+ counts them), so a
+    task that swallowed a cancellation it caused itself ends as if never cancelled."""
+    undo = getattr(task, "uncancel", None)
+    if task is not None and undo is not None:
+        while task.cancelling():
+            undo()

@@ -6,22 +6,37 @@ replica rebuilds a ``starlette.requests.Request`` from it, calls the user's
 ``__call__`` (or the class's ASGI app, for ``@ingress``), turns the result into
 a response, and yields that response's ASGI messages as they are produced, so a
 ``StreamingResponse`` streams chunk by chunk back through the proxy.
+
+A WebSocket session (scope type ``websocket``) also brings the client's
+messages, as an async iterator (``calls.inbound``); only an ``@ingress`` app
+serves it. Whatever the app sends waits for the proxy to take it, at most
+STREAM_BUFFER messages ahead: a slow client slows the app, it does not fill memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    MutableMapping,
+)
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from tandem._private.calls.flow import STREAM_BUFFER
 from tandem._private.queues import drain
 
 __all__ = ["HTTPRequestData", "serve_http", "to_response"]
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 _SCOPE_KEYS = (
     "type",
@@ -36,6 +51,7 @@ _SCOPE_KEYS = (
     "headers",
     "client",
     "server",
+    "subprotocols",
 )
 
 
@@ -56,6 +72,9 @@ class HTTPRequestData:
         for key in ("client", "server"):
             if plain.get(key) is not None:
                 plain[key] = tuple(plain[key])
+        if "websocket.http.response" in scope.get("extensions", {}):
+            # The app may refuse a session with a response of its own (the proxy relays it).
+            plain["extensions"] = {"websocket.http.response": {}}
         return cls(plain, body)
 
 
@@ -102,13 +121,23 @@ async def serve_http(
     data: HTTPRequestData,
     call: Callable[[Request], Awaitable[Any]] | None,
     asgi_app: Callable[..., Awaitable[None]] | None,
+    inbound: AsyncIterator[dict[str, Any]] | None = None,
 ) -> AsyncGenerator[dict[str, Any], None]:
-    """Run one HTTP request in the replica and yield its ASGI response messages.
+    """Run one HTTP request (or WebSocket session) in the replica; yield its ASGI messages.
 
     ``call`` runs the user's ``__call__`` with the request; ``asgi_app`` (for
-    ``@ingress``) is run as it is instead.
+    ``@ingress``) is run as it is instead. ``inbound``: a session's client messages.
     """
     scope = data.scope
+    if scope["type"] == "websocket":
+        if asgi_app is None or inbound is None:
+            # Only an ASGI app can take a session: refuse the handshake (HTTP 403).
+            yield {"type": "websocket.close", "code": 1000}
+            return
+        session = _Session(inbound)
+        async for message in _run_asgi(asgi_app, scope, session.receive, _nothing):
+            yield message
+        return
     channel = _Channel(data.body)
     if asgi_app is None:
         assert call is not None
@@ -130,25 +159,55 @@ async def serve_http(
         app: Callable[..., Awaitable[None]] = response
     else:
         app = asgi_app
-    async for message in _run_asgi(app, scope, channel):
+    async for message in _run_asgi(app, scope, channel.receive, channel.disconnected.set):
         yield message
+
+
+class _Session:
+    """``receive`` for a WebSocket app: the client's messages, then disconnects."""
+
+    def __init__(self, inbound: AsyncIterator[dict[str, Any]]) -> None:
+        self._inbound = inbound.__aiter__()
+        self._gone = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._gone:
+            try:
+                message = await self._inbound.__anext__()
+            except StopAsyncIteration:  # the proxy's side ended without a word
+                message = {"type": "websocket.disconnect", "code": 1006}
+            if message.get("type") == "websocket.disconnect":
+                self._gone = True
+            return message
+        return {"type": "websocket.disconnect", "code": 1006}
+
+
+def _nothing() -> None:
+    pass
 
 
 _END = object()
 
 
 async def _run_asgi(
-    app: Callable[..., Awaitable[None]], scope: dict[str, Any], channel: _Channel
+    app: Callable[..., Awaitable[None]],
+    scope: dict[str, Any],
+    receive: Receive,
+    on_exit: Callable[[], None],
 ) -> AsyncGenerator[dict[str, Any], None]:
-    """Run an ASGI app as a task and yield what it sends, as it sends it."""
-    sent: asyncio.Queue[Any] = asyncio.Queue()
+    """Run an ASGI app as a task and yield what it sends, as it sends it (its ``send``
+    waits while STREAM_BUFFER messages are untaken). ``on_exit``: called when the
+    reader is done, before the app is cancelled if it still runs."""
+    sent: asyncio.Queue[Any] = asyncio.Queue()  # the end and errors never wait for room
+    room = asyncio.Semaphore(STREAM_BUFFER)
 
     async def send(message: dict[str, Any]) -> None:
+        await room.acquire()
         sent.put_nowait(message)
 
     async def run() -> None:
         try:
-            await app(scope, channel.receive, send)
+            await app(scope, receive, send)
         except BaseException as exc:
             sent.put_nowait(exc)
             if isinstance(exc, asyncio.CancelledError):
@@ -159,9 +218,10 @@ async def _run_asgi(
     task = asyncio.create_task(run())
     try:
         async for message in drain(sent, _END):
+            room.release()
             yield message
     finally:
-        channel.disconnected.set()
+        on_exit()
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)

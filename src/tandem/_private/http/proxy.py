@@ -9,7 +9,7 @@ request in the ingress and in every call it made. Errors in user code become a
 Clients never see internals: 5xx bodies are a short fixed message and the
 request id; what went wrong (exception text, traceback) goes to the log and to
 the owner's detailed status. A client's ``X-Request-Id`` is kept only if it is
-sane (see :data:`REQUEST_ID`). A body larger than ``max_body_bytes`` gets 413
+sane (see ``scope.REQUEST_ID``). A body larger than ``max_body_bytes`` gets 413
 before it is buffered. A request shed because the ingress's callers' queue is
 full (``max_queued_requests``) gets its deployment's ``backpressure_config``:
 503 (or 429), with ``Retry-After`` if it names a delay.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncGenerator, Callable
 from http import HTTPStatus
@@ -35,20 +34,25 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.calls.context import HTTP_METHOD, DeploymentID, RequestMetadata
 from tandem._private.calls.runtime import Runtime
+from tandem._private.http import scope as scopes
 from tandem._private.http.bridge import HTTPRequestData
+from tandem._private.http.failures import PUBLIC_TEXT, classify
 from tandem._private.http.logs import log_access
 from tandem._private.http.metrics import ProxyMetrics
 from tandem._private.http.options import HTTPOptions
-from tandem.exceptions import (
-    BackPressureError,
-    DeploymentUnavailableError,
-    ReplicaUnavailableError,
-    RequestCancelledError,
+from tandem._private.http.scope import (
+    RouteTable,
+    header,
+    match_route,
+    model_id,
+    route_path,
 )
+from tandem._private.http.websocket import WebSocketSessions
+from tandem._private.queues import uncancel
+from tandem.exceptions import BackPressureError
 
 logger = logging.getLogger("tandem.proxy")
 
-RouteTable = Callable[[], tuple[tuple[str, str, str], ...]]
 # (application, deployment) -> its backpressure_config, if it set one.
 BackpressureLookup = Callable[[str, str], BackpressureConfig | None]
 
@@ -57,19 +61,6 @@ DISCONNECT_WATCH_DELAY_S = 0.05
 # How often the watcher looks at requests in flight (timeouts are this precise).
 WATCH_INTERVAL_S = 0.02
 
-_MODEL_ID_HEADERS = (b"serve_multiplexed_model_id", b"serve-multiplexed-model-id")
-
-# A client's X-Request-Id is kept if it matches this; otherwise tandem makes one.
-REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-
-# What clients see for each failure kind (the details go to the log).
-_PUBLIC_TEXT = {
-    "backpressure": "too many requests are waiting; retry later",
-    "unavailable": "the application cannot take requests now",
-    "cancelled": "the request was cancelled",
-    "replica_unavailable": "the replica serving this request went away",
-}
-
 
 class _BodyTooLarge(Exception):
     """The request's body is over ``max_body_bytes``."""
@@ -77,19 +68,6 @@ class _BodyTooLarge(Exception):
 
 class _Stop(Exception):
     """Why the proxy cancelled a request: the client left, or time ran out."""
-
-
-def match_route(routes: tuple[tuple[str, str, str], ...], path: str) -> tuple[str, str, str] | None:
-    """The (prefix, app, ingress) whose prefix is the longest match of ``path``.
-
-    ``routes`` is sorted longest prefix first; "/api" matches "/api" and
-    "/api/x" but not "/apix".
-    """
-    for route in routes:
-        prefix = route[0]
-        if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
-            return route
-    return None
 
 
 class Proxy:
@@ -112,22 +90,23 @@ class Proxy:
         self._options = options
         self.metrics = metrics
         self._exchanges: set[_Exchange] = set()
+        self._websockets = WebSocketSessions(runtime, routes, options, metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             await self._http(scope, receive, send)
-        elif kind == "websocket":  # not served (yet): refuse politely
-            await send({"type": "websocket.close", "code": 1003})
+        elif kind == "websocket":
+            await self._websockets(scope, receive, send)
         # uvicorn runs it with lifespan="off": no other scope type arrives
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = _route_path(scope)
+        path = route_path(scope)
         if path.startswith("/-/") or path == "/metrics":
             await self._endpoints(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _request_id(scope)
+        request_id = scopes.request_id(scope)
         route = match_route(self._routes(), path)
         if route is None:
             await _plain(send, 404, f"Not Found: no application serves {path!r}.\n", request_id)
@@ -177,9 +156,7 @@ class Proxy:
             return 413, "body_too_large"
         if body is None:
             return 499, "disconnected"
-        meta = RequestMetadata(
-            request_id, app, ingress, HTTP_METHOD, True, _model_id(scope), prefix
-        )
+        meta = RequestMetadata(request_id, app, ingress, HTTP_METHOD, True, model_id(scope), prefix)
         data = HTTPRequestData.from_scope(scope, body, prefix)
         exchange = _Exchange(receive, self._options.request_timeout_s)
         self._exchanges.add(exchange)
@@ -268,19 +245,7 @@ class _Exchange:
             self._watcher.cancel()
         if self.stopped and self._task is not None:
             # Swallow the cancellation we caused, so the server's task ends cleanly.
-            _uncancel(self._task)
-
-
-def _classify(exc: BaseException) -> tuple[int, str]:
-    if isinstance(exc, BackPressureError):
-        return 503, "backpressure"
-    if isinstance(exc, DeploymentUnavailableError):
-        return 503, "unavailable"
-    if isinstance(exc, ReplicaUnavailableError):
-        return 502, "replica_unavailable"
-    if isinstance(exc, RequestCancelledError):
-        return 503, "cancelled"
-    return 500, "server_error"
+            uncancel(self._task)
 
 
 def _error_kind(status: int) -> str | None:
@@ -356,7 +321,7 @@ async def _failed(
 
     ``shed``: the backpressure_config that answers a request shed for backpressure.
     """
-    status, kind = _classify(exc)
+    status, kind = classify(exc)
     headers: list[tuple[bytes, bytes]] = []
     if kind == "backpressure" and shed is not None:
         status = shed.status_code
@@ -375,17 +340,10 @@ async def _failed(
     else:
         if kind != "backpressure" or _shedding.note(app):
             logger.warning("Request %s to application %r: %s", request_id, app, exc)
-        text = f"{HTTPStatus(status).phrase}: {_PUBLIC_TEXT[kind]} (request id {request_id}).\n"
+        text = f"{HTTPStatus(status).phrase}: {PUBLIC_TEXT[kind]} (request id {request_id}).\n"
     if not exchange.response_started:  # else too late to change the status: the stream just ends
         await _plain(send, status, text, request_id, headers=headers)
     return status, kind
-
-
-def _uncancel(task: asyncio.Task[Any]) -> None:
-    uncancel = getattr(task, "uncancel", None)
-    if uncancel is not None:
-        while task.cancelling():
-            uncancel()
 
 
 async def _watch_disconnect(receive: Receive, cancel: Callable[[str], None]) -> None:
@@ -403,7 +361,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int | None) -> bytes
     body is read; a chunked body is refused as soon as it passes the limit.
     """
     if limit is not None:
-        length = _header(scope, b"content-length")
+        length = header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise _BodyTooLarge
     chunks = []
@@ -420,39 +378,6 @@ async def _read_body(scope: Scope, receive: Receive, limit: int | None) -> bytes
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks) if len(chunks) != 1 else chunks[0]
-
-
-def _route_path(scope: Scope) -> str:
-    """The path routes match: ``path`` after the scope's ``root_path`` (as Starlette reads it)."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root):
-        return path[len(root) :] or "/"
-    return path
-
-
-def _request_id(scope: Scope) -> str:
-    """The client's X-Request-Id if it is sane, else a new one (never raw text in logs)."""
-    for key, value in scope["headers"]:
-        if key == b"x-request-id":
-            if REQUEST_ID.fullmatch(value):
-                return str(value.decode("ascii"))
-            break
-    return RequestMetadata.new_request_id()
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
-def _model_id(scope: Scope) -> str:
-    for key, value in scope["headers"]:
-        if key in _MODEL_ID_HEADERS:
-            return str(value.decode("latin-1"))
-    return ""
 
 
 async def _plain(

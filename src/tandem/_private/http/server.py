@@ -17,6 +17,9 @@ from tandem._private.http.tls import TLSAcceptor, tls_context
 
 logger = logging.getLogger("tandem.proxy")
 
+# A WebSocket message's size limit when request bodies have none (uvicorn's default).
+WS_MAX_SIZE = 16 * 1024 * 1024
+
 
 def bind_socket(
     host: str,
@@ -89,6 +92,10 @@ class HTTPServer:
             # uvicorn annotates an int but only hands it to loop.call_later: a float works.
             timeout_keep_alive=options.keep_alive_timeout_s,  # type: ignore[arg-type]
             h11_max_incomplete_event_size=limits.max_header_bytes,  # for the h11 fallback
+            # WebSockets (``http.websocket``): the sans-I/O implementation bounds what it
+            # buffers both ways; a message may be as large as a request body.
+            ws="websockets-sansio",
+            ws_max_size=options.max_body_bytes or WS_MAX_SIZE,
             server_header=False,
         )
         self._server = uvicorn.Server(config)

@@ -29,6 +29,7 @@ import cloudpickle
 
 from tandem._private.calls.context import DeploymentID, RequestMetadata
 from tandem._private.calls.flow import Credit
+from tandem._private.calls.inbound import InboundQueues
 from tandem._private.calls.router import ReplicaSet
 from tandem._private.calls.runtime import Runtime
 from tandem._private.queues import wait_event
@@ -98,6 +99,7 @@ class ReplicaHost:
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._cancelled_early: dict[str, float] = {}
         self._credits: dict[str, Credit] = {}  # streams served here, by token
+        self._inbound = InboundQueues()  # their inbound arguments (calls.inbound)
         # News for watch(): its version, and an event set (then replaced) when it changes.
         self._version = 0
         self._news = asyncio.Event()
@@ -160,17 +162,29 @@ class ReplicaHost:
         """Serve one streaming call, as far ahead of its caller as it has credit:
         the caller reports what it read with :meth:`read`."""
         replica = self.replica
-        self._begin(token)
-        credit = self._credits[token] = Credit()
-        source = replica.stream(meta, args, kwargs)
+        args, inbound = self._inbound.claim(args)
         try:
-            async for item in source:
-                yield item
-                await credit.sent()
+            self._begin(token)
+            credit = self._credits[token] = Credit()
+            source = replica.stream(meta, args, kwargs)
+            try:
+                async for item in source:
+                    yield item
+                    await credit.sent()
+            finally:
+                self._running.pop(token, None)
+                self._credits.pop(token, None)
+                await source.aclose()
         finally:
-            self._running.pop(token, None)
-            self._credits.pop(token, None)
-            await source.aclose()
+            if inbound is not None:
+                self._inbound.close(inbound)
+
+    async def push(
+        self, token: str, items: list[Any], end: bool, error: BaseException | None
+    ) -> bool:
+        """Items for the inbound argument ``token`` of a stream served here; returns
+        once the stream has room for more (False: it ended, send no more)."""
+        return await self._inbound.push(token, items, end, error)
 
     def read(self, token: str, count: int) -> None:
         """The caller of stream ``token`` read ``count`` more items (late reports are dropped)."""

@@ -1,10 +1,10 @@
 """``@ingress(app)``: a deployment class that serves an ASGI app (FastAPI, Starlette...).
 
 Routes declared with the class's own methods as endpoints
-(``@app.get("/") def root(self): ...``) are rewritten once, when the class is
-decorated: ``self`` becomes a dependency that resolves to the instance of the
-replica serving the request. One app object thus serves every replica, in any
-process, without copying it.
+(``@app.get("/") def root(self): ...``, and ``@app.websocket`` ones) are
+rewritten once, when the class is decorated: ``self`` becomes a dependency that
+resolves to the instance of the replica serving the request. One app object
+thus serves every replica, in any process, without copying it.
 """
 
 from __future__ import annotations
@@ -86,24 +86,29 @@ async def _serving_instance() -> Any:
 def _bind_method_routes(app: Any, cls: type) -> None:
     try:
         from fastapi import Depends, FastAPI
-        from fastapi.routing import APIRoute
+        from fastapi.routing import APIRoute, APIWebSocketRoute
     except ImportError:  # without FastAPI there are no method routes to bind
         return
     if not isinstance(app, FastAPI):
         return
     functions = {value for value in vars(cls).values() if inspect.isfunction(value)}
-    params = [
-        p
-        for p in inspect.signature(APIRoute.__init__).parameters
-        if p not in ("self", "path", "endpoint")
-    ]
+    params = {
+        kind: [
+            p
+            for p in inspect.signature(kind.__init__).parameters
+            if p not in ("self", "path", "endpoint")
+        ]
+        for kind in (APIRoute, APIWebSocketRoute)
+    }
     routes = app.router.routes
     changed = False
     for index, route in enumerate(routes):
-        if isinstance(route, APIRoute) and route.endpoint in functions:
+        kind = type(route)
+        if kind in params and getattr(route, "endpoint", None) in functions:
+            assert isinstance(route, APIRoute | APIWebSocketRoute)
             endpoint = _with_instance(route.endpoint, Depends(_serving_instance))
-            kwargs = {p: getattr(route, p) for p in params if hasattr(route, p)}
-            routes[index] = APIRoute(route.path, endpoint, **kwargs)
+            kwargs = {p: getattr(route, p) for p in params[kind] if hasattr(route, p)}
+            routes[index] = kind(route.path, endpoint, **kwargs)
             changed = True
     if changed and hasattr(app.router, "_routes_version"):
         app.router._routes_version += 1  # FastAPI caches derived route lists by version

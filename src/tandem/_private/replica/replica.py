@@ -364,7 +364,7 @@ class Replica:
         with _Serving(self, meta, _label(meta.method_name), slot) as serving:
             if method is None:
                 serving.http = args[0].scope
-                source = self._serve_http(args[0], slot)
+                source = self._serve_http(args, slot)
             else:
                 source = self._user.iterate(method, args, kwargs, slot)
             try:
@@ -375,14 +375,16 @@ class Replica:
             finally:
                 await source.aclose()
 
-    def _serve_http(self, data: Any, slot: Slot) -> AsyncGenerator[Any, None]:
+    def _serve_http(self, args: tuple[Any, ...], slot: Slot) -> AsyncGenerator[Any, None]:
+        """``args``: the request's data, and a WebSocket session's client messages."""
         obj = self._user.obj
         if obj is None:
             raise self._unavailable()
         serve_http, asgi_app_for = _http_bridge()
+        data, inbound = args[0], (args[1] if len(args) > 1 else None)
         asgi_app = asgi_app_for(obj) if self._is_ingress else None
         if asgi_app is not None:
-            return serve_http(data, None, asgi_app)
+            return serve_http(data, None, asgi_app, inbound)
         user = self._user
         method = user.method("__call__")
         if self._call_takes_request is None:
@@ -426,9 +428,14 @@ class _Serving:
         self._started = time.perf_counter()
 
     def saw(self, message: dict[str, Any]) -> None:
-        """An ASGI message of the HTTP response: the first says its status."""
-        if message.get("type") == "http.response.start":
+        """An ASGI message of the response: the first says its status (101: a session)."""
+        kind = message.get("type")
+        if kind in ("http.response.start", "websocket.http.response.start"):
             self.status = message.get("status")
+        elif kind == "websocket.accept":
+            self.status = 101
+        elif kind == "websocket.close":  # refused before it was accepted
+            self.status = 403
 
     def __enter__(self) -> _Serving:
         return self

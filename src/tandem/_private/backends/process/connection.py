@@ -3,7 +3,8 @@
 The line is opened with the run's secret (see ``handshake``): the driver's
 backend and each replica process hold it and pass it to every connection. A
 stream reports what its reader took, so the replica's generator waits for a
-slow reader (``calls.flow``).
+slow reader (``calls.flow``). A stream's inbound argument (a WebSocket session's
+client messages, ``calls.inbound``) is sent after its request, batch by batch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tandem._private.backends.process.peer import Peer, open_peer
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.calls.flow import ReadReports, new_token
+from tandem._private.calls.inbound import detach, start_pump, stop_pump
 from tandem._private.calls.router import ReplicaInfo
 
 
@@ -77,12 +79,20 @@ class ProcessConnection:
             raise ReplicaNotReached(f"Replica {self.replica_id} is gone.")
         token = new_token()  # names the stream in the reports of what was read (calls.flow)
         reads = ReadReports(lambda count: _report_reads(peer, token, count))
+        args, inbound = detach(args)
         source = peer.stream("stream", (token, meta, args, kwargs))
+        pumping = None
+        if inbound is not None:  # its items follow the request on the same line, in order
+            ref = inbound.token
+            pumping = start_pump(
+                inbound, lambda items, end, error: peer.call("push", (ref, items, end, error))
+            )
         try:
             async for item in source:
                 yield item
                 reads.took()
         finally:
+            await stop_pump(pumping)
             await source.aclose()
 
     def close(self) -> None:

@@ -163,6 +163,8 @@ class _Worker:
         return peer
 
     def _on_call(self, op: str, payload: Any) -> Awaitable[Any]:
+        if op == "push":  # items of a stream's inbound argument (calls.inbound)
+            return self.host.push(*payload)
         # No token: the wire cancels a call by its own request id.
         return self.host.call(None, *payload)
 

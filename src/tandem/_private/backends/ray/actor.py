@@ -203,6 +203,12 @@ class ReplicaActor:
         if channel is not None:  # its caller never came back for the rest
             channel.pump.cancel()
 
+    async def push(
+        self, token: str, items: list[Any], end: bool, error: BaseException | None
+    ) -> bool:
+        """Items of a stream's inbound argument (see ``calls.inbound``)."""
+        return await self._hosting().push(token, items, end, error)
+
     async def read(self, token: str, count: int) -> None:
         """The caller of stream ``token`` read ``count`` more of its items."""
         self._hosting().read(token, count)

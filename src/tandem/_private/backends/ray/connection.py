@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ray.exceptions import (
@@ -30,6 +31,7 @@ from tandem._private.backends.ray.tracebacks import take_traceback
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.calls.flow import ReadReports, new_token
+from tandem._private.calls.inbound import detach, start_pump, stop_pump
 from tandem._private.calls.router import ReplicaInfo
 from tandem.exceptions import ReplicaUnavailableError, RequestCancelledError
 
@@ -125,7 +127,11 @@ class RayConnection:
         took is reported to the actor (``calls.flow``)."""
         self._check()
         token = new_token()
+        args, inbound = detach(args)
         ref: Any = self._actor.stream_open.remote(token, meta, args, kwargs)
+        pumping = None
+        if inbound is not None:  # one push at a time: Ray may reorder an async actor's calls
+            pumping = start_pump(inbound, partial(self._push, inbound.token))
         finished = False
         try:
             first, finished = await ref
@@ -148,8 +154,14 @@ class RayConnection:
             translated = self._translate(error)
             raise translated from translated.__cause__
         finally:
+            await stop_pump(pumping)
             if not finished:  # closed early or cancelled: stop the generator in the replica
                 self._cancel(token)
+
+    async def _push(
+        self, ref: str, items: list[Any], end: bool, error: BaseException | None
+    ) -> bool:
+        return bool(await self._actor.push.remote(ref, items, end, error))
 
     def _read(self, token: str, count: int) -> None:
         if not self._dead:

@@ -1,0 +1,226 @@
+"""Inbound streams: an argument whose items the caller sends while the call runs.
+
+A WebSocket session is a call whose replica reads the client's messages as they
+come: the proxy passes them as an :class:`Inbound`, an async iterator given as a
+top-level argument. In the caller's process (local backend) the replica reads
+that iterator itself. Across processes it travels as an :class:`InboundRef` (a
+token), and the caller's connection sends its items to the replica's host with
+:func:`pump`, where an :class:`InboundQueues` hands them to the replica.
+
+Flow control, the same bound as ``calls.flow`` on every backend: the pump sends
+one batch at a time (so batches arrive in order on any transport), and the
+host answers a batch only once fewer than STREAM_BUFFER items wait for the
+replica. A replica that stops reading thus stops its caller reading from its
+source a bounded number of items later, instead of buffering without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tandem._private.calls.flow import STREAM_BUFFER, new_token
+
+# Items of one push are at most this many (a batch is what waits at the time).
+MAX_BATCH = STREAM_BUFFER
+# A queue made by a push whose call never claimed it (e.g. the call failed on its
+# way) is dropped after this long; tokens of ended streams are kept this many.
+ORPHAN_S = 60.0
+ENDED_KEPT = 4096
+
+# Sends one batch: (items, whether the source ended, the error it ended with);
+# returns False once the replica no longer reads (the call ended).
+Push = Callable[[list[Any], bool, BaseException | None], Awaitable[bool]]
+
+
+class Inbound:
+    """A caller's async iterator, passed as a top-level argument of a call."""
+
+    __slots__ = ("source", "token")
+
+    def __init__(self, source: AsyncIterator[Any]) -> None:
+        self.source = source
+        self.token = new_token()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self.source
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "An inbound stream travels only as a top-level argument of a streaming call "
+            "(its connection sends the items); it cannot be pickled."
+        )
+
+
+@dataclass(frozen=True)
+class InboundRef:
+    """An :class:`Inbound` as it travels to another process: its token."""
+
+    token: str
+
+
+def detach(args: tuple[Any, ...]) -> tuple[tuple[Any, ...], Inbound | None]:
+    """``args`` with its (first) top-level Inbound replaced by a ref, and that Inbound."""
+    for index, arg in enumerate(args):
+        if isinstance(arg, Inbound):
+            return (*args[:index], InboundRef(arg.token), *args[index + 1 :]), arg
+    return args, None
+
+
+async def pump(inbound: Inbound, push: Push) -> None:
+    """Send ``inbound``'s items with ``push`` until it ends or the replica stops reading.
+
+    Reading the source goes on while a batch is on its way (at most STREAM_BUFFER
+    items ahead), so a slow link costs latency, not throughput.
+    """
+    waiting: asyncio.Queue[tuple[Any, bool, BaseException | None]] = asyncio.Queue(STREAM_BUFFER)
+
+    async def read() -> None:
+        try:
+            async for item in inbound.source:
+                await waiting.put((item, False, None))
+        except Exception as exc:  # the replica's iterator raises it, after the items
+            await waiting.put((None, True, exc))
+        else:
+            await waiting.put((None, True, None))
+
+    reader = asyncio.ensure_future(read())
+    try:
+        ended = False
+        while not ended:
+            entries = [await waiting.get()]
+            while len(entries) < MAX_BATCH and not waiting.empty():
+                entries.append(waiting.get_nowait())
+            _, ended, error = entries[-1]
+            items = [item for item, last, _ in entries if not last]
+            if not await push(items, ended, error):
+                return
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        aclose = getattr(inbound.source, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def start_pump(inbound: Inbound, push: Push) -> asyncio.Task[None]:
+    """Run :func:`pump` as a task; a push that fails (the connection broke) fails the
+    call on its own, so the task's error is only retrieved here."""
+    task = asyncio.ensure_future(pump(inbound, push))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
+
+
+async def stop_pump(task: asyncio.Task[None] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class InboundQueue:
+    """The replica's end of an inbound stream in another process: an async iterator."""
+
+    __slots__ = ("_arrived", "_closed", "_ended", "_error", "_items", "_room")
+
+    def __init__(self) -> None:
+        self._items: deque[Any] = deque()
+        self._ended = False
+        self._closed = False  # the call ended: pushes are refused
+        self._error: BaseException | None = None
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def put(self, items: list[Any], end: bool, error: BaseException | None) -> bool:
+        """Take a batch; return once the replica has room for more (False: it is gone)."""
+        if self._closed:
+            return False
+        self._items.extend(items)
+        if end:
+            self._ended, self._error = True, error
+        self._arrived.set()
+        while len(self._items) >= STREAM_BUFFER and not self._closed:
+            self._room.clear()
+            await self._room.wait()
+        return not self._closed
+
+    def close(self) -> None:
+        """The call ended: drop what is left and refuse what comes (a reader still
+        there sees the end)."""
+        self._closed = self._ended = True
+        self._items.clear()
+        self._room.set()
+        self._arrived.set()
+
+    def __aiter__(self) -> InboundQueue:
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._items:
+            if self._ended:
+                error, self._error = self._error, None
+                if error is not None:
+                    raise error
+                raise StopAsyncIteration
+            self._arrived.clear()
+            await self._arrived.wait()
+        item = self._items.popleft()
+        if len(self._items) < STREAM_BUFFER:
+            self._room.set()
+        return item
+
+
+class InboundQueues:
+    """A host's inbound streams by token. A push may overtake its call (Ray does not
+    keep the order of an async actor's calls), so either one makes the queue."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._queues: dict[str, InboundQueue] = {}
+        self._unclaimed: dict[str, float] = {}  # made by a push: token -> when
+        self._ended: OrderedDict[str, None] = OrderedDict()
+
+    def claim(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], str | None]:
+        """``args`` with an InboundRef replaced by its queue, and that queue's token."""
+        for index, arg in enumerate(args):
+            if isinstance(arg, InboundRef):
+                self._unclaimed.pop(arg.token, None)
+                queue = self._queue(arg.token)
+                return (*args[:index], queue, *args[index + 1 :]), arg.token
+        return args, None
+
+    async def push(
+        self, token: str, items: list[Any], end: bool, error: BaseException | None
+    ) -> bool:
+        if token in self._ended:
+            return False
+        if token not in self._queues:
+            self._sweep()
+            self._unclaimed[token] = self._clock()
+        return await self._queue(token).put(items, end, error)
+
+    def close(self, token: str) -> None:
+        """The call that read ``token`` ended."""
+        queue = self._queues.pop(token, None)
+        if queue is not None:
+            queue.close()
+        self._unclaimed.pop(token, None)
+        self._ended[token] = None
+        while len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
+
+    def _queue(self, token: str) -> InboundQueue:
+        queue = self._queues.get(token)
+        if queue is None:
+            queue = self._queues[token] = InboundQueue()
+        return queue
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        for token, since in list(self._unclaimed.items()):
+            if now - since > ORPHAN_S:
+                self.close(token)
