@@ -28,7 +28,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from fastapi import FastAPI, WebSocket
 from starlette.requests import Request
+from websockets.sync.client import connect as ws_connect
 
 import tandem as serve
 from helpers import GREETER, assert_clear_failure, env, free_port, tandem, wait_for
@@ -380,3 +382,25 @@ def test_tandem_run_refuses_a_wrong_password_before_deploying(certs: Certs, app_
     result = tandem("run", "serve.yaml", cwd=app_dir)
     assert_clear_failure(result, "ssl_keyfile_password does not decrypt")
     assert "nope" not in result.stderr
+
+
+wss_app = FastAPI()
+
+
+@serve.deployment
+@serve.ingress(wss_app)
+class SecureEcho:
+    @wss_app.websocket("/ws")
+    async def echo(self, ws: WebSocket) -> None:
+        await ws.accept()
+        await ws.send_text(f"{ws.url.scheme}:{await ws.receive_text()}")
+        await ws.close()
+
+
+def test_websocket_sessions_are_served_over_tls(certs: Certs) -> None:
+    serve.start(http_options=https_options(certs))
+    serve.run(SecureEcho.bind(), route_prefix="/secure")
+    url = base_url().replace("https://", "wss://") + "/secure/ws"
+    with ws_connect(url, ssl=trusting(certs)) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=10) == "wss:hello"
