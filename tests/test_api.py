@@ -468,7 +468,7 @@ def test_run_without_backend_joins_the_running_one(monkeypatch: pytest.MonkeyPat
 def test_start_refuses_options_it_would_not_apply() -> None:
     with pytest.raises(TypeError, match="detached"):
         serve.start(detached=True)
-    with pytest.raises(ValueError, match="gRPC"):
+    with pytest.raises(ValueError, match="grpc_servicer_functions: Cannot import module 'm'"):
         serve.start(grpc_options={"port": 9000, "grpc_servicer_functions": ["m:add"]})
     serve.start(grpc_options={"port": 9000, "grpc_servicer_functions": []})  # no gRPC server
     with pytest.raises(ValueError, match="log_level"):

@@ -63,6 +63,7 @@ PUBLIC_MODULES = [
     "tandem.metrics",
     "tandem.request_router",
     "tandem.autoscaling_policy",
+    "tandem.grpc_util",
 ]
 
 

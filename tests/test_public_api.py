@@ -61,6 +61,7 @@ SCHEMA_ALL = [
     "ServeApplicationSchema",
     "ServeDeploySchema",
     "ServeStatus",
+    "gRPCOptionsSchema",
 ]
 
 EXCEPTIONS_ALL = [

@@ -10,6 +10,7 @@ from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.app.request_router_config import RequestRouterConfig
 from tandem._private.calls.context import DeploymentID, ReplicaID
 from tandem._private.controller.autoscaling_context import AutoscalingContext
+from tandem._private.grpc.options import gRPCOptions
 from tandem._private.http.options import HTTPOptions, ProxyLocation
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "ProxyLocation",
     "ReplicaID",
     "RequestRouterConfig",
+    "gRPCOptions",
 ]

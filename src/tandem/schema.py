@@ -21,6 +21,7 @@ from tandem._private.controller.status import DeploymentState as DeploymentStatu
 from tandem._private.controller.status import DeploymentStatus as DeploymentStatusOverview
 from tandem._private.controller.status import ProxyStatus, ReplicaState
 from tandem._private.controller.status import Status as ServeStatus
+from tandem._private.grpc.options import gRPCOptions as gRPCOptionsSchema
 from tandem._private.http.options import HTTPOptions as HTTPOptionsSchema
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "ServeApplicationSchema",
     "ServeDeploySchema",
     "ServeStatus",
+    "gRPCOptionsSchema",
 ]

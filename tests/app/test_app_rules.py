@@ -145,7 +145,7 @@ def test_pydantic_errors_name_fields_the_same_way_everywhere() -> None:
     ("top", "words"),
     [
         ({"target_capacity": 50}, "target_capacity"),
-        ({"grpc_options": {"grpc_servicer_functions": ["m:add"]}}, "gRPC"),
+        ({"grpc_options": {"grpc_port": 9000}}, "unknown gRPC option 'grpc_port'"),
     ],
 )
 def test_config_file_options_tandem_cannot_apply_are_refused(top: Any, words: str) -> None:

@@ -13,11 +13,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 from pydantic import ValidationError
 
+from tandem._private import proxies
 from tandem._private.app import routes
 from tandem._private.app.deployment import Application, Deployment
 from tandem._private.app.graph import build_application
@@ -30,6 +31,8 @@ from tandem._private.calls.control_plane import ControlPlane
 from tandem._private.calls.runtime import Runtime, current_runtime, set_runtime
 from tandem._private.controller.controller import Controller
 from tandem._private.controller.status import Status
+from tandem._private.grpc.options import gRPCOptions
+from tandem._private.grpc.services import read_services
 from tandem._private.http.logs import configure_logging
 from tandem._private.http.options import HTTPOptions, ProxyLocation
 from tandem._private.http.tls import tls_context
@@ -41,51 +44,28 @@ _DEFAULT_PREFIX = "/"
 logger = logging.getLogger("tandem")
 
 
-@dataclass
-class _StartOptions:
-    """What start() configured for this process's runtime (the next one, if none runs).
-
-    shutdown() forgets them, as Ray Serve's does: a new start begins from the defaults.
-    """
-
-    http_options: HTTPOptions = field(default_factory=HTTPOptions)
-    proxy_location: ProxyLocation | None = None
-    serve_http: bool = True
-
-
-_options = _StartOptions()
-
-
 def start(
     *,
     proxy_location: str | None = None,
     http_options: HTTPOptions | dict[str, Any] | None = None,
-    grpc_options: Any = None,
+    grpc_options: gRPCOptions | dict[str, Any] | None = None,
     logging_config: Any = None,
     **unknown: Any,
 ) -> None:
-    """Configure HTTP before applications run (Ray Serve's ``serve.start``).
+    """Configure the proxies before applications run (Ray Serve's ``serve.start``).
 
     ``http_options``: host, port (0 picks a free one), root_path, HTTPS files
     (``ssl_*``, loaded now: a bad one raises ValueError here), request_timeout_s, ...;
-    ``proxy_location="Disabled"`` serves no HTTP. If an HTTP server already
-    runs with other options, it is restarted with these.
+    ``proxy_location="Disabled"`` serves neither HTTP nor gRPC. ``grpc_options``: port,
+    grpc_servicer_functions (imported now; none: no gRPC server), request_timeout_s,
+    enable_reflection. A proxy that runs is restarted with the new options.
     """
     if unknown:
         raise TypeError(
             f"tandem.start() got unknown option(s) {', '.join(sorted(unknown))}; it takes "
-            "proxy_location and http_options."
+            "proxy_location, http_options, grpc_options and logging_config."
         )
-    servicers = (
-        grpc_options.get("grpc_servicer_functions")
-        if isinstance(grpc_options, dict)
-        else getattr(grpc_options, "grpc_servicer_functions", None)
-    )
-    if servicers:  # without servicer functions, Ray Serve starts no gRPC server either
-        raise ValueError(
-            "tandem does not serve gRPC yet: drop grpc_servicer_functions from grpc_options "
-            "(HTTP and handles serve every application)."
-        )
+    grpc = _grpc_options(grpc_options)
     system_logging = logging_config_of(logging_config, "tandem.start()")
     with _lock:
         if system_logging is not None:
@@ -99,71 +79,50 @@ def start(
                 attributes=system_logging.additional_log_standard_attrs,
             )
         requested = None if proxy_location is None else ProxyLocation.of(proxy_location)
+        options = proxies.options
         if http_options is not None:
             try:
-                options = (
+                http = (
                     http_options
                     if isinstance(http_options, HTTPOptions)
                     else HTTPOptions.model_validate(http_options)
                 )
             except ValidationError as exc:
                 raise ValueError(describe_validation_error(exc, "http_options")) from None
-            tls_context(options)  # a bad key, certificate or password fails now
-            _options.http_options = options
+            tls_context(http)  # a bad key, certificate or password fails now
+            options.http_options = http
+        if grpc is not None:
+            options.grpc_options = grpc
         if requested is not None:
-            _options.proxy_location = requested
+            options.proxy_location = requested
         if http_options is not None or requested is not None:
-            where = _options.http_options.proxy_location(_options.proxy_location)
-            _options.serve_http = where is not ProxyLocation.Disabled
+            where = options.http_options.proxy_location(options.proxy_location)
+            options.serve_http = where is not ProxyLocation.Disabled
         runtime = current_runtime()
-        if runtime is not None and runtime.is_open and runtime.http is not None:
-            runtime.run_sync(_stop_http(runtime))
-            if _options.serve_http:
-                _ensure_http(runtime)
+        serving = runtime is not None and (
+            runtime.http is not None or proxies.grpc_address() is not None
+        )
+        if runtime is not None and runtime.is_open and serving:
+            runtime.run_sync(proxies.stop(runtime))
+            proxies.ensure(runtime)
 
 
-def serve_http_now(http_options: HTTPOptions | None = None) -> str | None:
-    """Serve HTTP now, even if no application has a route prefix or start() disabled
-    the proxy (``tandem run`` does, once its applications and control endpoint run).
-
-    Unlike run(), this raises OSError if the port is taken.
-    """
-    runtime = current_runtime()
-    if runtime is None or not runtime.is_open:
+def _grpc_options(given: gRPCOptions | dict[str, Any] | None) -> gRPCOptions | None:
+    """``grpc_options`` as start() takes them: validated, their servicer functions
+    imported (ImportError naming the extra to install when grpcio is missing)."""
+    if given is None:
         return None
-    if http_options is not None:
-        _options.http_options = http_options
-    _options.serve_http = True
-    _ensure_http(runtime, required=True)
-    return http_url()
-
-
-def http_url() -> str | None:
-    """The base URL of this process's HTTP proxy, if one is running."""
-    runtime = current_runtime()
-    if runtime is None or runtime.http is None:
-        return None
-    return str(runtime.http.url)
-
-
-def _ensure_http(runtime: Runtime, required: bool = False) -> None:
-    """Start the proxy once, on the runtime's loop; a taken port is a warning unless required."""
-    if runtime.http is not None or not _options.serve_http:
-        return
-    from tandem._private.http.app import open_http
-
     try:
-        runtime.http = runtime.run_sync(open_http(runtime, _options.http_options))
-    except OSError as exc:
-        if required:
-            raise
-        logger.warning("%s Handles still work; HTTP is not served.", exc.strerror or exc)
+        options = given if isinstance(given, gRPCOptions) else gRPCOptions.model_validate(given)
+    except ValidationError as exc:
+        raise ValueError(describe_validation_error(exc, "grpc_options")) from None
+    read_services(options.load_servicers())  # a function that registers no service fails now
+    return options
 
 
-async def _stop_http(runtime: Runtime, timeout_s: float = 20.0) -> None:
-    http, runtime.http = runtime.http, None
-    if http is not None:
-        await http.stop(timeout_s)
+serve_http_now = proxies.serve_now
+http_url = proxies.http_url
+grpc_address = proxies.grpc_address
 
 
 def normalize_route_prefix(route_prefix: str | None) -> str | None:
@@ -292,7 +251,7 @@ def run(
     if runtime is _testing_runtime:
         handle._runtime = runtime  # no HTTP either: Ray serves none in local testing mode
     elif prefix is not None:
-        _ensure_http(runtime)
+        proxies.ensure(runtime)
     if blocking:
         _block_until_interrupted()
     return handle
@@ -330,12 +289,12 @@ def delete(name: str, _blocking: bool = True) -> None:
 
 def shutdown() -> None:
     """Stop every application and tandem's runtime in this process."""
-    global _options, _testing_runtime
+    global _testing_runtime
     with _lock:
         runtime = current_runtime()
         if runtime is not None and runtime.on_loop_thread():
             raise RuntimeError("tandem.shutdown() cannot be called from inside a deployment.")
-        _options = _StartOptions()
+        proxies.reset()
         testing, _testing_runtime = _testing_runtime, None
         if testing is not None:
             _close(testing)
@@ -348,11 +307,11 @@ def shutdown() -> None:
 
 
 def _close(runtime: Runtime, before_close: Callable[[], None] = lambda: None) -> None:
-    """Stop HTTP (requests in flight finish while their deployments still run), then
-    the applications, then the loop."""
+    """Stop the proxies (requests in flight finish while their deployments still run),
+    then the applications, then the loop."""
     try:
         if runtime.is_open:
-            runtime.run_sync(_stop_http(runtime), timeout=60)
+            runtime.run_sync(proxies.stop(runtime), timeout=60)
         if runtime.is_open and runtime.controller is not None:
             runtime.run_sync(runtime.controller.close(), timeout=120)
     finally:

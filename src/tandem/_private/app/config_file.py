@@ -38,6 +38,7 @@ from tandem._private.app.options import (
 )
 from tandem._private.app.policy_import import check_policies, policies_of
 from tandem._private.app.routes import normalize_route_prefix, prefix_owner
+from tandem._private.grpc.options import gRPCOptions
 from tandem._private.http.options import HTTPOptions
 
 
@@ -116,8 +117,9 @@ class ServeConfig(_Model):
 
     proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
     http_options: HTTPOptions = Field(default_factory=HTTPOptions)
-    grpc_options: dict[str, Any] | None = None
-    """Taken only without servicer functions: then Ray Serve starts no gRPC server either."""
+    grpc_options: gRPCOptions = Field(default_factory=gRPCOptions)
+    """The gRPC proxy (Ray Serve's gRPCOptionsSchema); servicer functions are imported
+    when the file is served, not when it is read."""
     logging_config: LoggingConfig | None = None
     """The default of every application that sets no logging_config of its own."""
     target_capacity: float | None = None
@@ -131,16 +133,6 @@ class ServeConfig(_Model):
             raise ValueError(
                 "tandem does not support target_capacity yet; leave it out (every "
                 "deployment runs at its full num_replicas or autoscaling range)"
-            )
-        return value
-
-    @field_validator("grpc_options")
-    @classmethod
-    def _no_grpc(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value and value.get("grpc_servicer_functions"):
-            raise ValueError(
-                "tandem does not serve gRPC yet: remove grpc_servicer_functions (HTTP and "
-                "handles serve every application)"
             )
         return value
 

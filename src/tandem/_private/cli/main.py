@@ -18,7 +18,7 @@ import click
 import yaml
 
 if TYPE_CHECKING:
-    from tandem._private.backends import Backend
+    pass
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8000"
 # Marks the server process that a --reload watcher runs (hidden; the watcher adds it).
@@ -103,6 +103,29 @@ def cli() -> None:
     "[default: the open-file limit less a reserve of 25%, at least 256].",
 )
 @click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port of the gRPC proxy, when there are servicer functions [default: 9000].",
+)
+@click.option(
+    "--grpc-servicer-functions",
+    multiple=True,
+    help="Import path of a generated add_XServicer_to_server function whose service the gRPC "
+    "proxy serves (repeat for several); none: no gRPC server.",
+)
+@click.option(
+    "--grpc-request-timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Answer DEADLINE_EXCEEDED to an RPC still running after this long.",
+)
+@click.option(
+    "--grpc-enable-reflection/--grpc-disable-reflection",
+    default=None,
+    help="Serve gRPC server reflection for the services [default: enabled].",
+)
+@click.option(
     "--control-port",
     type=int,
     default=None,
@@ -137,6 +160,10 @@ def run(
     header_timeout_s: float | None,
     keep_alive_timeout_s: float | None,
     max_connections: int | None,
+    grpc_port: int | None,
+    grpc_servicer_functions: tuple[str, ...],
+    grpc_request_timeout_s: float | None,
+    grpc_enable_reflection: bool | None,
     control_port: int | None,
     control_host: str,
     log_format: str,
@@ -150,7 +177,16 @@ def run(
     if reload:
         _run_with_reload()
         return
-    chosen = _ray_settings(backend, address, working_dir, runtime_env_json)
+    from tandem._private.cli.run_options import (
+        grpc_options_with,
+        http_options_with,
+        ray_settings,
+    )
+
+    try:
+        chosen = ray_settings(backend, address, working_dir, runtime_env_json)
+    except (ValueError, ImportError) as exc:
+        raise _Failure(str(exc)) from None
     from tandem._private.app.config_file import (
         ApplicationConfig,
         ServeConfig,
@@ -188,20 +224,25 @@ def run(
                     )
                 ]
             )
-        updates: dict[str, Any] = {
-            "host": host,
-            "port": port,
-            "request_timeout_s": request_timeout_s,
-            "max_body_bytes": max_body_bytes,
-            "max_header_bytes": max_header_bytes,
-            "header_timeout_s": header_timeout_s,
-            "keep_alive_timeout_s": keep_alive_timeout_s,
-            "max_connections": max_connections,
-        }
-        http = config.http_options.model_copy(
-            update={k: v for k, v in updates.items() if v is not None}
+        http = http_options_with(
+            config.http_options,
+            host=host,
+            port=port,
+            request_timeout_s=request_timeout_s,
+            max_body_bytes=max_body_bytes,
+            max_header_bytes=max_header_bytes,
+            header_timeout_s=header_timeout_s,
+            keep_alive_timeout_s=keep_alive_timeout_s,
+            max_connections=max_connections,
         )
-        config = config.model_copy(update={"http_options": http})
+        grpc = grpc_options_with(
+            config.grpc_options,
+            port=grpc_port,
+            grpc_servicer_functions=list(grpc_servicer_functions) or None,
+            request_timeout_s=grpc_request_timeout_s,
+            enable_reflection=grpc_enable_reflection,
+        )
+        config = config.model_copy(update={"http_options": http, "grpc_options": grpc})
     except ValueError as exc:
         raise _Failure(str(exc)) from None
 
@@ -235,6 +276,9 @@ def run(
     names = ", ".join(repr(a.name) for a in config.applications)
     where = f"at {url}" if url else "without HTTP (proxy_location: Disabled)"
     click.echo(f"tandem: serving {names} {where} (Ctrl-C to stop)", err=True)
+    grpc_address = session.grpc_address()
+    if grpc_address is not None:
+        click.echo(f"tandem: gRPC at {grpc_address}", err=True)
     _describe_control(session, config.http_options.host)
     try:
         session.wait()
@@ -276,49 +320,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _ray_settings(
-    backend: str | None, address: str | None, working_dir: str | None, env_json: str | None
-) -> str | Backend | None:
-    """Check the Ray options; return the backend they imply (the ray backend, made with
-    them), else ``backend`` as given."""
-    given = [
-        flag
-        for flag, value in (
-            ("--address", address),
-            ("--working-dir", working_dir),
-            ("--runtime-env-json", env_json),
-        )
-        if value is not None
-    ]
-    if not given:
-        return backend
-    if backend not in (None, "ray"):
-        raise _Failure(
-            f"{given[0]} is an option of the ray backend; it needs --backend ray, not {backend}."
-        )
-    from tandem._private.backends import RayOptions, create_backend, parse_runtime_env
-
-    runtime_env: dict[str, Any] = {}
-    if env_json is not None:
-        try:
-            runtime_env = parse_runtime_env(env_json, "--runtime-env-json")
-        except ValueError as exc:
-            raise _Failure(str(exc)) from None
-    if working_dir is not None:
-        if os.path.isdir(working_dir):
-            working_dir = os.path.abspath(working_dir)
-        elif "://" not in working_dir:
-            raise _Failure(
-                f"--working-dir {working_dir!r} is not a directory here (nor a remote URI "
-                "such as s3://bucket/code.zip)."
-            )
-        runtime_env["working_dir"] = working_dir
-    try:
-        return create_backend("ray", RayOptions(address=address, runtime_env=runtime_env))
-    except ImportError as exc:
-        raise _Failure(str(exc)) from None
 
 
 def _run_with_reload() -> None:
@@ -413,7 +414,15 @@ def deploy(config_file: str, address: str, control: str | None, token_file: str 
     default=None,
     help="Write here instead of stdout.",
 )
-def build(import_paths: tuple[str, ...], output: str | None) -> None:
+@click.option(
+    "--grpc-servicer-functions",
+    multiple=True,
+    help="Import path of an add_XServicer_to_server function for the config's grpc_options "
+    "(repeat for several).",
+)
+def build(
+    import_paths: tuple[str, ...], output: str | None, grpc_servicer_functions: tuple[str, ...]
+) -> None:
     """Write a config file for one or more IMPORT_PATHS (module:app)."""
     from tandem._private.app.importing import build_app, import_attribute
 
@@ -435,6 +444,11 @@ def build(import_paths: tuple[str, ...], output: str | None) -> None:
     config = {
         "proxy_location": "EveryNode",
         "http_options": {"host": "127.0.0.1", "port": 8000},
+        **(
+            {"grpc_options": {"port": 9000, "grpc_servicer_functions": [*grpc_servicer_functions]}}
+            if grpc_servicer_functions
+            else {}
+        ),
         "applications": applications,
     }
     text = yaml.safe_dump(config, sort_keys=False)

@@ -15,7 +15,7 @@ import logging
 import threading
 from typing import Any
 
-from tandem._private import api
+from tandem._private import api, proxies
 from tandem._private.app.config_file import (
     ApplicationConfig,
     ServeConfig,
@@ -28,6 +28,7 @@ from tandem._private.app.spec import ApplicationSpec
 from tandem._private.backends import Backend
 from tandem._private.calls.runtime import current_runtime
 from tandem._private.controller.status import Status
+from tandem._private.grpc.services import read_services
 from tandem._private.http.control import ControlActions, ControlApp, ControlServer
 from tandem._private.http.options import ProxyLocation
 from tandem._private.http.server import bind_socket
@@ -57,8 +58,13 @@ class ServeSession:
         http_options = config.http_options
         where = http_options.proxy_location(config.proxy_location)
         serve_http = where is not ProxyLocation.Disabled
+        grpc_options = config.grpc_options
         if serve_http:
             tls_context(http_options)  # an unusable HTTPS file fails now, before any constructor
+            read_services(grpc_options.load_servicers())  # so do bad servicer functions
+        if serve_http and grpc_options.serves and grpc_options.port and http_options.host:
+            advice = "tandem run --grpc-port N, or grpc_options: {port: N} in the config"
+            bind_socket(http_options.host, grpc_options.port, "gRPC", advice).close()
         if http_options.host is not None:
             # A taken port fails now too; port 0 becomes a real one, which names the control
             # socket.
@@ -77,7 +83,7 @@ class ServeSession:
         self._open_control(http_options.port)
         if not serve_http:
             return None  # handles only, as Ray Serve without proxies
-        url = api.serve_http_now(http_options)
+        url = api.serve_http_now(http_options, grpc_options)
         return http_options.root_url or url
 
     def _open_control(self, port: int) -> None:
@@ -86,9 +92,9 @@ class ServeSession:
         controller = runtime.controller
         assert controller is not None
 
-        async def status() -> Status:
+        async def status() -> _StatusWithProxies:
             await controller.refresh_reports()
-            return controller.status()
+            return _StatusWithProxies(controller.status(), api.grpc_address())
 
         async def delete(name: str) -> bool:
             if name not in controller.app_names():
@@ -111,6 +117,10 @@ class ServeSession:
         runtime.run_sync(control.start())
         self.control = control
 
+    def grpc_address(self) -> str | None:
+        """Where the gRPC proxy listens (``host:port``), if it serves."""
+        return api.grpc_address()
+
     def request_stop(self) -> None:
         self.stop_requested.set()
 
@@ -128,6 +138,13 @@ class ServeSession:
     async def apply_config(self, data: Any) -> None:
         """Apply a config sent to a running server (runs on the runtime's loop)."""
         config = validate_config(data, "config")
+        running = proxies.options.grpc_options
+        if "grpc_options" in config.model_fields_set and config.grpc_options != running:
+            # As in Ray Serve: the gRPC server keeps the options it started with.
+            raise ValueError(
+                "grpc_options cannot change while the server runs: leave them out of the "
+                "config (or give the running ones), or restart `tandem run` with the new ones."
+            )
         loop = asyncio.get_running_loop()
         # Importing user code may take a while: keep the loop serving meanwhile.
         built = await loop.run_in_executor(None, build_applications, config, True)
@@ -143,6 +160,20 @@ class ServeSession:
         for spec in specs:
             logger.info("Deploying application %r.", spec.name)
             await controller.deploy(spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StatusWithProxies:
+    """The status ``tandem status`` prints, with where the gRPC proxy listens."""
+
+    status: Status
+    grpc_address: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.status.to_dict()
+        if self.grpc_address is not None:
+            data["grpc"] = {"address": self.grpc_address}
+        return data
 
 
 def _specs(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from prometheus_client.registry import Collector
+
 from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.calls.runtime import Runtime
 from tandem._private.http.endpoints import proxy_endpoints
@@ -11,8 +15,13 @@ from tandem._private.http.proxy import Proxy
 from tandem._private.http.server import HTTPServer
 
 
-async def open_http(runtime: Runtime, options: HTTPOptions) -> HTTPServer:
-    """Serve the runtime's applications over HTTP; runs on the runtime's loop."""
+async def open_http(
+    runtime: Runtime, options: HTTPOptions, collectors: Iterable[Collector] = ()
+) -> HTTPServer:
+    """Serve the runtime's applications over HTTP; runs on the runtime's loop.
+
+    ``collectors``: more metrics for /metrics (the gRPC proxy's).
+    """
     controller = runtime.controller
     assert controller is not None
     metrics = ProxyMetrics(
@@ -23,6 +32,8 @@ async def open_http(runtime: Runtime, options: HTTPOptions) -> HTTPServer:
         user_metrics=controller.user_metrics,
         refresh=controller.refresh_reports,
     )
+    for collector in collectors:
+        metrics.registry.register(collector)
     endpoints = proxy_endpoints(routes=controller.route_prefixes, metrics=metrics.scrape)
 
     def backpressure(app: str, deployment: str) -> BackpressureConfig | None:
