@@ -42,6 +42,7 @@ service Greeter {
   rpc Wrong(Ask) returns (Answer);
   rpc Whoami(Ask) returns (Answer);
   rpc Upload(stream Ask) returns (Answer);
+  rpc Chat(stream Ask) returns (stream Answer);
 }
 """
 

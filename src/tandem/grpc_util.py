@@ -6,9 +6,54 @@ Importing this module does not import grpcio.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Generic, TypeVar
 
-__all__ = ["RayServegRPCContext"]
+__all__ = ["RayServegRPCContext", "gRPCInputStream"]
+
+T = TypeVar("T")
+
+
+class gRPCInputStream(Generic[T]):  # Ray Serve's name
+    """The client's messages of a streaming-request RPC, as an async iterator.
+
+    A bidirectional-streaming method reads them with ``async for``; tandem hands it
+    an async iterator of the messages as they arrive (this class is for annotations,
+    and wraps any async iterator the same way: ``cancel()`` stops the iteration).
+    """
+
+    def __init__(
+        self, request_iterator: AsyncIterator[T], *, cancel_event: asyncio.Event | None = None
+    ) -> None:
+        self._requests = request_iterator
+        self._cancel_event = cancel_event or asyncio.Event()
+        self._exhausted = False
+
+    def __aiter__(self) -> gRPCInputStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._exhausted or self._cancel_event.is_set():
+            self._exhausted = True
+            raise StopAsyncIteration
+        try:
+            return await self._requests.__anext__()
+        except StopAsyncIteration:
+            self._exhausted = True
+            raise
+
+    def is_cancelled(self) -> bool:
+        return self._cancel_event.is_set()
+
+    def cancel(self) -> None:
+        """Stop the iteration: the next read ends it."""
+        self._cancel_event.set()
+
+    @property
+    def is_exhausted(self) -> bool:
+        """Whether every message has been read (or the iteration was stopped)."""
+        return self._exhausted
 
 
 class RayServegRPCContext:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,6 +85,10 @@ class Greeter:
 
     async def Slow(self, ask: Any) -> Any:
         return pb().Answer(greeting=await self.recorder.slow.remote(ask.name, ask.sleep_s))
+
+    async def Chat(self, asks: Any) -> Any:
+        async for ask in asks:
+            yield pb().Answer(greeting=f"hi {ask.name}", num=ask.num)
 
     def Wrong(self, ask: Any) -> Any:
         return {"greeting": "not a message"}
@@ -254,12 +259,25 @@ def test_a_reply_that_is_no_message_is_internal(served: Served) -> None:
     assert "returned a dict, not a protobuf message" in caught.value.details()
 
 
+def test_bidirectional_rpc_reads_requests_as_it_replies(served: Served) -> None:
+    # Each reply is read before the next request is sent: the method gets each request
+    # as it comes, not once the client is done.
+    requests: queue.Queue[Any] = queue.Queue()
+    replies = served.stub.Chat(iter(requests.get, None), metadata=MAIN, timeout=30)
+    for i in range(3):
+        requests.put(pb().Ask(name=str(i), num=i))
+        reply = next(replies)
+        assert (reply.greeting, reply.num) == (f"hi {i}", i)
+    requests.put(None)  # the client is done
+    assert list(replies) == []
+
+
 def test_client_streaming_methods_are_unimplemented(served: Served) -> None:
     not_on_ray(served)
     with pytest.raises(grpc.RpcError) as caught:
         served.stub.Upload(iter([pb().Ask()]), metadata=MAIN)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "unary and server-streaming" in caught.value.details()
+    assert "streams requests to a single reply" in caught.value.details()
 
 
 def test_backpressure_is_resource_exhausted(served: Served, tmp_path: Path) -> None:

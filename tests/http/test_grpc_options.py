@@ -311,3 +311,22 @@ def test_handles_pass_protobuf_messages_across_processes() -> None:
     # (tests/http/test_grpc.py sends them through the proxy to Ray actors too).
     handle: DeploymentHandle[Any] = serve.run(Sleepy.bind(), backend="process")
     assert handle.remote(pb().Ask(blob=b"abc")).result().greeting == "3 bytes"
+
+
+def test_grpc_input_stream_wraps_an_async_iterator_and_stops_when_cancelled() -> None:
+    from tandem.grpc_util import gRPCInputStream
+
+    async def numbers() -> Any:
+        for i in range(5):
+            yield i
+
+    async def read() -> tuple[list[int], bool, bool]:
+        stream: gRPCInputStream[int] = gRPCInputStream(numbers())
+        seen = []
+        async for number in stream:
+            seen.append(number)
+            if number == 2:
+                stream.cancel()
+        return seen, stream.is_cancelled(), stream.is_exhausted
+
+    assert asyncio.run(read()) == ([0, 1, 2], True, True)

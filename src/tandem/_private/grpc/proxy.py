@@ -2,7 +2,8 @@
 of the same name, with the request message as its argument.
 
 A unary method's return value is the reply; a server-streaming method yields its
-replies. The ``application`` metadata key picks the application when several
+replies; a bidirectional-streaming method gets an async iterator of the client's
+messages and yields its replies. The ``application`` metadata key picks the application when several
 serve (one serves every RPC; an unknown one gets NOT_FOUND); ``request_id`` is
 kept if sane (else tandem makes one) and sent back in the trailing metadata;
 ``multiplexed_model_id`` reaches ``get_multiplexed_model_id()``.
@@ -27,6 +28,7 @@ from typing import Any
 
 import grpc
 from tandem._private.calls.context import DeploymentID, RequestMetadata
+from tandem._private.calls.inbound import Inbound
 from tandem._private.calls.runtime import Runtime
 from tandem._private.grpc.access_log import log_rpc
 from tandem._private.grpc.api_service import HealthzResponse, ListApplicationsResponse
@@ -122,14 +124,14 @@ class GRPCProxy:
 
     def handler(self, method: Method) -> Callable[[Any, Context], Awaitable[Any]]:
         """The coroutine that serves RPCs of ``method`` (unary: returns the reply's bytes;
-        server streaming: writes each reply)."""
-        if method.client_streaming:
+        streaming replies: writes each; streaming requests: reads them as they come)."""
+        if method.client_streaming and not method.server_streaming:
 
-            async def refuse(request: Any, context: Context) -> None:
+            async def refuse(requests: Any, context: Context) -> None:
                 await context.abort(
                     grpc.StatusCode.UNIMPLEMENTED,
-                    f"{method.path} streams requests from the client; tandem serves unary "
-                    "and server-streaming methods.",
+                    f"{method.path} streams requests to a single reply; tandem serves unary, "
+                    "server-streaming and bidirectional-streaming methods.",
                 )
 
             return refuse
@@ -225,8 +227,10 @@ class GRPCProxy:
         context: Context,
         method: Method,
     ) -> None:
-        """Write each reply the ingress yields, as it yields it."""
-        stream = self._runtime.stream(deployment, meta, (request,), {})
+        """Write each reply the ingress yields, as it yields it. The client's messages of
+        a bidirectional RPC reach the method as an async iterator, read as it reads them."""
+        argument = Inbound(request) if method.client_streaming else request
+        stream = self._runtime.stream(deployment, meta, (argument,), {})
         try:
             async for item in stream:
                 await context.write(_serialize(item, method))
