@@ -43,6 +43,9 @@ service Greeter {
   rpc Whoami(Ask) returns (Answer);
   rpc Upload(stream Ask) returns (Answer);
   rpc Chat(stream Ask) returns (stream Answer);
+  rpc Status(Ask) returns (Answer);
+  rpc StatusStreaming(Ask) returns (stream Answer);
+  rpc FailWithStatus(Ask) returns (Answer);
 }
 """
 

@@ -72,6 +72,7 @@ EXCEPTIONS_ALL = [
     "ReplicaUnavailableError",
     "RequestCancelledError",
     "TandemError",
+    "gRPCStatusError",
 ]
 
 

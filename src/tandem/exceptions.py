@@ -7,6 +7,8 @@ deployment reach the caller as their own type instead.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BackPressureError",
     "DeploymentFailedError",
@@ -15,6 +17,7 @@ __all__ = [
     "ReplicaUnavailableError",
     "RequestCancelledError",
     "TandemError",
+    "gRPCStatusError",
 ]
 
 
@@ -45,3 +48,35 @@ class ReplicaUnavailableError(TandemError):
 
 class DeploymentFailedError(TandemError, RuntimeError):
     """A deployment could not be started, e.g. because its constructor raised."""
+
+
+class gRPCStatusError(TandemError):  # Ray Serve's name
+    """An exception raised by an ingress method serving a gRPC request after it set a
+    status code on its ``grpc_context``: the client gets that code (and details),
+    not INTERNAL. tandem wraps the method's exception in it; the original is
+    :attr:`original_exception`."""
+
+    def __init__(
+        self, original_exception: BaseException, code: Any = None, details: str | None = None
+    ) -> None:
+        super().__init__(str(original_exception))
+        self._original_exception = original_exception
+        self._grpc_code = code
+        self._grpc_details = details
+
+    @property
+    def original_exception(self) -> BaseException:
+        return self._original_exception
+
+    @property
+    def grpc_code(self) -> Any:
+        """The ``grpc.StatusCode`` the method set."""
+        return self._grpc_code
+
+    @property
+    def grpc_details(self) -> str | None:
+        """The details the method set, if any."""
+        return self._grpc_details
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (gRPCStatusError, (self._original_exception, self._grpc_code, self._grpc_details))

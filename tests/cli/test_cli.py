@@ -438,14 +438,17 @@ def test_port_in_use_fails_clearly(app_dir: Path) -> None:
 
 
 def test_commands_without_a_server_fail_clearly(app_dir: Path, tmp_path: Path) -> None:
-    address = f"http://127.0.0.1:{free_port()}"
-    result = tandem("status", "--address", address, cwd=app_dir)
-    assert_clear_failure(result, address, "No tandem server")
-    result = tandem("shutdown", "--address", address, cwd=app_dir, script=True)
-    assert_clear_failure(result, address)
-    config = write_config(tmp_path / "serve.yaml", 8000, "x")
-    result = tandem("deploy", str(config), "--address", address, cwd=app_dir)
-    assert_clear_failure(result, address)
+    # A port held bound but not listening: refused, and no other test can take it meanwhile.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{held.getsockname()[1]}"
+        result = tandem("status", "--address", address, cwd=app_dir)
+        assert_clear_failure(result, address, "No tandem server")
+        result = tandem("shutdown", "--address", address, cwd=app_dir, script=True)
+        assert_clear_failure(result, address)
+        config = write_config(tmp_path / "serve.yaml", 8000, "x")
+        result = tandem("deploy", str(config), "--address", address, cwd=app_dir)
+        assert_clear_failure(result, address)
 
 
 # -- --reload ---------------------------------------------------------------------

@@ -131,14 +131,14 @@ def test_a_config_file_sets_backpressure_config() -> None:
 def test_a_flood_of_shed_requests_logs_a_line_per_period_not_per_request(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from tandem._private.http import proxy
+    from tandem._private.http import failures
 
     now = [0.0]
-    log = proxy._SheddingLog(clock=lambda: now[0])
+    log = failures.SheddingLog("requests", clock=lambda: now[0])
     with caplog.at_level(logging.WARNING, logger="tandem.proxy"):
         assert log.note("app")  # the first is logged in full
         assert not any(log.note("app") for _ in range(50))
         assert log.note("other")  # each application has its own
-        now[0] = proxy.SHED_LOG_PERIOD_S + 1
+        now[0] = failures.SHED_LOG_PERIOD_S + 1
         assert log.note("app")
     assert "shed 50 more requests" in caplog.text

@@ -37,6 +37,7 @@ from grpc_helpers import (
 from helpers import eventually, wait_for
 from tandem._private.api import grpc_address, http_url
 from tandem._private.calls.context import current_request
+from tandem.grpc_util import RayServegRPCContext, gRPCInputStream
 from tandem.handle import DeploymentHandle
 
 MAIN = (("application", "main"),)
@@ -89,6 +90,32 @@ class Greeter:
     async def Chat(self, asks: Any) -> Any:
         async for ask in asks:
             yield pb().Answer(greeting=f"hi {ask.name}", num=ask.num)
+
+    async def Upload(self, asks: gRPCInputStream[Any]) -> Any:
+        names, total = [], 0
+        async for ask in asks:
+            names.append(ask.name)
+            total += ask.num
+        return pb().Answer(greeting=",".join(names), num=total)
+
+    def Status(self, ask: Any, grpc_context: RayServegRPCContext) -> Any:
+        grpc_context.set_trailing_metadata([("who", "greeter")])
+        if ask.name == "missing":
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"nothing called {ask.name}")
+        sent = dict(grpc_context.invocation_metadata())
+        return pb().Answer(greeting=f"{grpc_context.application()}|{sent.get('extra')}")
+
+    async def StatusStreaming(self, ask: Any, grpc_context: RayServegRPCContext) -> Any:
+        yield pb().Answer(greeting="first")
+        grpc_context.set_code(grpc.StatusCode.ABORTED)
+        grpc_context.set_details("stopped after one")
+
+    def FailWithStatus(self, ask: Any, grpc_context: RayServegRPCContext) -> Any:
+        grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+        if ask.name:
+            grpc_context.set_details(ask.name)
+        raise ValueError("the method's own words")
 
     def Wrong(self, ask: Any) -> Any:
         return {"greeting": "not a message"}
@@ -272,12 +299,44 @@ def test_bidirectional_rpc_reads_requests_as_it_replies(served: Served) -> None:
     assert list(replies) == []
 
 
-def test_client_streaming_methods_are_unimplemented(served: Served) -> None:
+def test_client_streaming_gets_the_requests_as_they_come_and_answers_once(
+    served: Served,
+) -> None:
+    asks = [pb().Ask(name=str(i), num=i) for i in range(200)]
+    reply = served.stub.Upload(iter(asks), metadata=MAIN, timeout=30)
+    assert reply.greeting == ",".join(str(i) for i in range(200))
+    assert reply.num == sum(range(200))
+    assert served.stub.Upload(iter([]), metadata=MAIN, timeout=30).num == 0
+
+
+def test_grpc_context_reads_the_request_and_sets_status_and_trailers(served: Served) -> None:
     not_on_ray(served)
+    metadata = (*MAIN, ("extra", "yes"))
+    reply, call = served.stub.Status.with_call(pb().Ask(name="x"), metadata=metadata, timeout=10)
+    assert reply.greeting == "main|yes"
+    sent_back = trailing(call)
+    assert sent_back["who"] == "greeter"
+    assert sent_back["request_id"]  # tandem's, kept beside the method's own
     with pytest.raises(grpc.RpcError) as caught:
-        served.stub.Upload(iter([pb().Ask()]), metadata=MAIN)
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "streams requests to a single reply" in caught.value.details()
+        served.stub.Status(pb().Ask(name="missing"), metadata=MAIN, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == "nothing called missing"
+    replies = served.stub.StatusStreaming(pb().Ask(), metadata=MAIN, timeout=10)
+    with pytest.raises(grpc.RpcError) as caught:
+        assert [r.greeting for r in replies] == ["first"]
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert caught.value.details() == "stopped after one"
+
+
+def test_a_status_set_before_an_exception_is_what_the_client_gets(served: Served) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        served.stub.FailWithStatus(pb().Ask(name="bad name"), metadata=MAIN, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "bad name"
+    with pytest.raises(grpc.RpcError) as caught:  # no details set: the exception's message
+        served.stub.FailWithStatus(pb().Ask(), metadata=MAIN, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "the method's own words"
 
 
 def test_backpressure_is_resource_exhausted(served: Served, tmp_path: Path) -> None:

@@ -2,26 +2,29 @@
 of the same name, with the request message as its argument.
 
 A unary method's return value is the reply; a server-streaming method yields its
-replies; a bidirectional-streaming method gets an async iterator of the client's
-messages and yields its replies. The ``application`` metadata key picks the application when several
-serve (one serves every RPC; an unknown one gets NOT_FOUND); ``request_id`` is
-kept if sane (else tandem makes one) and sent back in the trailing metadata;
-``multiplexed_model_id`` reaches ``get_multiplexed_model_id()``.
+replies; a method whose RPC streams requests (client or bidirectional streaming)
+gets an async iterator of the client's messages, read as they arrive. A method
+with a ``grpc_context`` parameter gets the RPC's context (Ray Serve's
+``RayServegRPCContext``): what it sets there (status code, details, trailing
+metadata) is what the client gets. The ``application`` metadata key picks the
+application when several serve (one serves every RPC; an unknown one gets
+NOT_FOUND); ``request_id`` is kept if sane (else tandem makes one) and sent back
+in the trailing metadata; ``multiplexed_model_id`` reaches
+``get_multiplexed_model_id()``.
 
 Failures become gRPC statuses, never a hang: an exception in the deployment is
-INTERNAL with the exception's message (its traceback goes to the log only),
-BackPressureError is RESOURCE_EXHAUSTED, a deployment or replica that went away
-UNAVAILABLE, and an RPC past ``request_timeout_s`` or the client's deadline
-DEADLINE_EXCEEDED. A client that cancels, or a timeout, cancels the request in
-every deployment it reached (the task awaiting the call is cancelled, and the
-runtime carries that on).
+INTERNAL with the exception's message (its traceback goes to the log only), or
+the status code the method set on its context before raising; BackPressureError
+is RESOURCE_EXHAUSTED, a deployment or replica that went away UNAVAILABLE, and
+an RPC past ``request_timeout_s`` or the client's deadline DEADLINE_EXCEEDED. A
+client that cancels, or a timeout, cancels the request in every deployment it
+reached (the task awaiting the call is cancelled, and the runtime carries that on).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -35,23 +38,24 @@ from tandem._private.grpc.api_service import HealthzResponse, ListApplicationsRe
 from tandem._private.grpc.metrics import GRPCMetrics
 from tandem._private.grpc.options import gRPCOptions
 from tandem._private.grpc.services import Method
+from tandem._private.http.failures import SheddingLog
+from tandem._private.http.scope import REQUEST_ID_TEXT, RouteTable
+from tandem._private.queues import uncancel
+from tandem._private.replica.grpc_calls import CONTEXT_KEY, WithContext
 from tandem.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
     ReplicaUnavailableError,
     RequestCancelledError,
+    gRPCStatusError,
 )
+from tandem.grpc_util import RayServegRPCContext
 
 logger = logging.getLogger("tandem.proxy")
 
-RouteTable = Callable[[], tuple[tuple[str, str, str], ...]]
 Context = grpc.aio.ServicerContext[Any, Any]
-
-# The same rule as HTTP's X-Request-Id: a client's request_id outside it is replaced.
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Status details are sent in HTTP/2 trailers, whose size is limited: long messages are cut.
 MAX_DETAILS = 4096
-SHED_LOG_PERIOD_S = 10.0
 
 _OK = grpc.StatusCode.OK
 # What clients see for each failure tandem knows (the details go to the log).
@@ -78,16 +82,28 @@ _FAILURES: dict[type[Exception], tuple[grpc.StatusCode, str, str]] = {
 class _Outcome:
     """How one RPC ended: its status, error kind (for metrics) and details."""
 
-    __slots__ = ("code", "details", "error", "timed_out")
+    __slots__ = ("code", "context", "details", "error", "timed_out")
 
     def __init__(self) -> None:
         self.code = _OK
         self.error: str | None = None
         self.details = ""
         self.timed_out = False  # the proxy's own timer cancelled it
+        self.context: RayServegRPCContext | None = None  # as the method left it
 
     def fail(self, code: grpc.StatusCode, error: str, details: str) -> None:
         self.code, self.error, self.details = code, error, details
+
+    def took(self, reply: Any, context: Context) -> Any:
+        """Apply what the method set on its context to the RPC; return the bare reply."""
+        if not isinstance(reply, WithContext):
+            return reply
+        self.context = reply.context
+        reply.context._set_on_grpc_context(context)
+        code = reply.context.code()
+        if code and code != _OK:  # the client gets that status (and no reply)
+            self.fail(code, "status", reply.context.details() or "")
+        return reply.reply
 
 
 class GRPCProxy:
@@ -101,7 +117,7 @@ class GRPCProxy:
         self._options = options
         self.metrics = metrics
         self.draining = False
-        self._shed_logged: dict[str, tuple[float, int]] = {}
+        self._shedding = SheddingLog("gRPC requests")
 
     # -- Ray Serve's own service -------------------------------------------------
 
@@ -123,18 +139,8 @@ class GRPCProxy:
     # -- users' services ---------------------------------------------------------
 
     def handler(self, method: Method) -> Callable[[Any, Context], Awaitable[Any]]:
-        """The coroutine that serves RPCs of ``method`` (unary: returns the reply's bytes;
+        """The coroutine that serves RPCs of ``method`` (a unary reply: returns its bytes;
         streaming replies: writes each; streaming requests: reads them as they come)."""
-        if method.client_streaming and not method.server_streaming:
-
-            async def refuse(requests: Any, context: Context) -> None:
-                await context.abort(
-                    grpc.StatusCode.UNIMPLEMENTED,
-                    f"{method.path} streams requests to a single reply; tandem serves unary, "
-                    "server-streaming and bidirectional-streaming methods.",
-                )
-
-            return refuse
 
         async def serve(request: Any, context: Context) -> Any:
             return await self._serve(request, context, method)
@@ -169,7 +175,8 @@ class GRPCProxy:
             log_rpc(method.path, outcome.code.name, seconds, request_id, app)
         if outcome.code is not _OK:
             await context.abort(outcome.code, outcome.details, trailing_metadata=trailing)
-        context.set_trailing_metadata(trailing)
+        if outcome.context is None:
+            context.set_trailing_metadata(trailing)
         return reply
 
     async def _call(
@@ -192,15 +199,17 @@ class GRPCProxy:
             task = asyncio.current_task()
             assert task is not None
             timer = asyncio.get_running_loop().call_later(max(timeout, 0.0), _expire, task, outcome)
+        argument = Inbound(request) if method.client_streaming else request
+        kwargs = {CONTEXT_KEY: _context_for(context, meta.request_id)}
         try:
             if method.server_streaming:
-                await self._relay(deployment, meta, request, context, method)
+                await self._relay(deployment, meta, argument, kwargs, context, method, outcome)
                 return None
-            reply = await self._runtime.call(deployment, meta, (request,), {})
-            return _serialize(reply, method)
+            reply = await self._runtime.call(deployment, meta, (argument,), kwargs)
+            return _serialize(outcome.took(reply, context), method)
         except asyncio.CancelledError:
             if outcome.timed_out:
-                _uncancel(asyncio.current_task())
+                uncancel(asyncio.current_task())
                 outcome.fail(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     "timeout",
@@ -223,26 +232,42 @@ class GRPCProxy:
         self,
         deployment: DeploymentID,
         meta: RequestMetadata,
-        request: Any,
+        argument: Any,
+        kwargs: dict[str, Any],
         context: Context,
         method: Method,
+        outcome: _Outcome,
     ) -> None:
-        """Write each reply the ingress yields, as it yields it. The client's messages of
-        a bidirectional RPC reach the method as an async iterator, read as it reads them."""
-        argument = Inbound(request) if method.client_streaming else request
-        stream = self._runtime.stream(deployment, meta, (argument,), {})
+        """Write each reply the ingress yields, as it yields it (the last item it sends
+        is the RPC's context as the method left it)."""
+        stream = self._runtime.stream(deployment, meta, (argument,), kwargs)
         try:
             async for item in stream:
-                await context.write(_serialize(item, method))
+                if isinstance(item, WithContext):
+                    outcome.took(item, context)
+                else:
+                    await context.write(_serialize(item, method))
         finally:
             await stream.aclose()
 
     def _failed(self, exc: Exception, meta: RequestMetadata, outcome: _Outcome) -> None:
         """Fill ``outcome`` for ``exc``, and log it (the traceback, for errors in user code)."""
+        if isinstance(exc, gRPCStatusError):  # the method set a status, then raised
+            logger.warning(
+                "gRPC request %s to application %r failed with the status %s its method set: %s",
+                meta.request_id,
+                meta.app_name,
+                getattr(exc.grpc_code, "name", exc.grpc_code),
+                exc.original_exception,
+            )
+            error = "server_error" if exc.grpc_code == grpc.StatusCode.INTERNAL else "status"
+            details = exc.grpc_details or _details(exc.original_exception)
+            outcome.fail(exc.grpc_code, error, details)
+            return
         for kind, (code, error, text) in _FAILURES.items():
             if isinstance(exc, kind):
                 outcome.fail(code, error, f"{text} (request id {meta.request_id})")
-                if error != "backpressure" or self._note_shed(meta.app_name):
+                if error != "backpressure" or self._shedding.note(meta.app_name):
                     logger.warning(
                         "gRPC request %s to application %r: %s", meta.request_id, meta.app_name, exc
                     )
@@ -256,19 +281,6 @@ class GRPCProxy:
         )
         outcome.fail(grpc.StatusCode.INTERNAL, "server_error", _details(exc))
 
-    def _note_shed(self, app: str) -> bool:
-        """Shed requests come in floods: log one per application per SHED_LOG_PERIOD_S
-        (each is still in the access log and the metrics)."""
-        now = time.monotonic()
-        last, skipped = self._shed_logged.get(app, (float("-inf"), 0))
-        if now - last < SHED_LOG_PERIOD_S:
-            self._shed_logged[app] = (last, skipped + 1)
-            return False
-        if skipped:
-            logger.warning("Application %r shed %d more gRPC requests meanwhile.", app, skipped)
-        self._shed_logged[app] = (now, 0)
-        return True
-
     def _route(self, app_name: Any) -> tuple[str, str, str] | str:
         """The (prefix, application, ingress) an RPC goes to, else why none (NOT_FOUND)."""
         routes = self._routes()
@@ -281,7 +293,7 @@ class GRPCProxy:
         where = "Ping /ray.serve.RayServeAPIService/ListApplications for the applications."
         if not app_name:
             return f"Application metadata not set. {where}"
-        shown = str(app_name) if REQUEST_ID.fullmatch(str(app_name)) else "(not printable)"
+        shown = str(app_name) if REQUEST_ID_TEXT.fullmatch(str(app_name)) else "(not printable)"
         return f"Application {shown!r} not found. {where}"
 
 
@@ -314,13 +326,13 @@ def _details(exc: BaseException) -> str:
 
 def _request_id(given: Any) -> str:
     """The client's request_id if it is sane, else a new one (never raw text in logs)."""
-    if isinstance(given, str) and REQUEST_ID.fullmatch(given):
+    if isinstance(given, str) and REQUEST_ID_TEXT.fullmatch(given):
         return given
     return RequestMetadata.new_request_id()
 
 
-def _uncancel(task: asyncio.Task[Any] | None) -> None:
-    """Take back the cancellation the proxy's timer made, so the RPC can still answer."""
-    uncancel = getattr(task, "uncancel", None)  # Python 3.11+; 3.10 needs nothing
-    if uncancel is not None:
-        uncancel()
+def _context_for(context: Context, request_id: str) -> RayServegRPCContext:
+    """The RPC's context as its method gets it, with the request id it will send back."""
+    ours = RayServegRPCContext(context)
+    ours.set_trailing_metadata([("request_id", request_id)])
+    return ours

@@ -62,14 +62,6 @@ class GRPCServer:
         )
         for service, methods in services.items():
             _add(server, service, {m.name: self._handler(m) for m in methods})
-            refused = [m.name for m in methods if m.client_streaming and not m.server_streaming]
-            if refused:
-                logger.warning(
-                    "gRPC service %s: %s stream requests to a single reply; tandem answers them "
-                    "UNIMPLEMENTED (it serves unary, server- and bidirectional-streaming methods).",
-                    service,
-                    ", ".join(refused),
-                )
         proxy = self._proxy
         _add(
             server,

@@ -36,7 +36,7 @@ from tandem._private.calls.context import HTTP_METHOD, DeploymentID, RequestMeta
 from tandem._private.calls.runtime import Runtime
 from tandem._private.http import scope as scopes
 from tandem._private.http.bridge import HTTPRequestData
-from tandem._private.http.failures import PUBLIC_TEXT, classify
+from tandem._private.http.failures import PUBLIC_TEXT, SheddingLog, classify
 from tandem._private.http.logs import log_access
 from tandem._private.http.metrics import ProxyMetrics
 from tandem._private.http.options import HTTPOptions
@@ -276,37 +276,7 @@ async def _relay(
         await stream.aclose()
 
 
-class _SheddingLog:
-    """Shed requests come in floods: log the first of each application's, then at most
-    one line per SHED_LOG_PERIOD_S that says how many were shed meanwhile (each one
-    is still in the access log and in /metrics)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._last: dict[str, float] = {}
-        self._since: dict[str, int] = {}
-
-    def note(self, app: str) -> bool:
-        """Whether to log this shed request (else it is counted for the next line)."""
-        now = self._clock()
-        last = self._last.get(app)
-        if last is not None and now - last < SHED_LOG_PERIOD_S:
-            self._since[app] = self._since.get(app, 0) + 1
-            return False
-        skipped = self._since.pop(app, 0)
-        if skipped:
-            logger.warning(
-                "Application %r shed %d more requests in the last %.0f s (its queue was full).",
-                app,
-                skipped,
-                now - (last or now),
-            )
-        self._last[app] = now
-        return True
-
-
-SHED_LOG_PERIOD_S = 10.0
-_shedding = _SheddingLog()
+_SHEDDING = SheddingLog("requests")
 
 
 async def _failed(
@@ -338,7 +308,7 @@ async def _failed(
         )
         text = f"Internal Server Error (request id {request_id}).\n"
     else:
-        if kind != "backpressure" or _shedding.note(app):
+        if kind != "backpressure" or _SHEDDING.note(app):
             logger.warning("Request %s to application %r: %s", request_id, app, exc)
         text = f"{HTTPStatus(status).phrase}: {PUBLIC_TEXT[kind]} (request id {request_id}).\n"
     if not exchange.response_started:  # else too late to change the status: the stream just ends

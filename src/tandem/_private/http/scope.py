@@ -15,8 +15,11 @@ RouteTable = Callable[[], tuple[tuple[str, str, str], ...]]
 
 _MODEL_ID_HEADERS = (b"serve_multiplexed_model_id", b"serve-multiplexed-model-id")
 
-# A client's X-Request-Id is kept if it matches this; otherwise tandem makes one.
-REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+# A client's X-Request-Id (gRPC: request_id) is kept if it matches this; otherwise
+# tandem makes one.
+_REQUEST_ID = r"[A-Za-z0-9._:-]{1,128}"
+REQUEST_ID = re.compile(_REQUEST_ID.encode())  # header values are bytes
+REQUEST_ID_TEXT = re.compile(_REQUEST_ID)
 
 
 def match_route(routes: tuple[tuple[str, str, str], ...], path: str) -> tuple[str, str, str] | None:

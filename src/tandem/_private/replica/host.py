@@ -144,13 +144,18 @@ class ReplicaHost:
     ) -> Any:
         """Serve one unary call; ``token`` (if any) lets its caller :meth:`cancel` it."""
         replica = self.replica
-        if token is None:  # cancelled by whoever runs it (the process wire does)
-            return await replica.call(meta, args, kwargs)
-        self._begin(token)
+        args, inbound = self._inbound.claim(args)
         try:
-            return await replica.call(meta, args, kwargs)
+            if token is None:  # cancelled by whoever runs it (the process wire does)
+                return await replica.call(meta, args, kwargs)
+            self._begin(token)
+            try:
+                return await replica.call(meta, args, kwargs)
+            finally:
+                self._running.pop(token, None)
         finally:
-            self._running.pop(token, None)
+            if inbound is not None:
+                self._inbound.close(inbound)
 
     async def stream(
         self,

@@ -19,7 +19,6 @@ import inspect
 import logging
 import os
 import time
-import types
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,12 +31,12 @@ from tandem._private.calls.context import (
     ReplicaRank,
     RequestMetadata,
     _replica_context,
-    _request,
 )
 from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.replica.abandoned import AbandonedRequests, AbandonedRequestsError
 from tandem._private.replica.admission import Admission, Slot
 from tandem._private.replica.autoscaling_stats import AutoscalingStats, StatsWindow
+from tandem._private.replica.grpc_calls import WithContext, failure, take_context
 from tandem._private.replica.logs import ReplicaLogs
 from tandem._private.replica.routing_stats import RoutingStats
 from tandem._private.replica.running import (
@@ -46,6 +45,7 @@ from tandem._private.replica.running import (
     close_quietly,
     takes_an_argument,
 )
+from tandem._private.replica.serving import Serving
 from tandem._private.replica.threads import contain
 from tandem._private.stats import RequestStats
 from tandem._private.user_metrics import STORE, MetricsReport
@@ -328,22 +328,27 @@ class Replica:
                 f"Method {meta.method_name!r} of deployment {self.name!r} is a generator; "
                 "call it through a handle with .options(stream=True)."
             )
+        kwargs, grpc_context = take_context(method.fn, kwargs)
         slot = await self._admission.acquire()
-        with _Serving(self, meta, meta.method_name, slot):
-            if method.is_async:  # UserCode.run, inline: every async call takes this path
-                try:
+        with Serving(self.stats, self.logs, self.context, meta, meta.method_name, slot):
+            try:
+                if method.is_async:  # UserCode.run, inline: every async call takes this path
                     result = await method.fn(*args, **kwargs)
-                except (SystemExit, KeyboardInterrupt) as exc:
-                    raise contain(exc) from exc
-            else:
-                result = await self._user.run_in_thread(method.fn, args, kwargs, slot)
+                else:
+                    result = await self._user.run_in_thread(method.fn, args, kwargs, slot)
+            except Exception as exc:
+                if grpc_context is None:
+                    raise
+                raise failure(grpc_context, exc) from exc
+            except (SystemExit, KeyboardInterrupt) as exc:
+                raise contain(exc) from exc
             if type(result) in GENERATOR_TYPES:
                 close_quietly(result)
                 raise TypeError(
                     f"Method {meta.method_name!r} of deployment {self.name!r} returned a "
                     "generator; call it through a handle with .options(stream=True)."
                 )
-            return result
+            return result if grpc_context is None else WithContext(grpc_context, result)
 
     async def stream(
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -360,8 +365,13 @@ class Replica:
                 f"Method {meta.method_name!r} of deployment {self.name!r} is not a "
                 "generator; call it without stream=True."
             )
+        grpc_context = None
+        if method is not None:
+            kwargs, grpc_context = take_context(method.fn, kwargs)
         slot = await self._admission.acquire()
-        with _Serving(self, meta, _label(meta.method_name), slot) as serving:
+        with Serving(
+            self.stats, self.logs, self.context, meta, _label(meta.method_name), slot
+        ) as serving:
             if method is None:
                 serving.http = args[0].scope
                 source = self._serve_http(args, slot)
@@ -372,8 +382,14 @@ class Replica:
                     if http and serving.status is None:
                         serving.saw(item)
                     yield item
+            except Exception as exc:
+                if grpc_context is None:
+                    raise
+                raise failure(grpc_context, exc) from exc
             finally:
                 await source.aclose()
+            if grpc_context is not None:
+                yield WithContext(grpc_context)  # what the method set, after its items
 
     def _serve_http(self, args: tuple[Any, ...], slot: Slot) -> AsyncGenerator[Any, None]:
         """``args``: the request's data, and a WebSocket session's client messages."""
@@ -406,80 +422,6 @@ class Replica:
             f"Replica {self.replica_id} of deployment {self.name!r} is not serving requests "
             "(it is stopping or stopped)."
         )
-
-
-class _Serving:
-    """Around every request, once it holds its slot: set the context variables user
-    code reads; at the end, count the request in the stats, write its access line
-    (logging_config) and give the slot back (unless a thread still holds it).
-
-    A plain (not async) context manager: it costs every request next to nothing.
-    """
-
-    __slots__ = ("_name", "_replica", "_started", "_tokens", "http", "slot", "status")
-
-    def __init__(self, replica: Replica, meta: RequestMetadata, name: str, slot: Slot) -> None:
-        self._replica = replica
-        self._name = name
-        self.slot = slot
-        self.http: dict[str, Any] | None = None  # the ASGI scope of an HTTP request
-        self.status: int | None = None  # the HTTP status of its response, once it started
-        self._tokens = (_request.set(meta), _replica_context.set(replica.context))
-        self._started = time.perf_counter()
-
-    def saw(self, message: dict[str, Any]) -> None:
-        """An ASGI message of the response: the first says its status (101: a session)."""
-        kind = message.get("type")
-        if kind in ("http.response.start", "websocket.http.response.start"):
-            self.status = message.get("status")
-        elif kind == "websocket.accept":
-            self.status = 101
-        elif kind == "websocket.close":  # refused before it was accepted
-            self.status = 403
-
-    def __enter__(self) -> _Serving:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: types.TracebackType | None,
-    ) -> None:
-        replica = self._replica
-        seconds = time.perf_counter() - self._started
-        replica.stats.record(self._name, seconds, kind is not None)
-        logs = replica.logs
-        if logs is not None and logs.access_log:
-            self._log_access(logs, kind, seconds)
-        slot = self.slot
-        if not slot.held_by_thread:
-            slot.release()
-        request, context = self._tokens
-        try:
-            _replica_context.reset(context)
-            _request.reset(request)
-        except ValueError:
-            # A generator its consumer dropped is closed by the event loop's finalizer,
-            # in another context: the variables are not ours to reset there.
-            pass
-
-    def _log_access(
-        self, logs: ReplicaLogs, kind: type[BaseException] | None, seconds: float
-    ) -> None:
-        status: str | int
-        if self.status is not None:
-            status = self.status
-        elif kind is None:
-            status = "OK"
-        elif issubclass(kind, (asyncio.CancelledError, GeneratorExit)):
-            status = "CANCELLED"  # the caller gave up (or dropped the stream)
-        else:
-            status = "ERROR"
-        if self.http is not None:
-            logs.access(str(self.http.get("method")), str(self.http.get("path")), status, seconds)
-        else:
-            logs.access("CALL", self._name, status, seconds)
 
 
 @functools.cache

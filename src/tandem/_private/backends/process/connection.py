@@ -3,8 +3,9 @@
 The line is opened with the run's secret (see ``handshake``): the driver's
 backend and each replica process hold it and pass it to every connection. A
 stream reports what its reader took, so the replica's generator waits for a
-slow reader (``calls.flow``). A stream's inbound argument (a WebSocket session's
-client messages, ``calls.inbound``) is sent after its request, batch by batch.
+slow reader (``calls.flow``). A call's inbound argument (a WebSocket session's or
+a streaming RPC's client messages, ``calls.inbound``) is sent after its request,
+batch by batch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tandem._private.backends.process.peer import Peer, open_peer
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.calls.flow import ReadReports, new_token
-from tandem._private.calls.inbound import detach, start_pump, stop_pump
+from tandem._private.calls.inbound import Inbound, detach, start_pump, stop_pump
 from tandem._private.calls.router import ReplicaInfo
 
 
@@ -69,7 +70,14 @@ class ProcessConnection:
         peer = await self._open()
         if not peer.is_open:
             raise ReplicaNotReached(f"Replica {self.replica_id} is gone.")
-        return await peer.call("call", (meta, args, kwargs))
+        args, inbound = detach(args)
+        if inbound is None:
+            return await peer.call("call", (meta, args, kwargs))
+        pumping = _pump(peer, inbound)
+        try:
+            return await peer.call("call", (meta, args, kwargs))
+        finally:
+            await stop_pump(pumping)
 
     async def stream(
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -81,12 +89,7 @@ class ProcessConnection:
         reads = ReadReports(lambda count: _report_reads(peer, token, count))
         args, inbound = detach(args)
         source = peer.stream("stream", (token, meta, args, kwargs))
-        pumping = None
-        if inbound is not None:  # its items follow the request on the same line, in order
-            ref = inbound.token
-            pumping = start_pump(
-                inbound, lambda items, end, error: peer.call("push", (ref, items, end, error))
-            )
+        pumping = None if inbound is None else _pump(peer, inbound)
         try:
             async for item in source:
                 yield item
@@ -101,6 +104,14 @@ class ProcessConnection:
             peer.abort()
         elif self._opening is not None:
             self._opening.cancel()
+
+
+def _pump(peer: Peer, inbound: Inbound) -> asyncio.Task[None]:
+    """Send an inbound argument's items after its call, on the same line (in order)."""
+    ref = inbound.token
+    return start_pump(
+        inbound, lambda items, end, error: peer.call("push", (ref, items, end, error))
+    )
 
 
 def _report_reads(peer: Peer, token: str, count: int) -> None:

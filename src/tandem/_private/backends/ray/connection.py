@@ -101,6 +101,18 @@ class RayConnection:
     async def call(
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        args, inbound = detach(args)
+        if inbound is None:
+            return await self._call(meta, args, kwargs)
+        pumping = start_pump(inbound, partial(self._push, inbound.token))
+        try:
+            return await self._call(meta, args, kwargs)
+        finally:
+            await stop_pump(pumping)
+
+    async def _call(
+        self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         token, ref = self.submit(meta, args, kwargs)
         # Left for DeploymentResponse._to_object_ref, which may be waiting for it.
         call_ref = meta.call_ref
