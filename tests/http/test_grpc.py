@@ -321,6 +321,8 @@ def test_grpc_context_reads_the_request_and_sets_status_and_trailers(served: Ser
         served.stub.Status(pb().Ask(name="missing"), metadata=MAIN, timeout=10)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert caught.value.details() == "nothing called missing"
+    assert trailing(caught.value)["who"] == "greeter"  # an error keeps the method's trailers
+    assert trailing(caught.value)["request_id"]
     replies = served.stub.StatusStreaming(pb().Ask(), metadata=MAIN, timeout=10)
     with pytest.raises(grpc.RpcError) as caught:
         assert [r.greeting for r in replies] == ["first"]
@@ -433,3 +435,15 @@ def test_many_rpcs_at_once_are_all_answered(served: Served) -> None:
     for thread in threads:
         thread.join(timeout=30)
     assert sorted(replies) == sorted(f"Hello {i}" for i in range(16))
+
+
+def test_ray_serves_generated_client_modules_map_to_tandem(served: Served) -> None:
+    not_on_ray(served)
+    from tandem.generated.serve_pb2 import HealthzRequest, ListApplicationsRequest
+    from tandem.generated.serve_pb2_grpc import RayServeAPIServiceStub
+
+    with grpc.insecure_channel(served.address) as channel:
+        stub = RayServeAPIServiceStub(channel)
+        names = stub.ListApplications(ListApplicationsRequest(), timeout=10).application_names
+        assert {"main", "other", "shed"} <= set(names)
+        assert stub.Healthz(HealthzRequest(), timeout=10).message == "success"

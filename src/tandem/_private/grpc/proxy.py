@@ -151,7 +151,7 @@ class GRPCProxy:
         started = time.perf_counter()
         metadata = dict(context.invocation_metadata() or ())
         request_id = _request_id(metadata.get("request_id"))
-        trailing = (("request_id", request_id),)
+        trailing: tuple[tuple[str, Any], ...] = (("request_id", request_id),)
         route = self._route(metadata.get("application"))
         if isinstance(route, str):
             log_rpc(method.path, "NOT_FOUND", time.perf_counter() - started, request_id, None)
@@ -173,10 +173,11 @@ class GRPCProxy:
                 app, ingress, method.path, outcome.code.name, seconds, outcome.error
             )
             log_rpc(method.path, outcome.code.name, seconds, request_id, app)
+        if outcome.context is not None:  # the method's own, with the request id
+            trailing = tuple(outcome.context.trailing_metadata())
         if outcome.code is not _OK:
             await context.abort(outcome.code, outcome.details, trailing_metadata=trailing)
-        if outcome.context is None:
-            context.set_trailing_metadata(trailing)
+        context.set_trailing_metadata(trailing)
         return reply
 
     async def _call(
