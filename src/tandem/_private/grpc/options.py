@@ -13,7 +13,6 @@ This module imports without grpcio: options can be read and checked anywhere;
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tandem._private.app.importing import import_attribute
+from tandem._private.http.options import known_names
 
 DEFAULT_GRPC_PORT = 9000
 # As HTTP's body limit: a request message past it gets RESOURCE_EXHAUSTED before it
@@ -86,17 +86,7 @@ class gRPCOptions(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _known_names(cls, data: Any) -> Any:
-        """Name an unknown option and the likely intended one, not just "extra input"."""
-        if isinstance(data, dict):
-            for key in data:
-                if key not in cls.model_fields:
-                    names = sorted(cls.model_fields)
-                    guess = difflib.get_close_matches(str(key), names, n=1)
-                    hint = f"did you mean {guess[0]!r}? " if guess else ""
-                    raise ValueError(
-                        f"unknown gRPC option {key!r} ({hint}the options are {', '.join(names)})"
-                    )
-        return data
+        return known_names(data, cls.model_fields, "gRPC")
 
 
 def require_grpc(reflection: bool = False) -> None:

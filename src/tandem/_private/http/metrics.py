@@ -36,15 +36,79 @@ REFRESH_INTERVAL_S = 0.5
 
 
 @dataclass
-class _HTTPSeries:
-    """Counts for one (application, deployment, HTTP method)."""
+class _Series:
+    """Counts for one (application, deployment, method)."""
 
-    by_status: dict[int, int] = field(default_factory=dict)
+    by_status: dict[Any, int] = field(default_factory=dict)
     by_error: dict[str, int] = field(default_factory=dict)
     latency: Series = field(default_factory=Series)
 
 
-class ProxyMetrics(Collector):
+class RequestCounts:
+    """The requests one proxy (HTTP or gRPC) answered, in plain numbers: by status and
+    error kind, their latency, and those in flight per application."""
+
+    def __init__(self) -> None:
+        self._series: dict[tuple[str, str, str], _Series] = {}
+        self._in_flight: dict[str, int] = {}
+
+    def started(self, app: str) -> None:
+        self._in_flight[app] = self._in_flight.get(app, 0) + 1
+
+    def observe(
+        self, app: str, deployment: str, method: str, status: Any, seconds: float, error: str | None
+    ) -> None:
+        """One request that :meth:`started` ended with ``status`` (and ``error``, if it failed)."""
+        self._in_flight[app] -= 1
+        key = (app, deployment, method)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series()
+        series.by_status[status] = series.by_status.get(status, 0) + 1
+        series.latency.observe(seconds, error is not None)
+        if error is not None:
+            series.by_error[error] = series.by_error.get(error, 0) + 1
+
+    def in_flight(self, app: str) -> int:
+        return self._in_flight.get(app, 0)
+
+    @property
+    def empty(self) -> bool:
+        return not self._series and not self._in_flight
+
+    def families(self, prefix: str, noun: str, failures: str, latency: str) -> list[Any]:
+        """The four families ``{prefix}_requests``, ``_request_errors``,
+        ``_request_latency_seconds`` and ``_requests_in_flight``."""
+        requests = CounterMetricFamily(
+            f"{prefix}_requests",
+            f"{noun} answered, by status code.",
+            labels=[*_LABELS, "status_code"],
+        )
+        errors = CounterMetricFamily(
+            f"{prefix}_request_errors",
+            f"{noun} that failed ({failures}), by error.",
+            labels=[*_LABELS, "error"],
+        )
+        latencies = HistogramMetricFamily(
+            f"{prefix}_request_latency_seconds", latency, labels=_LABELS
+        )
+        for key, series in list(self._series.items()):
+            for status, count in sorted(series.by_status.items()):
+                requests.add_metric([*key, str(status)], count)
+            for error, count in sorted(series.by_error.items()):
+                errors.add_metric([*key, error], count)
+            latencies.add_metric(
+                list(key), series.latency.cumulative_buckets(), series.latency.seconds
+            )
+        in_flight = GaugeMetricFamily(
+            f"{prefix}_requests_in_flight", f"{noun} being served now.", labels=["application"]
+        )
+        for app, count in sorted(self._in_flight.items()):
+            in_flight.add_metric([app], count)
+        return [requests, errors, latencies, in_flight]
+
+
+class ProxyMetrics(RequestCounts, Collector):
     """Requests, errors, latency and in-flight requests per application, deployment and method."""
 
     def __init__(
@@ -65,62 +129,18 @@ class ProxyMetrics(Collector):
         self._clock = clock
         self._refreshed_at = float("-inf")
         self._refreshing = asyncio.Lock()
-        self._series: dict[tuple[str, str, str], _HTTPSeries] = {}
-        self._in_flight: dict[str, int] = {}
+        super().__init__()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         self.registry.register(UserMetrics(user_metrics))
 
-    def started(self, app: str) -> None:
-        self._in_flight[app] = self._in_flight.get(app, 0) + 1
-
-    def observe(
-        self, app: str, deployment: str, method: str, status: int, seconds: float, error: str | None
-    ) -> None:
-        self._in_flight[app] -= 1
-        key = (app, deployment, method)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = _HTTPSeries()
-        series.by_status[status] = series.by_status.get(status, 0) + 1
-        series.latency.observe(seconds, error is not None)
-        if error is not None:
-            series.by_error[error] = series.by_error.get(error, 0) + 1
-
-    def in_flight(self, app: str) -> int:
-        return self._in_flight.get(app, 0)
-
     def collect(self) -> Iterator[Any]:
-        requests = CounterMetricFamily(
-            "tandem_http_requests",
-            "HTTP requests answered, by status code.",
-            labels=[*_LABELS, "status_code"],
-        )
-        errors = CounterMetricFamily(
-            "tandem_http_request_errors",
-            "HTTP requests that failed (status >= 500, timeouts, disconnects), by error.",
-            labels=[*_LABELS, "error"],
-        )
-        latency = HistogramMetricFamily(
-            "tandem_http_request_latency_seconds",
+        yield from self.families(
+            "tandem_http",
+            "HTTP requests",
+            "status >= 500, timeouts, disconnects",
             "Time from receiving a request to the end of its response.",
-            labels=_LABELS,
         )
-        for key, series in list(self._series.items()):
-            for status, count in sorted(series.by_status.items()):
-                requests.add_metric([*key, str(status)], count)
-            for error, count in sorted(series.by_error.items()):
-                errors.add_metric([*key, error], count)
-            latency.add_metric(
-                list(key), series.latency.cumulative_buckets(), series.latency.seconds
-            )
-        in_flight = GaugeMetricFamily(
-            "tandem_http_requests_in_flight",
-            "HTTP requests being served now.",
-            labels=["application"],
-        )
-        for app, count in sorted(self._in_flight.items()):
-            in_flight.add_metric([app], count)
         replicas = GaugeMetricFamily(
             "tandem_deployment_replicas",
             "Replicas of each deployment, by state.",
@@ -132,7 +152,7 @@ class ProxyMetrics(Collector):
                     replicas.add_metric([app_status.name, dep.name, state], count)
                 if not dep.replica_states:
                     replicas.add_metric([app_status.name, dep.name, "RUNNING"], 0)
-        yield from (requests, errors, latency, in_flight, replicas)
+        yield replicas
         yield from self._replica_events()
         yield from self._deployment_families()
 

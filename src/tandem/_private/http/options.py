@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections.abc import Iterable
 from enum import Enum
 from typing import Any
 
@@ -206,14 +207,19 @@ class HTTPOptions(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _known_names(cls, data: Any) -> Any:
-        """Name an unknown option and the likely intended one, not just "extra input"."""
-        if isinstance(data, dict):
-            for key in data:
-                if key not in cls.model_fields:
-                    names = sorted(cls.model_fields)
-                    guess = difflib.get_close_matches(str(key), names, n=1)
-                    hint = f"did you mean {guess[0]!r}? " if guess else ""
-                    raise ValueError(
-                        f"unknown HTTP option {key!r} ({hint}the options are {', '.join(names)})"
-                    )
-        return data
+        return known_names(data, cls.model_fields, "HTTP")
+
+
+def known_names(data: Any, fields: Iterable[str], what: str) -> Any:
+    """``data`` if it names only ``fields``; else a ValueError naming the unknown option
+    and the likely intended one (not just pydantic's "extra input")."""
+    if isinstance(data, dict):
+        names = sorted(fields)
+        for key in data:
+            if key not in names:
+                guess = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"did you mean {guess[0]!r}? " if guess else ""
+                raise ValueError(
+                    f"unknown {what} option {key!r} ({hint}the options are {', '.join(names)})"
+                )
+    return data
