@@ -214,3 +214,29 @@ class Servers:
     def kill_all(self) -> None:
         for server in self._servers:
             server.kill()
+
+
+def parse_prometheus(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text, ``name{labels} value`` lines -> {(name, sorted label pairs): value}."""
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, rest = head.partition("{")
+        labels = []
+        for part in rest.rstrip("}").split('",'):
+            if "=" in part:
+                key, _, raw = part.partition("=")
+                labels.append((key.strip(","), raw.strip('"')))
+        samples[(name, tuple(sorted(labels)))] = float(value)
+    return samples
+
+
+def total(samples: dict[Any, float], name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and all(dict(sample_labels).get(k) == v for k, v in labels.items())
+    )

@@ -29,12 +29,10 @@ from grpc_helpers import (
     RayServeAPIClient,
     compile_user_proto,
     greeter_stub,
-    parse_prometheus,
     pb,
-    total,
     trailing,
 )
-from helpers import eventually, wait_for
+from helpers import eventually, parse_prometheus, total, wait_for
 from tandem._private.api import grpc_address, http_url
 from tandem._private.calls.context import current_request
 from tandem.grpc_util import RayServegRPCContext, gRPCInputStream

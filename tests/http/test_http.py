@@ -7,6 +7,7 @@ checks that a user module with postponed annotations works too.
 """
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -19,7 +20,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 import tandem as serve
-from helpers import eventually
+from helpers import eventually, parse_prometheus
+from helpers import total as count
 from tandem._private.api import http_url
 from tandem.handle import DeploymentHandle
 
@@ -579,13 +581,7 @@ def test_metrics_count_requests_per_application(backend: str) -> None:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     samples = parse_prometheus(r.text)
-
-    def total(name: str, **labels: str) -> float:
-        return sum(
-            value
-            for (sample, sample_labels), value in samples.items()
-            if sample == name and all(dict(sample_labels).get(k) == v for k, v in labels.items())
-        )
+    total = functools.partial(count, samples)
 
     assert total("tandem_http_requests_total", application="shop", status_code="200") == 3
     assert total("tandem_http_requests_total", application="failing", status_code="500") == 1
@@ -596,23 +592,6 @@ def test_metrics_count_requests_per_application(backend: str) -> None:
         total("tandem_deployment_replicas", application="shop", deployment="Named", state="RUNNING")
         == 1
     )
-
-
-def parse_prometheus(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """name{labels} value lines → {(name, sorted label pairs): value}."""
-    samples = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        name, _, rest = head.partition("{")
-        labels: list[tuple[str, str]] = []
-        for part in rest.rstrip("}").split(","):
-            if "=" in part:
-                key, _, raw = part.partition("=")
-                labels.append((key, raw.strip('"')))
-        samples[(name, tuple(sorted(labels)))] = float(value)
-    return samples
 
 
 def test_access_log_has_one_line_per_request(
@@ -805,6 +784,7 @@ def test_a_returned_mapping_is_json(backend: str) -> None:
 FUTURE_ANNOTATIONS_MODULE = """
 from __future__ import annotations
 
+import functools
 from fastapi import FastAPI
 from pydantic import BaseModel
 
