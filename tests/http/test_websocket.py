@@ -18,6 +18,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
 from starlette.routing import WebSocketRoute
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
@@ -137,6 +138,10 @@ class Chat:
     @echo_app.websocket("/refuses")
     async def refuses(self, ws: WebSocket) -> None:
         await ws.close(code=1008)
+
+    @echo_app.websocket("/denies")
+    async def denies(self, ws: WebSocket) -> None:
+        await ws.send_denial_response(PlainTextResponse("sign in first", status_code=401))
 
     @echo_app.get("/plain")
     def plain(self) -> str:
@@ -298,6 +303,11 @@ def test_refused_and_unknown_sessions_get_http_errors(backend: str) -> None:
     with pytest.raises(InvalidStatus) as refused:
         connect(ws_url("/refuses"))
     assert refused.value.response.status_code == 403
+    with pytest.raises(InvalidStatus) as denied:  # the app's own HTTP answer, relayed
+        connect(ws_url("/denies"))
+    assert denied.value.response.status_code == 401
+    assert denied.value.response.body == b"sign in first"
+    assert denied.value.response.headers["x-request-id"]
     serve.run(Upper.bind(), name="upper", route_prefix="/upper-app", backend=backend)
     with pytest.raises(InvalidStatus) as not_asgi:  # a __call__ ingress takes HTTP only
         connect(ws_url("/upper-app"))
