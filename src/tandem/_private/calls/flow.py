@@ -10,6 +10,9 @@ and the caller reports what it read in batches (:class:`ReadReports`), so the
 buffers in between (sockets, Ray's objects) hold no more than that either. A
 reader that stops thus stops the generator a bounded number of items later,
 instead of letting it fill memory; one that reads on lets it go on.
+
+A producer that knows an item is its stream's last says so (:class:`Last`): the
+process wire then sends the item and the stream's end as one message.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import itertools
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 STREAM_BUFFER = 64
 # A caller reports its reads in batches this large: half the bound, so the
@@ -72,3 +76,16 @@ class ReadReports:
         if self._unreported >= READ_REPORT_EVERY:
             count, self._unreported = self._unreported, 0
             self._report(count)
+
+
+class Last:
+    """A stream's item that its producer knows is the last one (e.g. a plain HTTP
+    response, whole): transports may send it together with the stream's end."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (Last, (self.value,))

@@ -31,7 +31,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from tandem._private.calls.flow import STREAM_BUFFER
+from tandem._private.calls.flow import STREAM_BUFFER, Last
 from tandem._private.queues import drain
 
 __all__ = ["HTTPRequestData", "serve_http", "to_response"]
@@ -122,8 +122,9 @@ async def serve_http(
     call: Callable[[Request], Awaitable[Any]] | None,
     asgi_app: Callable[..., Awaitable[None]] | None,
     inbound: AsyncIterator[dict[str, Any]] | None = None,
-) -> AsyncGenerator[dict[str, Any], None]:
-    """Run one HTTP request (or WebSocket session) in the replica; yield its ASGI messages.
+) -> AsyncGenerator[dict[str, Any] | Last, None]:
+    """Run one HTTP request (or WebSocket session) in the replica; yield its ASGI messages
+    (a plain response's two as one ``Last``).
 
     ``call`` runs the user's ``__call__`` with the request; ``asgi_app`` (for
     ``@ingress``) is run as it is instead. ``inbound``: a session's client messages.
@@ -147,14 +148,18 @@ async def serve_http(
             and type(response).__call__ is Response.__call__
         ):
             # A plain response: its messages are known; no task or queue needed.
-            yield {
+            start = {
                 "type": "http.response.start",
                 "status": response.status_code,
                 "headers": response.raw_headers,
             }
-            yield {"type": "http.response.body", "body": response.body, "more_body": False}
-            if response.background is not None:
-                await response.background()
+            body = {"type": "http.response.body", "body": response.body, "more_body": False}
+            if response.background is None:
+                yield Last((start, body))  # the whole response, in one message
+                return
+            yield start
+            yield body
+            await response.background()
             return
         app: Callable[..., Awaitable[None]] = response
     else:

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.calls.context import HTTP_METHOD, DeploymentID, RequestMetadata
+from tandem._private.calls.flow import Last
 from tandem._private.calls.runtime import Runtime
 from tandem._private.http import scope as scopes
 from tandem._private.http.bridge import HTTPRequestData
@@ -261,17 +262,19 @@ async def _relay(
 ) -> None:
     """Pass the ingress's ASGI messages to the client, adding the request id header."""
     try:
-        async for message in stream:
-            if message["type"] == "http.response.start":
-                exchange.status = message["status"]
-                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
-                message = {**message, "headers": headers}
-                exchange.response_started = True
-            elif not message.get("more_body", False):
-                exchange.complete = True
-            await send(message)
-            if exchange.complete:
-                on_complete(exchange.status, _error_kind(exchange.status))
+        async for item in stream:
+            # A whole response comes as one item (flow.Last); a streamed one message by message.
+            for message in item.value if type(item) is Last else (item,):
+                if message["type"] == "http.response.start":
+                    exchange.status = message["status"]
+                    headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                    message = {**message, "headers": headers}
+                    exchange.response_started = True
+                elif not message.get("more_body", False):
+                    exchange.complete = True
+                await send(message)
+                if exchange.complete:
+                    on_complete(exchange.status, _error_kind(exchange.status))
     finally:
         await stream.aclose()
 

@@ -14,6 +14,7 @@ from tandem._private.calls.context import (
     _replica_context,
     _request,
 )
+from tandem._private.calls.flow import Last
 from tandem._private.replica.admission import Slot
 from tandem._private.replica.logs import ReplicaLogs
 from tandem._private.stats import RequestStats
@@ -47,8 +48,10 @@ class Serving:
         self._tokens = (_request.set(meta), _replica_context.set(context))
         self._started = time.perf_counter()
 
-    def saw(self, message: dict[str, Any]) -> None:
+    def saw(self, item: dict[str, Any] | Last) -> None:
         """An ASGI message of the response: the first says its status (101: a session)."""
+        # A whole response (Last): its first message says it.
+        message: dict[str, Any] = item.value[0] if isinstance(item, Last) else item
         kind = message.get("type")
         if kind in ("http.response.start", "websocket.http.response.start"):
             self.status = message.get("status")

@@ -12,6 +12,7 @@ Messages are tuples; the first item says what they are:
     ("stream", id, op, payload)      a request; the reply is "item"s, then "end" or "err"
     ("cancel", id)                   stop serving request id
     ("ok", id, value) ("err", id, packed error) ("item", id, value) ("end", id, None)
+    ("last", id, value)              an item known to be the last, and the end
     ("note", op, payload)            a one-way message, no reply
 
 Connections to a replica's Unix socket (:func:`open_peer`, :class:`PeerListener`)
@@ -38,6 +39,7 @@ from tandem._private.backends.process.handshake import (
     server_handshake,
 )
 from tandem._private.calls.errors import ReplicaNotReached
+from tandem._private.calls.flow import Last
 from tandem.exceptions import ReplicaUnavailableError
 
 logger = logging.getLogger("tandem")
@@ -154,6 +156,11 @@ class Peer:
             items = self._streams.get(message[1])
             if items is not None:
                 items.put_nowait((kind, message[2]))
+        elif kind == "last":  # an item and the end, in one message
+            items = self._streams.get(message[1])
+            if items is not None:
+                items.put_nowait(("item", Last(message[2])))
+                items.put_nowait(("end", None))
         elif kind == "err":
             error = unpack_error(message[2])
             reply = self._replies.get(message[1])
@@ -214,18 +221,25 @@ class Peer:
     async def _serve_stream(self, request_id: int, op: str, payload: Any) -> None:
         assert self._on_stream is not None
         source = self._on_stream(op, payload)
+        ended = False  # a "last" item was sent: it carried the end
         try:
             async for item in source:
+                if type(item) is Last:
+                    self._reply(("last", request_id, item.value))
+                    ended = True
+                    continue  # the source ends now; let it finish cleanly
                 self._reply(("item", request_id, item))
                 await self.protocol.drain()  # a slow reader slows the producer
         except asyncio.CancelledError:
             return
         except BaseException as exc:
-            self._reply(("err", request_id, pack_error(exc)))
+            if not ended:
+                self._reply(("err", request_id, pack_error(exc)))
             return
         finally:
             await source.aclose()
-        self._reply(("end", request_id, None))
+        if not ended:
+            self._reply(("end", request_id, None))
 
     def _reply(self, message: tuple[Any, ...]) -> None:
         if self.closed.is_set():
