@@ -451,6 +451,26 @@ def test_commands_without_a_server_fail_clearly(app_dir: Path, tmp_path: Path) -
         assert_clear_failure(result, address)
 
 
+def test_a_control_socket_left_by_a_killed_server_says_no_server_serves_the_address(
+    app_dir: Path,
+) -> None:
+    from tandem._private.rundir import control_socket_path
+
+    with socket.socket() as held:  # a port nothing serves, held so no other test takes it
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        stale = control_socket_path(port)
+        left = socket.socket(socket.AF_UNIX)  # bound, never listening: as a SIGKILLed server's
+        left.bind(str(stale))
+        try:
+            address = f"http://127.0.0.1:{port}"
+            result = tandem("status", "--address", address, cwd=app_dir)
+            assert_clear_failure(result, f"No tandem server of yours serves {address}", str(stale))
+        finally:
+            left.close()
+            stale.unlink(missing_ok=True)
+
+
 # -- --reload ---------------------------------------------------------------------
 
 

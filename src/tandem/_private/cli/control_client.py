@@ -38,6 +38,7 @@ class ControlEndpoint:
     unix_path: str | None = None
     url: str | None = None
     token: str | None = None
+    address: str | None = None  # the data address it was found by, if any
 
     def describe(self) -> str:
         return f"unix:{self.unix_path}" if self.unix_path else str(self.url)
@@ -74,7 +75,7 @@ def find_control(
             f"control socket at {path}); start one with `tandem run`, or pass --address (or "
             "--control for a server elsewhere)."
         )
-    return ControlEndpoint(unix_path=str(path))
+    return ControlEndpoint(unix_path=str(path), address=address)
 
 
 def request(endpoint: ControlEndpoint, method: str, path: str, body: Any = None) -> Any:
@@ -89,6 +90,12 @@ def request(endpoint: ControlEndpoint, method: str, path: str, body: Any = None)
         response = connection.getresponse()
         raw = response.read()
     except OSError as exc:
+        if endpoint.address is not None:  # e.g. a socket left by a server that was killed
+            raise ControlError(
+                f"No tandem server of yours serves {endpoint.address} on this machine: its "
+                f"control socket {endpoint.describe()} does not answer "
+                f"({exc.strerror or exc}); start one with `tandem run`."
+            ) from None
         raise ControlError(
             f"No tandem control endpoint answers at {endpoint.describe()} "
             f"({exc.strerror or exc}); is the server running?"
