@@ -23,8 +23,6 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from servers import free_port, stop  # benchmarks/, beside this script
 
 HERE = Path(__file__).resolve().parent
 APPS = HERE / "apps"
@@ -45,12 +45,6 @@ message Ask { string name = 1; int64 num = 2; }
 message Answer { string greeting = 1; int64 num = 2; }
 service Bench { rpc __call__(Ask) returns (Answer); }
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def compile_proto(folder: Path) -> None:
@@ -144,14 +138,6 @@ def start(kind: str, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
         except (EOFError, OSError):
             time.sleep(0.3)
     sys.exit(f"{kind} server did not answer in 60 s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def main() -> None:

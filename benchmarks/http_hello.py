@@ -23,8 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +31,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from servers import free_port, stop  # benchmarks/, beside this script
 
 HERE = Path(__file__).resolve().parent
 APPS = HERE / "apps"  # the bare baselines and the other work's tandem app
@@ -69,12 +69,6 @@ WORKS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Server:
     def __init__(self, name: str, command: list[str], port: int, tmp: Path) -> None:
         self.name = name
@@ -105,11 +99,7 @@ class Server:
         sys.exit(f"{self.name} did not answer {work.name} in 60 s")
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop(self.proc)
 
 
 def bare_server(tmp: Path) -> Server:

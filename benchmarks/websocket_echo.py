@@ -15,23 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from servers import free_port, stop  # benchmarks/, beside this script
+
 HERE = Path(__file__).resolve().parent
 APPS = HERE / "apps"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _load(url: str, sessions: int, seconds: float) -> tuple[int, list[float]]:
@@ -100,14 +94,6 @@ def start(kind: str, backend: str) -> tuple[subprocess.Popen[bytes], str]:
     url = f"ws://127.0.0.1:{port}/ws"
     wait_ready(url, proc)
     return proc, url
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def main() -> None:
