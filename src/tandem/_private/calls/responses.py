@@ -27,12 +27,16 @@ __all__ = ["DeploymentResponse", "DeploymentResponseGenerator"]
 R = TypeVar("R")
 
 
+class BlocksTheLoopError(RuntimeError):
+    """A blocking wait was asked for on a thread that runs an event loop."""
+
+
 def _refuse_blocking_on_loop(what: str) -> None:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return
-    raise RuntimeError(
+    raise BlocksTheLoopError(
         f"{what} blocks, and this thread runs an event loop; use `await` (or `async for`) "
         "on the response instead."
     )

@@ -43,6 +43,7 @@ from tandem._private.replica.running import (
     GENERATOR_TYPES,
     UserCode,
     close_quietly,
+    run_inline,
     takes_an_argument,
 )
 from tandem._private.replica.serving import Serving
@@ -332,10 +333,13 @@ class Replica:
         slot = await self._admission.acquire()
         with Serving(self.stats, self.logs, self.context, meta, meta.method_name, slot):
             try:
-                if method.is_async:  # UserCode.run, inline: every async call takes this path
+                # UserCode.run, unrolled: every call takes this path
+                if method.is_async:
                     result = await method.fn(*args, **kwargs)
+                elif method.trial is not None and method.trial.inline:
+                    result = run_inline(method.trial, method.fn, args, kwargs)
                 else:
-                    result = await self._user.run_in_thread(method.fn, args, kwargs, slot)
+                    result = await self._user.run_sync(method, args, kwargs, slot)
             except Exception as exc:
                 if grpc_context is None:
                     raise

@@ -1,5 +1,6 @@
-"""Running the user's code: sync methods in the replica's worker threads, async
-ones on its event loop, generators of either kind item by item.
+"""Running the user's code: sync methods in the replica's worker threads (or on
+its loop once they proved always fast, see inline.py), async ones on its event
+loop, generators of either kind item by item.
 
 :class:`UserCode` holds the user's object (or function) of one replica, looks
 its methods up once, and runs them. When a caller gives up on a request whose
@@ -14,14 +15,17 @@ import contextvars
 import functools
 import gc
 import inspect
+import time
 import types
 import weakref
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tandem._private.calls.responses import BlocksTheLoopError
 from tandem._private.replica.abandoned import AbandonedRequests, name_of
 from tandem._private.replica.admission import Slot
+from tandem._private.replica.inline import InlineTrial
 from tandem._private.replica.threads import WorkerThreads, contain
 
 _DONE = object()
@@ -49,17 +53,18 @@ class Method:
     fn: Callable[..., Any]
     is_async: bool  # a coroutine function or an async generator function
     is_generator: bool
+    # Where a sync, non-generator method runs (threads or the loop); None otherwise.
+    trial: InlineTrial | None = None
 
     @staticmethod
-    def of(fn: Callable[..., Any]) -> Method:
+    def of(fn: Callable[..., Any], may_inline: bool = False) -> Method:
         plain = inspect.isfunction(fn) or inspect.ismethod(fn)
         call = fn if plain else getattr(fn, "__call__", fn)  # noqa: B004 - the method itself
         is_asyncgen = inspect.isasyncgenfunction(call)
-        return Method(
-            fn,
-            is_async=inspect.iscoroutinefunction(call) or is_asyncgen,
-            is_generator=is_asyncgen or inspect.isgeneratorfunction(call),
-        )
+        is_async = inspect.iscoroutinefunction(call) or is_asyncgen
+        is_generator = is_asyncgen or inspect.isgeneratorfunction(call)
+        plain_sync = may_inline and not is_async and not is_generator
+        return Method(fn, is_async, is_generator, trial=InlineTrial(call) if plain_sync else None)
 
 
 def _on_loop(
@@ -145,20 +150,33 @@ class UserCode:
             fn = None if private else getattr(self.obj, name, None)
             if fn is None or not callable(fn):
                 raise AttributeError(f"Deployment {self._deployment!r} has no method {name!r}.")
-        method = Method.of(fn)
+        method = Method.of(fn, may_inline=True)
         self._methods[name] = method
         return method
 
     async def run(
         self, method: Method, args: tuple[Any, ...], kwargs: dict[str, Any], slot: Slot | None
     ) -> Any:
-        """Call a (non-generator) method: on the loop if async, else in a worker thread."""
+        """Call a (non-generator) method: on the loop if async or proven fast, else in a
+        worker thread."""
         if method.is_async:
             try:
                 return await method.fn(*args, **kwargs)
             except (SystemExit, KeyboardInterrupt) as exc:
                 raise contain(exc) from exc
-        return await self.run_in_thread(method.fn, args, kwargs, slot)
+        trial = method.trial
+        if trial is not None and trial.inline:
+            return run_inline(trial, method.fn, args, kwargs)
+        return await self.run_sync(method, args, kwargs, slot)
+
+    async def run_sync(
+        self, method: Method, args: tuple[Any, ...], kwargs: dict[str, Any], slot: Slot | None
+    ) -> Any:
+        """Call a sync method in a worker thread (timing it, while it is on trial)."""
+        trial = method.trial
+        if trial is None or trial.retired:
+            return await self.run_in_thread(method.fn, args, kwargs, slot)
+        return await self.run_in_thread(method.fn, args, kwargs, slot, trial)
 
     def iterate(
         self, method: Method, args: tuple[Any, ...], kwargs: dict[str, Any], slot: Slot
@@ -179,6 +197,7 @@ class UserCode:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         slot: Slot | None = None,
+        trial: InlineTrial | None = None,
     ) -> Any:
         assert self._workers is not None and self._loop is not None
         if kwargs:
@@ -190,6 +209,9 @@ class UserCode:
             if slot is not None and not job.finished:
                 self._abandoned.leave_to_thread(slot, job, name_of(fn))
             raise
+        finally:
+            if trial is not None and job.finished:
+                trial.ran_in_thread(job.seconds)
 
     async def iterate_in_thread(self, gen: Any, slot: Slot) -> AsyncGenerator[Any, None]:
         assert self._workers is not None and self._loop is not None
@@ -225,6 +247,22 @@ class UserCode:
         del obj
         if ref is not None and ref() is not None:
             gc.collect()  # cycles through the object keep __del__ from running at once
+
+
+def run_inline(
+    trial: InlineTrial, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Call a proven-fast sync method right here, on the loop (see inline.py)."""
+    start = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    except BlocksTheLoopError:
+        trial.retire()  # it waits for something after all: threads from now on
+        raise
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise contain(exc) from exc
+    finally:
+        trial.ran_inline(time.perf_counter() - start)
 
 
 def close_quietly(gen: Any) -> None:

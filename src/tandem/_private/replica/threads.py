@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +37,7 @@ def contain(exc: BaseException) -> BaseException:
 class Job:
     """One function call on a worker thread; ``future`` settles on the loop."""
 
-    __slots__ = ("args", "context", "finished", "fn", "future", "on_finished")
+    __slots__ = ("args", "context", "finished", "fn", "future", "on_finished", "seconds")
 
     def __init__(
         self,
@@ -52,6 +53,7 @@ class Job:
         # True once the thread is done with it (set on the loop; the future may be
         # cancelled long before).
         self.finished = False
+        self.seconds = 0.0  # how long the function ran in its thread (wall time)
         # Set (on the loop) by a caller that stopped waiting but must know when the thread ends.
         self.on_finished: Callable[[], None] | None = None
 
@@ -115,10 +117,12 @@ class WorkerThreads:
                 return
             loop, job = item
             item = None
+            start = time.perf_counter()
             try:
                 outcome: tuple[bool, Any] = (True, job.context.run(job.fn, *job.args))
             except BaseException as exc:
                 outcome = (False, contain(exc))
+            job.seconds = time.perf_counter() - start
             job.fn = job.args = None  # type: ignore[assignment]
             try:
                 loop.call_soon_threadsafe(_finish, job, *outcome)
