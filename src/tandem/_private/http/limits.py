@@ -30,6 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from tandem._private.http.options import HTTPOptions
+from tandem._private.http.writes import SCOPE_KEY, HeldWrites
 
 HAVE_HTTPTOOLS = importlib.util.find_spec("httptools") is not None
 if TYPE_CHECKING or HAVE_HTTPTOOLS:
@@ -205,6 +206,8 @@ class HttpToolsWithLimits(HttpToolsProtocol):
             self.transport = transport  # for connection_lost
             return
         super().connection_made(transport)
+        # Every cycle writes through it; the proxy holds a whole response's writes.
+        self.transport = HeldWrites(transport)  # type: ignore[assignment]
         self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_late)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -249,6 +252,7 @@ class HttpToolsWithLimits(HttpToolsProtocol):
         if self._head_bytes + self._read_bytes > limit and self._head_size() > limit:
             self._refuse_head()
             raise _HeadRefused  # stops the parser (uvicorn then logs an invalid request)
+        self.scope[SCOPE_KEY] = self.transport  # type: ignore[literal-required]
         super().on_headers_complete()
 
     def send_400_response(self, msg: str) -> None:
@@ -310,6 +314,8 @@ class H11WithLimits(H11Protocol):
             self.transport = transport
             return
         super().connection_made(transport)
+        # Every cycle writes through it; the proxy holds a whole response's writes.
+        self.transport = HeldWrites(transport)  # type: ignore[assignment]
         self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_late)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -49,6 +49,7 @@ from tandem._private.http.scope import (
     route_path,
 )
 from tandem._private.http.websocket import WebSocketSessions
+from tandem._private.http.writes import SCOPE_KEY, HeldWrites
 from tandem._private.queues import uncancel
 from tandem.exceptions import BackPressureError
 
@@ -166,7 +167,7 @@ class Proxy:
             stream = self._runtime.stream(
                 DeploymentID(app_name=app, name=ingress), meta, (data,), {}
             )
-            await _relay(stream, send, exchange, request_id, on_complete)
+            await _relay(stream, send, exchange, request_id, on_complete, scope.get(SCOPE_KEY))
             return exchange.status, _error_kind(exchange.status)
         except asyncio.CancelledError:
             if exchange.stopped is None:
@@ -259,24 +260,46 @@ async def _relay(
     exchange: _Exchange,
     request_id: str,
     on_complete: Callable[[int, str | None], None],
+    writes: HeldWrites | None,
 ) -> None:
-    """Pass the ingress's ASGI messages to the client, adding the request id header."""
+    """Pass the ingress's ASGI messages to the client, adding the request id header.
+
+    A whole response (one item, flow.Last) reaches the socket in one write.
+    """
     try:
         async for item in stream:
-            # A whole response comes as one item (flow.Last); a streamed one message by message.
-            for message in item.value if type(item) is Last else (item,):
-                if message["type"] == "http.response.start":
-                    exchange.status = message["status"]
-                    headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
-                    message = {**message, "headers": headers}
-                    exchange.response_started = True
-                elif not message.get("more_body", False):
-                    exchange.complete = True
-                await send(message)
-                if exchange.complete:
-                    on_complete(exchange.status, _error_kind(exchange.status))
+            if type(item) is not Last:  # a streamed response: message by message
+                await _pass(item, send, exchange, request_id, on_complete)
+                continue
+            if writes is not None:
+                writes.hold()
+            try:
+                for message in item.value:
+                    await _pass(message, send, exchange, request_id, on_complete)
+            finally:
+                if writes is not None:
+                    writes.release()
     finally:
         await stream.aclose()
+
+
+async def _pass(
+    message: dict[str, Any],
+    send: Send,
+    exchange: _Exchange,
+    request_id: str,
+    on_complete: Callable[[int, str | None], None],
+) -> None:
+    if message["type"] == "http.response.start":
+        exchange.status = message["status"]
+        headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+        message = {**message, "headers": headers}
+        exchange.response_started = True
+    elif not message.get("more_body", False):
+        exchange.complete = True
+    await send(message)
+    if exchange.complete:
+        on_complete(exchange.status, _error_kind(exchange.status))
 
 
 _SHEDDING = SheddingLog("requests")

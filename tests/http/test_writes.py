@@ -1,0 +1,104 @@
+"""A whole response reaches the client's socket in one write (http/writes.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tandem._private.calls.flow import Last
+from tandem._private.http.proxy import _Exchange, _relay
+from tandem._private.http.writes import JOIN_LIMIT, HeldWrites
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "written after close"
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str) -> Any:
+        return f"info:{name}"
+
+
+def test_held_writes_go_out_as_one() -> None:
+    transport = _Transport()
+    writes = HeldWrites(transport)  # type: ignore[arg-type]
+    writes.write(b"a")  # not held: at once
+    writes.hold()
+    writes.write(b"head ")
+    writes.write(b"body")
+    assert transport.writes == [b"a"]
+    writes.release()
+    assert transport.writes == [b"a", b"head body"]
+    writes.release()  # nothing held: nothing written
+    assert transport.writes == [b"a", b"head body"]
+    assert writes.get_extra_info("peername") == "info:peername"
+
+
+def test_large_held_writes_are_not_copied_into_one() -> None:
+    transport = _Transport()
+    writes = HeldWrites(transport)  # type: ignore[arg-type]
+    body = b"x" * (JOIN_LIMIT + 1)
+    writes.hold()
+    writes.write(b"head")
+    writes.write(body)
+    writes.release()
+    assert transport.writes == [b"head", body]
+
+
+def test_closing_sends_what_was_held_first() -> None:
+    """uvicorn closes a connection right after the last body write (Connection: close)."""
+    transport = _Transport()
+    writes = HeldWrites(transport)  # type: ignore[arg-type]
+    writes.hold()
+    writes.write(b"response")
+    writes.close()
+    assert transport.writes == [b"response"] and transport.closed
+
+
+def test_the_proxy_holds_the_writes_of_a_whole_response_only() -> None:
+    transport = _Transport()
+    writes = HeldWrites(transport)  # type: ignore[arg-type]
+    start = {"type": "http.response.start", "status": 200, "headers": []}
+    whole = Last([start, {"type": "http.response.body", "body": b"hi"}])
+    streamed = [
+        start,
+        {"type": "http.response.body", "body": b"a", "more_body": True},
+        {"type": "http.response.body", "body": b"b"},
+    ]
+
+    async def relay(items: list[Any]) -> list[int]:
+        async def stream() -> Any:
+            for item in items:
+                yield item
+
+        held_at_send: list[int] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            writes.write(message["type"].encode())
+            held_at_send.append(len(transport.writes))
+
+        exchange = _Exchange(_never, None)
+        await _relay(stream(), send, exchange, "id", lambda status, error: None, writes)
+        return held_at_send
+
+    # A whole response: nothing reaches the transport until both messages are in.
+    assert asyncio.run(relay([whole])) == [0, 0]
+    assert transport.writes == [b"http.response.starthttp.response.body"]
+    transport.writes.clear()
+    # A streamed one: each message goes out as it comes.
+    assert asyncio.run(relay(streamed)) == [1, 2, 3]
+
+
+async def _never() -> dict[str, Any]:
+    await asyncio.Event().wait()
+    return {}
