@@ -12,7 +12,8 @@ handle call), ``stream`` (a streaming response of 100 chunks), ``json`` (a 1 MB
 JSON request body, parsed and summarised).
 
 Needs wrk (`apt-get install wrk`) and taskset (util-linux). Usage:
-    python benchmarks/http_hello.py [--backends local,process] [--works hello,stream,json]
+    python benchmarks/http_hello.py [--backends local,process,process-direct]
+                                    [--works hello,stream,json]
                                     [--connections 32] [--seconds 10] [--rounds 3]
 """
 
@@ -118,12 +119,15 @@ def bare_server(tmp: Path) -> Server:
 
 
 def tandem_server(backend: str, config: Path, tmp: Path) -> Server:
+    """``backend`` is a backend's name, or ``process-direct``: the process backend
+    with direct ingress (its ingress replica serves HTTP on the port too)."""
     port = free_port()
+    flags = ["--direct-ingress"] if backend == "process-direct" else []
     return Server(
         f"tandem {backend}",
         [
-            str(BIN / "tandem"), "run", str(config), "--port", str(port), "--backend", backend,
-            "--log-level", "WARNING",
+            str(BIN / "tandem"), "run", str(config), "--port", str(port),
+            "--backend", backend.removesuffix("-direct"), "--log-level", "WARNING", *flags,
         ],
         port,
         tmp,

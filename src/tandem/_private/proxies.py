@@ -65,12 +65,13 @@ def ensure(runtime: Runtime, required: bool = False) -> None:
         return
     serve_grpc = options.grpc_options.serves
     if runtime.http is None:
+        from tandem._private.http import direct as direct_ingress
         from tandem._private.http.app import open_http
 
         collectors = [_grpc.metrics] if serve_grpc else []
         try:
             runtime.http = runtime.run_sync(
-                open_http(runtime, options.http_options, collectors=collectors)
+                open_http(runtime, options.http_options, collectors, direct_ingress.enabled())
             )
         except OSError as exc:
             if required:

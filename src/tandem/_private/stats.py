@@ -29,6 +29,13 @@ class Series:
         self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.seconds += seconds
 
+    def add(self, other: Series) -> None:
+        """Add ``other``'s requests to these."""
+        self.requests += other.requests
+        self.errors += other.errors
+        self.seconds += other.seconds
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+
     def cumulative_buckets(self) -> list[tuple[str, float]]:
         running = 0
         out: list[tuple[str, float]] = []

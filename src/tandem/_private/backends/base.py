@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol
 
 from tandem._private.calls.context import DeploymentID
@@ -106,6 +107,15 @@ class Backend(ABC):
     @abstractmethod
     def facts(self, info: ReplicaInfo) -> ReplicaFacts:
         """What is known of a replica (as of the last :meth:`refresh`)."""
+
+    # Whether ingress replicas can serve HTTP themselves (direct ingress, http/direct.py).
+    serves_direct_ingress: ClassVar[bool] = False
+
+    def serve_direct(self, plan: Any, metrics: Callable[[], Awaitable[bytes]] | None) -> None:
+        """Let ingress replicas serve HTTP themselves under ``plan`` (an
+        ``http.direct.IngressPlan``; None: stop); ``metrics`` renders the driver's
+        /metrics for them. Only where ``serves_direct_ingress``."""
+        raise NotImplementedError
 
 
 class IgnoredOptions:

@@ -8,6 +8,7 @@ it: the controller depends on calls, never the other way round.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from tandem._private.app.options import DeploymentOptions
@@ -52,3 +53,10 @@ class ControlPlane(Protocol):
     def deployment_series(self) -> list[tuple[str, str, str, Any]]: ...
 
     def user_metrics(self) -> list[tuple[str, Any]]: ...
+
+    # Called after every change of the route table.
+    routes_changed: list[Callable[[], None]]
+
+    def proxy_counts(self) -> dict[str, Any]: ...
+
+    def serve_direct(self, plan: Any, metrics: Callable[[], Awaitable[bytes]] | None) -> None: ...

@@ -136,11 +136,15 @@ class Router:
         deployment_id: DeploymentID,
         connect: Callable[[ReplicaInfo], ReplicaConnection],
         policy: RoutingPolicy | None = None,
+        prefer: str | None = None,
     ) -> None:
         self.deployment_id = deployment_id
         self._connect = connect
         self._policy: RoutingPolicy = policy or PowerOfTwoChoices()
         self._replicas: dict[str, RoutedReplica] = {}
+        # The replica in this caller's own process (direct ingress), taken first when it has room.
+        self._prefer = prefer
+        self._local: RoutedReplica | None = None
         self._replica_set = ReplicaSet(deployment_id)
         self._known = False
         self._queue: deque[asyncio.Future[RoutedReplica | None]] = deque()
@@ -172,9 +176,15 @@ class Router:
                 if not routed.in_flight:
                     routed.connection.close()
         self._replicas = current
+        self._local = current.get(self._prefer) if self._prefer is not None else None
         if replica_set.request_router is not None or self._custom is not None:
             self._update_custom(replica_set.request_router)
         self._wake(len(self._queue))
+
+    def prefer(self, replica_id: str) -> None:
+        """Take replica ``replica_id`` first whenever it has room (see ``Runtime.prefer``)."""
+        self._prefer = replica_id
+        self._local = self._replicas.get(replica_id)
 
     def _update_custom(self, spec: RouterSpec | None) -> None:
         custom = self._custom
@@ -207,6 +217,15 @@ class Router:
             return await self._assign_custom(meta, avoid, args, kwargs or {})
         if avoid:
             return await self._assign_avoiding(meta, avoid)
+        local = self._local
+        if (
+            local is not None
+            and not self._queue
+            and local.in_flight < local.info.max_ongoing_requests
+            and self._replica_set.state == "running"
+        ):
+            local.in_flight += 1
+            return local
         if len(self._replicas) == 1 and not self._queue:
             # One replica (the common case): no choice to make.
             (only,) = self._replicas.values()

@@ -52,6 +52,8 @@ class Runtime:
         self.http: Any = None  # the HTTP server, in the process that serves HTTP
         # In a replica process: asks the driver what tandem.status() says there.
         self.driver_status: Callable[[], Coroutine[Any, Any, Any]] | None = None
+        # In a replica process: its replica, which this process's routers prefer.
+        self._local_replica: str | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -123,6 +125,12 @@ class Runtime:
 
     # -- membership --------------------------------------------------------
 
+    def prefer(self, replica_id: str) -> None:
+        """Send calls to ``replica_id`` (hosted in this process) whenever it has room."""
+        self._local_replica = replica_id
+        for router in self._routers.values():
+            router.prefer(replica_id)
+
     def publish(self, replica_set: ReplicaSet) -> None:
         """Record a deployment's replica set and hand it to its router (on the loop)."""
         self._directory[replica_set.deployment_id] = replica_set
@@ -155,7 +163,7 @@ class Runtime:
                     f"{deployment_id.app_name!r}; check the names, or whether the "
                     "application was deleted."
                 )
-            router = Router(deployment_id, self._connect)
+            router = Router(deployment_id, self._connect, prefer=self._local_replica)
             router.update(replica_set)
             self._routers[deployment_id] = router
         return router

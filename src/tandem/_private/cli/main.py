@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import click
 import yaml
 
+from tandem._private.cli.flags import grpc_flags
+
 if TYPE_CHECKING:
     pass
 
@@ -102,28 +104,12 @@ def cli() -> None:
     help="Answer 503 (and close) to connections past this many "
     "[default: the open-file limit less a reserve of 25%, at least 256].",
 )
+@grpc_flags
 @click.option(
-    "--grpc-port",
-    type=click.IntRange(0, 65535),
-    default=None,
-    help="Port of the gRPC proxy, when there are servicer functions [default: 9000].",
-)
-@click.option(
-    "--grpc-servicer-functions",
-    multiple=True,
-    help="Import path of a generated add_XServicer_to_server function whose service the gRPC "
-    "proxy serves (repeat for several); none: no gRPC server.",
-)
-@click.option(
-    "--grpc-request-timeout-s",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Answer DEADLINE_EXCEEDED to an RPC still running after this long.",
-)
-@click.option(
-    "--grpc-enable-reflection/--grpc-disable-reflection",
-    default=None,
-    help="Serve gRPC server reflection for the services [default: enabled].",
+    "--direct-ingress",
+    is_flag=True,
+    help="Ingress replicas serve HTTP on the port themselves too, sharing it with the proxy "
+    "(process backend; same as TANDEM_DIRECT_INGRESS=1).",
 )
 @click.option(
     "--control-port",
@@ -164,6 +150,7 @@ def run(
     grpc_servicer_functions: tuple[str, ...],
     grpc_request_timeout_s: float | None,
     grpc_enable_reflection: bool | None,
+    direct_ingress: bool,
     control_port: int | None,
     control_host: str,
     log_format: str,
@@ -177,6 +164,10 @@ def run(
     if reload:
         _run_with_reload()
         return
+    if direct_ingress:  # read where HTTP starts; replica processes inherit it
+        from tandem._private.http.direct import ENV
+
+        os.environ[ENV] = "1"
     from tandem._private.cli.run_options import (
         grpc_options_with,
         http_options_with,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tandem._private.app.external_scaler import (
@@ -66,6 +66,8 @@ class Controller:
         self._apps: dict[str, ApplicationRecord] = {}
         self._lock = asyncio.Lock()
         self._routes = RouteTable()
+        # Called after every change of the route table (direct ingress re-plans on it).
+        self.routes_changed: list[Callable[[], None]] = []
         self._fleet = Fleet(backend, publish, self._serves_http, clock)
         self._reconciler = Reconciler(self._apps, self._fleet, clock, queued)
 
@@ -154,7 +156,7 @@ class Controller:
                     del self._apps[spec.name]
                 else:
                     self._apps[spec.name] = old
-                self._routes.rebuild(self._apps)
+                self._rebuild_routes()
                 if isinstance(exc, StartFailed):
                     raise deploy_error(exc) from exc.error.error
                 raise
@@ -271,7 +273,7 @@ class Controller:
                     retired.extend(record.replicas)
         app.status = ApplicationState.UNHEALTHY if problems else ApplicationState.RUNNING
         app.message = " ".join(problems)
-        self._routes.rebuild(self._apps)
+        self._rebuild_routes()
         self._fleet.stop_later(retired)
         if problems:
             raise DeploymentFailedError(
@@ -306,7 +308,7 @@ class Controller:
     async def _remove_app(self, name: str) -> None:
         app = self._apps[name]
         app.status = ApplicationState.DELETING
-        self._routes.rebuild(self._apps)
+        self._rebuild_routes()
         replicas: list[ReplicaRecord] = []
         for record in app.deployments.values():
             record.removed = True
@@ -317,7 +319,12 @@ class Controller:
         for record in app.deployments.values():
             record.replicas.clear()
         del self._apps[name]
+        self._rebuild_routes()
+
+    def _rebuild_routes(self) -> None:
         self._routes.rebuild(self._apps)
+        for listener in list(self.routes_changed):
+            listener()
 
     def _serves_http(self, deployment: DeploymentID) -> bool:
         app = self._apps.get(deployment.app_name)
@@ -356,6 +363,28 @@ class Controller:
     def deployment_series(self) -> list[tuple[str, str, str, Any]]:
         """Per-method request series of every replica, for /metrics."""
         return request_series(self._apps, self.backend)
+
+    def proxy_counts(self) -> dict[str, Any]:
+        """Replica id -> the request counts of its process's own proxy (direct ingress)."""
+        return {
+            replica.info.replica_id: counts
+            for app in self._apps.values()
+            for record in app.deployments.values()
+            for replica in record.replicas
+            if (counts := self.backend.facts(replica.info).proxy_counts) is not None
+        }
+
+    def serve_direct(self, plan: Any, metrics: Callable[[], Awaitable[bytes]] | None) -> None:
+        """Ingress replicas serve HTTP themselves under ``plan`` (http/direct.py); None
+        stops them. ValueError if the backend cannot."""
+        if not self.backend.serves_direct_ingress:
+            raise ValueError(
+                "Direct ingress (TANDEM_DIRECT_INGRESS=1, tandem run --direct-ingress) needs "
+                f"the process backend: on the {self.backend.name} backend no replica runs in a "
+                "process of its own on this machine. Unset TANDEM_DIRECT_INGRESS, or use "
+                "backend='process'."
+            )
+        self.backend.serve_direct(plan, metrics)
 
     def user_metrics(self) -> list[tuple[str, Any]]:
         """Every replica's custom metrics (tandem.metrics) as last reported, for /metrics."""

@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from tandem._private.log_format import JSONFormatter
 
 access_logger = logging.getLogger("tandem.access")
+# The arguments of the last configure_logging() in this process: ingress processes
+# that serve HTTP themselves (http/direct.py) log as the driver does.
+last_config: dict[str, Any] | None = None
 
 
 def configure_logging(
@@ -26,6 +30,14 @@ def configure_logging(
     False silences the access log; ``attributes`` are LogRecord attributes added to
     JSON lines.
     """
+    global last_config
+    last_config = {
+        "level": level,
+        "json_format": json_format,
+        "logs_dir": logs_dir,
+        "access_log": access_log,
+        "attributes": tuple(attributes),
+    }
     formatter: logging.Formatter = (
         JSONFormatter(attributes)
         if json_format

@@ -72,6 +72,21 @@ class RequestCounts:
     def in_flight(self, app: str) -> int:
         return self._in_flight.get(app, 0)
 
+    def add(self, other: RequestCounts, in_flight: bool = True) -> None:
+        """Add ``other``'s counts to these (its requests in flight too, if ``in_flight``)."""
+        for key, theirs in other._series.items():
+            ours = self._series.get(key)
+            if ours is None:
+                ours = self._series[key] = _Series()
+            for status, count in theirs.by_status.items():
+                ours.by_status[status] = ours.by_status.get(status, 0) + count
+            for error, count in theirs.by_error.items():
+                ours.by_error[error] = ours.by_error.get(error, 0) + count
+            ours.latency.add(theirs.latency)
+        if in_flight:
+            for app, count in other._in_flight.items():
+                self._in_flight[app] = self._in_flight.get(app, 0) + count
+
     @property
     def empty(self) -> bool:
         return not self._series and not self._in_flight
@@ -120,8 +135,14 @@ class ProxyMetrics(RequestCounts, Collector):
         user_metrics: ReplicaReports = list,
         refresh: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        proxy_counts: Callable[[], dict[str, RequestCounts]] = dict,
     ) -> None:
         self._status = status
+        # Direct ingress: the counts of the replica processes' own proxies, as last
+        # reported, by replica; those of replicas gone since, folded into one.
+        self._proxy_counts = proxy_counts
+        self._reported: dict[str, RequestCounts] = {}
+        self._gone = RequestCounts()
         self._deployment_series = deployment_series
         self._restarts = restarts
         self._start_failures = start_failures
@@ -134,8 +155,22 @@ class ProxyMetrics(RequestCounts, Collector):
         self.registry.register(self)
         self.registry.register(UserMetrics(user_metrics))
 
+    def _all_counts(self) -> RequestCounts:
+        """This proxy's counts plus those of every ingress process's proxy."""
+        reported = self._proxy_counts()
+        if not reported and not self._reported:
+            return self
+        for replica_id, counts in self._reported.items():
+            if replica_id not in reported:  # gone: its answered requests still count
+                self._gone.add(counts, in_flight=False)
+        self._reported = dict(reported)
+        total = RequestCounts()
+        for counts in (self, self._gone, *reported.values()):
+            total.add(counts)
+        return total
+
     def collect(self) -> Iterator[Any]:
-        yield from self.families(
+        yield from self._all_counts().families(
             "tandem_http",
             "HTTP requests",
             "status >= 500, timeouts, disconnects",

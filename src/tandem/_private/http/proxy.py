@@ -39,7 +39,7 @@ from tandem._private.http import scope as scopes
 from tandem._private.http.bridge import HTTPRequestData
 from tandem._private.http.failures import PUBLIC_TEXT, SheddingLog, classify
 from tandem._private.http.logs import log_access
-from tandem._private.http.metrics import ProxyMetrics
+from tandem._private.http.metrics import RequestCounts
 from tandem._private.http.options import HTTPOptions
 from tandem._private.http.scope import (
     RouteTable,
@@ -82,7 +82,7 @@ class Proxy:
         routes: RouteTable,
         endpoints: ASGIApp,
         options: HTTPOptions,
-        metrics: ProxyMetrics,
+        metrics: RequestCounts,
         backpressure: BackpressureLookup,
     ) -> None:
         self._runtime = runtime

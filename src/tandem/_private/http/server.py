@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -26,11 +27,18 @@ def bind_socket(
     port: int,
     what: str = "HTTP",
     advice: str = "tandem run --port N, or tandem.start(http_options={'port': N})",
+    reuse_port: bool = False,
 ) -> socket.socket:
-    """Bind a listening socket ourselves, so a taken port is a clear OSError, not an exit."""
+    """Bind a listening socket ourselves, so a taken port is a clear OSError, not an exit.
+
+    ``reuse_port``: share the port with other sockets of this user that set it too
+    (direct ingress: the kernel spreads connections across them).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -47,9 +55,11 @@ def bind_socket(
 class HTTPServer:
     """Start with :meth:`start` (on the loop), stop with :meth:`stop`."""
 
-    def __init__(self, app: Any, options: HTTPOptions) -> None:
+    def __init__(self, app: Any, options: HTTPOptions, reuse_port: bool = False) -> None:
         self._app = app
         self._options = options
+        self._reuse_port = reuse_port
+        self.on_stop: list[Callable[[], None]] = []  # called when stop() begins
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -74,7 +84,7 @@ class HTTPServer:
         if options.host is None:
             raise ValueError("http_options.host is None: there is no address to serve HTTP on.")
         context = tls_context(options)  # before binding: a bad file leaves no socket behind
-        self._socket = bind_socket(options.host, options.port)
+        self._socket = bind_socket(options.host, options.port, reuse_port=self._reuse_port)
         limits = ConnectionLimits.from_options(options)
         self._refusals = Refusals(limits)
         http: Any = protocol_class(limits, self._refusals)
@@ -109,6 +119,9 @@ class HTTPServer:
 
     async def stop(self, timeout_s: float = 20.0) -> None:
         """Stop accepting connections; let in-flight requests finish (up to ``timeout_s``)."""
+        callbacks, self.on_stop = self.on_stop, []
+        for callback in callbacks:
+            callback()
         if self._server is None or self._task is None:
             return
         self._server.config.timeout_graceful_shutdown = max(int(timeout_s), 1)

@@ -36,7 +36,7 @@ from tandem._private.calls.runtime import Runtime
 from tandem._private.http.bridge import HTTPRequestData
 from tandem._private.http.failures import PUBLIC_TEXT, classify
 from tandem._private.http.logs import log_access
-from tandem._private.http.metrics import ProxyMetrics
+from tandem._private.http.metrics import RequestCounts
 from tandem._private.http.options import HTTPOptions
 from tandem._private.http.scope import RouteTable, match_route, model_id, request_id, route_path
 from tandem._private.queues import uncancel
@@ -54,7 +54,7 @@ class WebSocketSessions:
     """Serves the proxy's ``websocket`` scopes (see the module docstring)."""
 
     def __init__(
-        self, runtime: Runtime, routes: RouteTable, options: HTTPOptions, metrics: ProxyMetrics
+        self, runtime: Runtime, routes: RouteTable, options: HTTPOptions, metrics: RequestCounts
     ) -> None:
         self._runtime = runtime
         self._routes = routes

@@ -98,6 +98,8 @@ class ReplicaFacts:
     user_metrics: MetricsReport | None = None  # tandem.metrics series the replica made
     # What record_autoscaling_stats returned over look_back_period_s (autoscaling_stats.py).
     autoscaling_stats: StatsWindow = ()
+    # Direct ingress: the http.metrics.RequestCounts of the replica process's own proxy.
+    proxy_counts: Any = None
 
 
 class Replica:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,7 @@ class _Child:
 
 class ProcessBackend(Backend):
     name = "process"
+    serves_direct_ingress = True
 
     def __init__(self, resources: Resources | None = None) -> None:
         self._resources = resources
@@ -70,6 +72,10 @@ class ProcessBackend(Backend):
         self._secret = b""
         self._ids = itertools.count()
         self._ignored = IgnoredOptions(self.name)
+        # Direct ingress (http/direct.py): the plan ingress replicas serve HTTP under,
+        # and the driver's /metrics, which they answer with.
+        self._ingress_plan: Any = None
+        self._metrics: Callable[[], Awaitable[bytes]] | None = None
 
     async def open(self, events: BackendEvents) -> None:
         picklable_starlette()
@@ -124,10 +130,21 @@ class ProcessBackend(Backend):
             raise
 
     async def _answer(self, op: str, payload: Any) -> Any:
-        """What a replica process asks the driver: ``tandem.status()`` from its code."""
+        """What a replica process asks the driver: ``tandem.status()`` from its code,
+        and /metrics for its own proxy (direct ingress)."""
         if op == "status":
             return self.events.status()
+        if op == "metrics":
+            if self._metrics is None:
+                raise RuntimeError("The driver serves no HTTP now.")
+            return await self._metrics()
         raise ValueError(f"Unknown request {op!r} from a replica.")
+
+    def serve_direct(self, plan: Any, metrics: Callable[[], Awaitable[bytes]] | None) -> None:
+        self._ingress_plan = plan
+        self._metrics = metrics
+        for child in self._children.values():
+            child.control.note("ingress", plan)
 
     async def _spawn(self, spec: ReplicaSpec, env: dict[str, str]) -> ReplicaInfo:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -194,6 +211,8 @@ class ProcessBackend(Backend):
                     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                 raise ReplicaStartError(spec.replica_id, exc, text) from exc
             raise
+        if self._ingress_plan is not None:
+            control.note("ingress", self._ingress_plan)
         return ReplicaInfo(
             spec.replica_id, ProcessAddress(address, process.pid), spec.options.max_ongoing_requests
         )

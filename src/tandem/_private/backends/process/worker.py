@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import logging
 import os
 import pickle
@@ -25,12 +26,16 @@ import threading
 from collections.abc import AsyncGenerator, Awaitable
 from typing import Any
 
+from tandem._private.backends.local import LocalConnection
 from tandem._private.backends.process.connection import ProcessConnection
 from tandem._private.backends.process.frames import picklable_starlette
 from tandem._private.backends.process.peer import Peer, PeerListener, peer_on_socket
-from tandem._private.calls.router import ReplicaInfo
+from tandem._private.calls.router import ReplicaConnection, ReplicaInfo
 from tandem._private.calls.runtime import Runtime, set_runtime
+from tandem._private.http.direct import DirectIngress, IngressPlan
+from tandem._private.http.direct import enabled as direct_ingress_enabled
 from tandem._private.replica.host import ReplicaHost, StartSpec
+from tandem._private.replica.replica import ReplicaFacts
 
 logger = logging.getLogger("tandem.worker")
 
@@ -67,11 +72,18 @@ class _Worker:
         # Strong references: the loop holds tasks only weakly, and a garbage
         # collection in the replica must not take its connections away.
         self._peers: set[Peer] = set()
+        # Direct ingress (http/direct.py): this process's proxy, the latest plan the
+        # driver sent, and the task that applies plans one at a time.
+        self._ingress: DirectIngress | None = None
+        self._plan: IngressPlan | None = None
+        self._applying: asyncio.Task[None] | None = None
 
-    def connect(self, info: ReplicaInfo) -> ProcessConnection:
-        """A line to another replica, for this process's routers."""
+    def connect(self, info: ReplicaInfo) -> ReplicaConnection:
+        """A line to a replica (another, or this process's own), for its routers."""
         if self._secret is None:  # routers are made only once the replica serves
             raise RuntimeError("This replica process has not been started yet.")
+        if self._ingress is not None and info.replica_id == self.host.replica.replica_id:
+            return LocalConnection(self.host.replica)
         return ProcessConnection(info, self._secret)
 
     async def serve(self) -> None:
@@ -90,6 +102,24 @@ class _Worker:
     def _on_driver_note(self, op: str, payload: Any) -> None:
         if op == "publish":
             self.host.publish(payload)
+        elif op == "ingress":
+            self._plan = payload
+            self._apply_plan()
+
+    def _apply_plan(self) -> None:
+        if self._ingress is not None and (self._applying is None or self._applying.done()):
+            self._applying = asyncio.ensure_future(self._apply_plans(self._ingress))
+
+    async def _apply_plans(self, ingress: DirectIngress) -> None:
+        applied: Any = ingress  # never a plan: the first round always applies
+        while applied is not self._plan:
+            applied = self._plan
+            await ingress.update(applied)
+
+    def _facts(self, facts: ReplicaFacts) -> ReplicaFacts:
+        if self._ingress is None:
+            return facts
+        return dataclasses.replace(facts, proxy_counts=self._ingress.counts)
 
     async def _on_control(self, op: str, payload: Any) -> Any:
         host = self.host
@@ -97,9 +127,9 @@ class _Worker:
             await self._start(*payload)
             return None
         if op == "health":
-            return await host.check_health()
+            return self._facts(await host.check_health())
         if op == "report":
-            return host.facts()
+            return self._facts(host.facts())
         if op == "reconfigure":
             await host.reconfigure(payload)
             return None
@@ -117,11 +147,35 @@ class _Worker:
         if os.environ.get(RAY_ADDRESS_ENV) and _holds_ray_objects(spec):
             await asyncio.to_thread(_join_drivers_ray)
         await self.host.start(spec)
+        if direct_ingress_enabled():
+            self._open_ingress()
         self._forwarding = asyncio.ensure_future(self._forward_news())
         self._listener = PeerListener(secret, self._new_caller)
         await self._listener.open(address)
 
+    def _open_ingress(self) -> None:
+        """Be ready to serve HTTP here when the driver's plan says so (http/direct.py)."""
+        replica = self.host.replica
+        control = self._control
+        assert control is not None
+        self._ingress = DirectIngress(
+            self.runtime,
+            replica.deployment_id.app_name,
+            replica.deployment_id.name,
+            metrics=lambda: control.call("metrics", None),
+        )
+        # The proxy here calls the replica here, in this process, whenever it has room.
+        self.runtime.prefer(replica.replica_id)
+        self._apply_plan()  # a plan that came while the replica started
+
     async def _stop(self, timeout_s: float) -> None:
+        # Accept no more HTTP here first; what was accepted finishes while the replica drains.
+        ingress, self._ingress = self._ingress, None
+        if ingress is not None:
+            if self._applying is not None:
+                self._applying.cancel()
+                await asyncio.gather(self._applying, return_exceptions=True)
+            await ingress.stop()
         forwarding, self._forwarding = self._forwarding, None
         if forwarding is not None:
             forwarding.cancel()
