@@ -1,10 +1,13 @@
 """Admission: at most ``max_ongoing_requests`` requests run in a replica at once.
 
 A request takes a :class:`Slot` before it runs and gives it back when it ends;
-others wait their turn in arrival order. Stopping closes the door (waiters and
-later arrivals are refused) and waits for the requests inside to end, except
-those whose caller gave up while a worker thread still runs them (their slot
-is "held by a thread" until the thread ends): nobody wants their results.
+others wait their turn in arrival order: an ending request hands its slot to the
+first waiter, so one that arrives meanwhile cannot barge in (on one loop, local
+callers that arrive all the time would otherwise starve waiters from elsewhere).
+Stopping closes the door (waiters and later arrivals are refused) and waits for
+the requests inside to end, except those whose caller gave up while a worker
+thread still runs them (their slot is "held by a thread" until the thread ends):
+nobody wants their results.
 """
 
 from __future__ import annotations
@@ -48,23 +51,24 @@ class Admission:
         self._drained: asyncio.Future[None] | None = None
 
     async def acquire(self) -> Slot:
-        if self.open and self.in_flight < self.capacity and not self._waiters:
-            self.in_flight += 1
-            return Slot(self)
         if not self.open:
             raise self._refusal()
-        loop = asyncio.get_running_loop()
-        while self.in_flight >= self.capacity:
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-            if not self.open:
-                raise self._refusal()
-        self.in_flight += 1
+        if self.in_flight < self.capacity and not self._waiters:
+            self.in_flight += 1
+            return Slot(self)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # its result: a slot handed over by a request that ended
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(False)  # handed a slot, but leaving: pass it on
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+        if not self.open:  # closed while it waited: refused, like the others
+            self._release(False)
+            raise self._refusal()
         return Slot(self)
 
     @property
@@ -93,16 +97,20 @@ class Admission:
         self._check_drained()
 
     def _release(self, held_by_thread: bool) -> None:
-        self.in_flight -= 1
         if held_by_thread:
             self.in_threads -= 1
-        if self._drained is not None:
-            self._check_drained()
+        # The slot goes straight to the first waiter (it stays counted in in_flight), so
+        # a request that arrives meanwhile cannot take it first: turns go in arrival order.
         while self._waiters:
             waiter = self._waiters.pop(0)
             if not waiter.done():
                 waiter.set_result(None)
-                break
+                if self._drained is not None:
+                    self._check_drained()
+                return
+        self.in_flight -= 1
+        if self._drained is not None:
+            self._check_drained()
 
     def _check_drained(self) -> None:
         drained = self._drained
