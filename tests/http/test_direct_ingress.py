@@ -9,6 +9,7 @@ is read from the controller (the counts they report with their facts).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -18,7 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI, WebSocket
 from starlette.requests import Request
+from websockets.sync.client import connect
 
 import tandem as serve
 from helpers import TANDEM_MODULE, Server, free_port, parse_prometheus, total, wait_for
@@ -171,7 +174,9 @@ def test_a_plan_names_the_deployments_that_listen() -> None:
 
 
 APP = """
+from fastapi import FastAPI, WebSocket
 from starlette.requests import Request
+from websockets.sync.client import connect
 import tandem as serve
 
 @serve.deployment
@@ -207,3 +212,59 @@ def test_tandem_run_direct_ingress_logs_every_request_once(tmp_path: Path) -> No
         assert server.wait_exit() == 0
     finally:
         server.kill()
+
+
+ws_app = FastAPI()
+
+
+@serve.deployment
+@serve.ingress(ws_app)
+class Echo:
+    @ws_app.websocket("/ws")
+    async def echo(self, ws: WebSocket) -> None:
+        await ws.accept()
+        async for text in ws.iter_text():
+            await ws.send_text(f"{os.getpid()}:{text}")
+
+
+def test_websocket_sessions_work_through_every_listener(direct: None) -> None:
+    serve.run(Echo.bind(), backend="process")
+    url = http_url()
+    assert url is not None
+    for i in range(20):  # each on a connection of its own
+        with connect(url.replace("http", "ws", 1) + "/ws") as ws:
+            ws.send(f"hi {i}")
+            assert str(ws.recv(timeout=10)).endswith(f":hi {i}")
+    assert _served_by_ingress_processes() > 0
+
+
+@serve.deployment(max_ongoing_requests=1, max_queued_requests=0)
+class Busy:
+    async def __call__(self, request: Request) -> str:
+        await asyncio.sleep(2)
+        return "done"
+
+
+def test_ingress_processes_answer_shed_requests_with_the_deployments_backpressure(
+    direct: None,
+) -> None:
+    """The plan carries backpressure_config: a shed request gets 429 and Retry-After
+    from whichever listener took it."""
+    app = Busy.options(backpressure_config={"status_code": 429, "retry_after_s": 1.5}).bind()
+    serve.run(app, backend="process")
+    url = http_url()
+    assert url is not None
+
+    async def burst() -> list[httpx.Response]:
+        async with asyncio.timeout(30):
+            clients = [httpx.AsyncClient(timeout=10) for _ in range(12)]
+            try:
+                return list(await asyncio.gather(*(c.get(url) for c in clients)))
+            finally:
+                await asyncio.gather(*(c.aclose() for c in clients))
+
+    responses = asyncio.run(burst())
+    shed = [r for r in responses if r.status_code != 200]
+    assert shed and {r.status_code for r in shed} == {429}
+    assert {r.headers.get("retry-after") for r in shed} == {"2"}
+    assert _served_by_ingress_processes() > 0
