@@ -268,3 +268,19 @@ def test_ingress_processes_answer_shed_requests_with_the_deployments_backpressur
     assert shed and {r.status_code for r in shed} == {429}
     assert {r.headers.get("retry-after") for r in shed} == {"2"}
     assert _served_by_ingress_processes() > 0
+
+
+def test_new_http_options_reach_every_listener(direct: None) -> None:
+    serve.start(http_options={"port": 0, "max_body_bytes": 100})
+    serve.run(Where.bind(), backend="process")
+    assert {r.status_code for r in _fresh_requests("/", n=20, content=b"x" * 1000)} == {413}
+    serve.start(http_options={"port": 0, "max_body_bytes": 10_000})  # the proxies start again
+
+    def all_take_it() -> bool:
+        responses = _fresh_requests("/", n=20, content=b"x" * 1000)
+        return {r.status_code for r in responses} == {200}
+
+    assert wait_for(all_take_it, timeout_s=10)
+    before = _served_by_ingress_processes()
+    _fresh_requests("/")
+    assert _served_by_ingress_processes() > before  # the ingress process listens again
