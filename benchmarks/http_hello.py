@@ -6,6 +6,8 @@ each work, rounds measure the servers one after the other (alternating, so a
 machine that gets busier or quieter treats them alike) with wrk pinned to the
 last core (``taskset``), and the script prints every round, the median of each
 server with its spread, and tandem's ratios to the baseline of the same round.
+It also prints the CPU time each server (with its replica processes) spent per
+request: on a small machine that, not latency, is what bounds throughput.
 
 Works: ``hello`` (the seed's hello app: a JSON POST through the ingress and one
 handle call), ``stream`` (a streaming response of 100 chunks), ``json`` (a 1 MB
@@ -99,8 +101,38 @@ class Server:
                 time.sleep(0.2)
         sys.exit(f"{self.name} did not answer {work.name} in 60 s")
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the server and its replica processes."""
+        return sum(_cpu_seconds(pid) for pid in _process_tree(self.proc.pid))
+
     def stop(self) -> None:
         stop(self.proc)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc); just ``pid`` where that is missing."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        # Each thread lists the children it started (tandem starts replicas from its loop's).
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+            except OSError:
+                continue
+    return tree
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
 
 
 def bare_server(tmp: Path) -> Server:
@@ -206,19 +238,26 @@ def run(servers: list[Server], works: list[Work], args: argparse.Namespace, tmp:
         print(f"\n== {work.name}")
         for round_ in range(args.rounds):
             for server in servers:
+                cpu = server.cpu_seconds()
                 result = wrk(server.url + work.path, args.connections, args.seconds, str(script))
+                # The server's CPU time per request: where a 2-core machine's time goes.
+                requests = result["rps"] * args.seconds
+                result["cpu_us"] = (server.cpu_seconds() - cpu) / max(requests, 1) * 1e6
                 results[server.name].append(result)
                 print(
                     f"round {round_ + 1}  {server.name:<16} {result['rps']:>9,.0f} req/s   "
                     f"p50 {result.get('p50', float('nan')):7.2f} ms   "
                     f"p99 {result.get('p99', float('nan')):7.2f} ms   "
-                    f"errors {int(result['errors'])}",
+                    f"errors {int(result['errors'])}   CPU {result['cpu_us']:6.0f} us/request",
                     flush=True,
                 )
         bare = results[servers[0].name]
         for server in servers:
             runs = results[server.name]
-            line = f"{server.name:<16} req/s {spread([r['rps'] for r in runs])}"
+            cpu = statistics.median(r["cpu_us"] for r in runs)
+            line = (
+                f"{server.name:<16} req/s {spread([r['rps'] for r in runs])}   CPU {cpu:.0f} us/req"
+            )
             if server is not servers[0]:
                 ratios = [r["rps"] / b["rps"] for r, b in zip(runs, bare, strict=True)]
                 p99s = [r["p99"] / b["p99"] for r, b in zip(runs, bare, strict=True)]
