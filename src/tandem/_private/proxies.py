@@ -20,7 +20,12 @@ from typing import Any
 from tandem._private.calls.runtime import Runtime, current_runtime
 from tandem._private.grpc.metrics import GRPCMetrics
 from tandem._private.grpc.options import gRPCOptions
-from tandem._private.http.options import DEFAULT_HOST, HTTPOptions, ProxyLocation
+from tandem._private.http.options import (
+    DEFAULT_HOST,
+    HTTPOptions,
+    ProxyLocation,
+    direct_ingress_enabled,
+)
 
 logger = logging.getLogger("tandem")
 
@@ -65,13 +70,12 @@ def ensure(runtime: Runtime, required: bool = False) -> None:
         return
     serve_grpc = options.grpc_options.serves
     if runtime.http is None:
-        from tandem._private.http import direct as direct_ingress
         from tandem._private.http.app import open_http
 
         collectors = [_grpc.metrics] if serve_grpc else []
         try:
             runtime.http = runtime.run_sync(
-                open_http(runtime, options.http_options, collectors, direct_ingress.enabled())
+                open_http(runtime, options.http_options, collectors, direct_ingress_enabled())
             )
         except OSError as exc:
             if required:

@@ -165,9 +165,9 @@ def run(
         _run_with_reload()
         return
     if direct_ingress:  # read where HTTP starts; replica processes inherit it
-        from tandem._private.http.direct import ENV
+        from tandem._private.http.options import DIRECT_INGRESS_ENV
 
-        os.environ[ENV] = "1"
+        os.environ[DIRECT_INGRESS_ENV] = "1"
     from tandem._private.cli.run_options import (
         grpc_options_with,
         http_options_with,

@@ -25,7 +25,6 @@ line), so every listener tells the same numbers.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,25 +34,18 @@ from tandem._private.calls.runtime import Runtime
 from tandem._private.http import logs
 from tandem._private.http.endpoints import proxy_endpoints
 from tandem._private.http.metrics import RequestCounts
+from tandem._private.http.options import DIRECT_INGRESS_ENV as ENV
 from tandem._private.http.options import HTTPOptions
+from tandem._private.http.options import direct_ingress_enabled as enabled
 from tandem._private.http.proxy import Proxy
 from tandem._private.http.server import HTTPServer
 
 logger = logging.getLogger("tandem.proxy")
 
-ENV = "TANDEM_DIRECT_INGRESS"
+__all__ = ["ENV", "DirectIngress", "IngressPlan", "IngressPlanner", "enabled"]
+
 # How long an ingress process's proxy lets accepted requests finish when it stops.
 STOP_TIMEOUT_S = 10.0
-
-
-def enabled() -> bool:
-    """Whether direct ingress was asked for (``TANDEM_DIRECT_INGRESS``)."""
-    value = os.environ.get(ENV, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"{ENV}={value!r} is not a yes or no; set it to 1 or 0.")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ data port: header size, header time, idle time and open connections by
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from collections.abc import Iterable
 from enum import Enum
@@ -223,3 +224,18 @@ def known_names(data: Any, fields: Iterable[str], what: str) -> Any:
                     f"unknown {what} option {key!r} ({hint}the options are {', '.join(names)})"
                 )
     return data
+
+
+# Direct ingress (http/direct.py): ingress replicas serve HTTP on the data port too.
+DIRECT_INGRESS_ENV = "TANDEM_DIRECT_INGRESS"
+
+
+def direct_ingress_enabled() -> bool:
+    """Whether direct ingress was asked for (``TANDEM_DIRECT_INGRESS``; ``tandem run
+    --direct-ingress`` sets it)."""
+    value = os.environ.get(DIRECT_INGRESS_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{DIRECT_INGRESS_ENV}={value!r} is not a yes or no; set it to 1 or 0.")

@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 from collections.abc import AsyncGenerator, Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tandem._private.backends.local import LocalConnection
 from tandem._private.backends.process.connection import ProcessConnection
@@ -32,10 +32,12 @@ from tandem._private.backends.process.frames import picklable_starlette
 from tandem._private.backends.process.peer import Peer, PeerListener, peer_on_socket
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo
 from tandem._private.calls.runtime import Runtime, set_runtime
-from tandem._private.http.direct import DirectIngress, IngressPlan
-from tandem._private.http.direct import enabled as direct_ingress_enabled
+from tandem._private.http.options import direct_ingress_enabled
 from tandem._private.replica.host import ReplicaHost, StartSpec
 from tandem._private.replica.replica import ReplicaFacts
+
+if TYPE_CHECKING:
+    from tandem._private.http.direct import DirectIngress, IngressPlan
 
 logger = logging.getLogger("tandem.worker")
 
@@ -155,6 +157,8 @@ class _Worker:
 
     def _open_ingress(self) -> None:
         """Be ready to serve HTTP here when the driver's plan says so (http/direct.py)."""
+        from tandem._private.http.direct import DirectIngress  # only where it is used
+
         replica = self.host.replica
         control = self._control
         assert control is not None
