@@ -284,3 +284,36 @@ def test_new_http_options_reach_every_listener(direct: None) -> None:
     before = _served_by_ingress_processes()
     _fresh_requests("/")
     assert _served_by_ingress_processes() > before  # the ingress process listens again
+
+
+def test_the_logging_setup_reaches_the_ingress_processes(
+    direct: None, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Set after they listen, it still reaches them: once it has, every request gets one
+    access line, whichever listener took it (an ingress process's own default setup
+    writes none, so a batch with a line short means it has not arrived)."""
+    from tandem._private.http.logs import configure_logging
+
+    configure_logging("WARNING", access_log=False)  # what the ingress process starts with
+    serve.run(Where.bind(), backend="process")
+    assert _fresh_requests("/", n=20)
+    configure_logging("INFO", access_log=True)
+    try:
+        batch = iter(range(1000))
+
+        def a_batch_fully_logged() -> bool:
+            path = f"/logged-{next(batch)}"
+            _fresh_requests(path, n=20)
+            err = ""
+
+            def all_in() -> bool:  # both listeners write to this test's stderr
+                nonlocal err
+                err += capfd.readouterr().err
+                return err.count(f" GET {path} 200 ") == 20
+
+            return bool(wait_for(all_in, 2))
+
+        assert wait_for(a_batch_fully_logged, timeout_s=20)
+        assert _served_by_ingress_processes() > 0
+    finally:
+        configure_logging("WARNING", access_log=False)

@@ -24,6 +24,7 @@ line), so every listener tells the same numbers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -79,15 +80,14 @@ class DirectIngress:
         self._server: HTTPServer | None = None
         self.counts = RequestCounts()
 
-    @property
-    def address(self) -> tuple[str, int] | None:
-        return None if self._server is None else self._server.address
-
     async def update(self, plan: IngressPlan | None) -> None:
         """Serve under ``plan`` (None, or a plan without this deployment: stop serving)."""
         if plan is not None and not plan.serves(self._app, self._deployment):
             plan = None
         previous, self._plan = self._plan, plan
+        logging_setup = None if plan is None else plan.logging
+        if logging_setup is not None and (previous is None or previous.logging != logging_setup):
+            logs.configure_logging(**logging_setup)  # the access log, as the driver writes it
         same_options = (
             plan is not None and previous is not None and plan.options == previous.options
         )
@@ -96,8 +96,6 @@ class DirectIngress:
             await server.stop(STOP_TIMEOUT_S)
         if plan is None or self._server is not None:
             return  # stopped, or serving already (new routes are read per request)
-        if plan.logging is not None:  # the access log and warnings, as the driver writes them
-            logs.configure_logging(**plan.logging)
         server = HTTPServer(self._proxy(plan.options), plan.options, reuse_port=True)
         try:
             await server.start()
@@ -131,7 +129,8 @@ class DirectIngress:
 
 
 class IngressPlanner:
-    """The driver's side: sends the backend a new plan whenever the routes change.
+    """The driver's side: sends the backend a new plan whenever the routes or the
+    logging setup change.
 
     ``controller`` is the runtime's ControlPlane (calls/control_plane.py);
     ``options`` carry the port the driver's proxy listens on; ``metrics`` renders
@@ -147,12 +146,24 @@ class IngressPlanner:
         self._controller = controller
         self._options = options
         self._metrics = metrics
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
 
     def start(self) -> None:
+        """Publish now and on every change (it runs on the runtime's loop)."""
+        self._loop = asyncio.get_running_loop()
         self._controller.routes_changed.append(self.publish)
+        logs.on_configured.append(self._publish_soon)
         self.publish()
 
+    def _publish_soon(self) -> None:
+        """From any thread (configure_logging runs in the caller's)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.publish)
+
     def publish(self) -> None:
+        if self._stopped:  # a late call: the ingress processes were told to stop
+            return
         routes = self._controller.routes()
         backpressure = {}
         for _, app, ingress in routes:
@@ -163,6 +174,9 @@ class IngressPlanner:
         self._controller.serve_direct(plan, self._metrics)
 
     def stop(self) -> None:
+        self._stopped = True
         if self.publish in self._controller.routes_changed:
             self._controller.routes_changed.remove(self.publish)
+        if self._publish_soon in logs.on_configured:
+            logs.on_configured.remove(self._publish_soon)
         self._controller.serve_direct(None, None)

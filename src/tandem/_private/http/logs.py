@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tandem._private.log_format import JSONFormatter
@@ -13,6 +13,8 @@ access_logger = logging.getLogger("tandem.access")
 # The arguments of the last configure_logging() in this process: ingress processes
 # that serve HTTP themselves (http/direct.py) log as the driver does.
 last_config: dict[str, Any] | None = None
+# Called after every configure_logging() (direct ingress passes the setup on).
+on_configured: list[Callable[[], None]] = []
 
 
 def configure_logging(
@@ -56,6 +58,8 @@ def configure_logging(
     logger.setLevel(level.upper())
     logger.propagate = False
     access_logger.disabled = not access_log
+    for listener in list(on_configured):
+        listener()
 
 
 def log_access(
