@@ -460,9 +460,10 @@ def test_a_control_socket_left_by_a_killed_server_says_no_server_serves_the_addr
         held.bind(("127.0.0.1", 0))
         port = held.getsockname()[1]
         stale = control_socket_path(port)
+        stale.unlink(missing_ok=True)  # one an earlier run left for this port
         left = socket.socket(socket.AF_UNIX)  # bound, never listening: as a SIGKILLed server's
-        left.bind(str(stale))
         try:
+            left.bind(str(stale))
             address = f"http://127.0.0.1:{port}"
             result = tandem("status", "--address", address, cwd=app_dir)
             assert_clear_failure(result, f"No tandem server of yours serves {address}", str(stale))

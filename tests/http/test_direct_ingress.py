@@ -10,6 +10,7 @@ is read from the controller (the counts they report with their facts).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -294,6 +295,7 @@ def test_the_logging_setup_reaches_the_ingress_processes(
     writes none, so a batch with a line short means it has not arrived)."""
     from tandem._private.http.logs import configure_logging
 
+    saved = _logging_state()
     configure_logging("WARNING", access_log=False)  # what the ingress process starts with
     serve.run(Where.bind(), backend="process")
     assert _fresh_requests("/", n=20)
@@ -316,4 +318,33 @@ def test_the_logging_setup_reaches_the_ingress_processes(
         assert wait_for(a_batch_fully_logged, timeout_s=20)
         assert _served_by_ingress_processes() > 0
     finally:
-        configure_logging("WARNING", access_log=False)
+        _restore_logging(saved)
+
+
+def _logging_state() -> tuple[Any, ...]:
+    """What configure_logging() changes in this process (for other tests, it must come back)."""
+    from tandem._private.http import logs
+
+    tandem = logging.getLogger("tandem")
+    return (
+        list(tandem.handlers),
+        tandem.level,
+        tandem.propagate,
+        logs.access_logger.disabled,
+        logs.last_config,
+    )
+
+
+def _restore_logging(state: tuple[Any, ...]) -> None:
+    from tandem._private.http import logs
+
+    handlers, level, propagate, access_disabled, last_config = state
+    tandem = logging.getLogger("tandem")
+    for handler in tandem.handlers:
+        if handler not in handlers:
+            handler.close()
+    tandem.handlers[:] = handlers
+    tandem.setLevel(level)
+    tandem.propagate = propagate
+    logs.access_logger.disabled = access_disabled
+    logs.last_config = last_config

@@ -65,7 +65,7 @@ def test_closing_sends_what_was_held_first() -> None:
     assert transport.writes == [b"response"] and transport.closed
 
 
-def test_the_proxy_holds_the_writes_of_a_whole_response_only() -> None:
+def test_a_whole_response_goes_out_once_recorded_a_streamed_one_as_it_comes() -> None:
     transport = _Transport()
     writes = HeldWrites(transport)  # type: ignore[arg-type]
     start = {"type": "http.response.start", "status": 200, "headers": []}
@@ -87,18 +87,56 @@ def test_the_proxy_holds_the_writes_of_a_whole_response_only() -> None:
             writes.write(message["type"].encode())
             held_at_send.append(len(transport.writes))
 
+        def recorded(status: int, error: str | None) -> None:
+            # The request is counted and logged before a byte of its answer is out.
+            held_at_send.append(-len(transport.writes))
+
         exchange = _Exchange(_never, None)
-        await _relay(stream(), send, exchange, "id", lambda status, error: None, writes)
+        writes.hold()  # as the proxy does once it has read the body
+        await _relay(stream(), send, exchange, "id", recorded, writes)
         return held_at_send
 
-    # A whole response: nothing reaches the transport until both messages are in.
-    assert asyncio.run(relay([whole])) == [0, 0]
+    # A whole response: nothing reaches the transport until both messages are in and
+    # the request is recorded; then it goes out in one write.
+    assert asyncio.run(relay([whole])) == [0, 0, 0]
     assert transport.writes == [b"http.response.starthttp.response.body"]
     transport.writes.clear()
     # A streamed one: each message goes out as it comes.
-    assert asyncio.run(relay(streamed)) == [1, 2, 3]
+    assert asyncio.run(relay(streamed)) == [1, 2, 3, -3]
 
 
 async def _never() -> dict[str, Any]:
     await asyncio.Event().wait()
     return {}
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(backend: str) -> None:
+    """uvicorn writes "100 Continue" when the proxy reads the body: that write must not
+    wait behind the ones the proxy holds (the client would wait for it, then time out)."""
+    import socket
+
+    import tandem as serve
+    from tandem._private.api import http_url
+
+    @serve.deployment
+    class Length:
+        async def __call__(self, request: Any) -> str:
+            return str(len(await request.body()))
+
+    serve.run(Length.bind(), backend=backend)
+    url = http_url()
+    assert url is not None
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        sock.settimeout(5)
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(b"hello")
+        answer = b""
+        while not answer.endswith(b"5"):
+            chunk = sock.recv(1000)
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK")

@@ -102,8 +102,11 @@ def test_a_method_slow_on_the_loop_goes_back_to_threads_for_good(backend: str) -
     handle = serve.run(Where.bind(), backend=backend, route_prefix=None)
     _until_on_loop(handle, "sometimes_slow")
     handle.slow_from_call.remote(1).result(timeout_s=10)
-    # The first STRIKES slow calls still ran on the loop; every call after them in a thread.
-    assert _calls(handle, "sometimes_slow", 6) == [True] * STRIKES + [False] * (6 - STRIKES)
+    # At most the first STRIKES slow calls still ran on the loop (fewer if a fast call
+    # there was preempted, which counts as a strike); every call after them in a thread.
+    on_loop = _calls(handle, "sometimes_slow", 6)
+    assert on_loop[0] is True and on_loop.count(True) <= STRIKES
+    assert on_loop == [True] * on_loop.count(True) + [False] * on_loop.count(False)
 
 
 def test_a_slow_sync_method_does_not_stop_a_promoted_one(backend: str) -> None:
@@ -158,6 +161,10 @@ def test_trial_promotes_after_enough_fast_runs_in_a_row() -> None:
     assert not trial.inline
     trial.ran_in_thread(FAST_S / 10)
     assert trial.inline and not trial.retired
+    # The trial's slow call does not count on the loop: STRIKES slow calls there still.
+    for _ in range(STRIKES - 1):
+        trial.ran_inline(SLOW_S * 2)
+    assert trial.inline
 
 
 def test_slow_calls_on_trial_or_on_the_loop_retire_the_method() -> None:

@@ -109,29 +109,41 @@ class Proxy:
             return
         started = time.perf_counter()
         request_id = scopes.request_id(scope)
-        route = match_route(self._routes(), path)
-        if route is None:
-            await _plain(send, 404, f"Not Found: no application serves {path!r}.\n", request_id)
-            log_access(scope["method"], path, 404, time.perf_counter() - started, request_id, None)
-            return
-        prefix, app, ingress = route
-        recorded = False
-
-        def record(status: int, error: str | None) -> None:
-            """Count and log the request once, as soon as its response is complete."""
-            nonlocal recorded
-            if recorded:
+        # Nothing reaches the client before the request is counted and logged (a client
+        # that reads /metrics or the log right after its answer finds it there): writes
+        # are held once the body is read (uvicorn's "100 Continue" must go out before),
+        # and a streamed response lets go at its first message.
+        writes: HeldWrites | None = scope.get(SCOPE_KEY)
+        try:
+            route = match_route(self._routes(), path)
+            if route is None:
+                if writes is not None:
+                    writes.hold()
+                await _plain(send, 404, f"Not Found: no application serves {path!r}.\n", request_id)
+                seconds = time.perf_counter() - started
+                log_access(scope["method"], path, 404, seconds, request_id, None)
                 return
-            recorded = True
-            seconds = time.perf_counter() - started
-            self.metrics.observe(app, ingress, scope["method"], status, seconds, error)
-            if self._options.access_log:
-                log_access(scope["method"], path, status, seconds, request_id, app)
+            prefix, app, ingress = route
+            recorded = False
 
-        status, error = await self._forward(
-            scope, receive, send, request_id, prefix, app, ingress, record
-        )
-        record(status, error)
+            def record(status: int, error: str | None) -> None:
+                """Count and log the request once, as soon as its response is complete."""
+                nonlocal recorded
+                if recorded:
+                    return
+                recorded = True
+                seconds = time.perf_counter() - started
+                self.metrics.observe(app, ingress, scope["method"], status, seconds, error)
+                if self._options.access_log:
+                    log_access(scope["method"], path, status, seconds, request_id, app)
+
+            status, error = await self._forward(
+                scope, receive, send, request_id, prefix, app, ingress, record, writes
+            )
+            record(status, error)
+        finally:
+            if writes is not None:
+                writes.release()
 
     async def _forward(
         self,
@@ -143,6 +155,7 @@ class Proxy:
         app: str,
         ingress: str,
         on_complete: Callable[[int, str | None], None],
+        writes: HeldWrites | None,
     ) -> tuple[int, str | None]:
         """Send one request to the ingress; return (status, error kind or None).
 
@@ -152,12 +165,16 @@ class Proxy:
         try:
             body = await _read_body(scope, receive, self._options.max_body_bytes)
         except _BodyTooLarge:
+            if writes is not None:
+                writes.hold()
             limit = self._options.max_body_bytes
             text = f"Payload Too Large: the body may have at most {limit} bytes"
             await _plain(send, 413, f"{text} (request id {request_id}).\n", request_id, close=True)
             return 413, "body_too_large"
         if body is None:
             return 499, "disconnected"
+        if writes is not None:
+            writes.hold()
         meta = RequestMetadata(request_id, app, ingress, HTTP_METHOD, True, model_id(scope), prefix)
         data = HTTPRequestData.from_scope(scope, body, prefix)
         exchange = _Exchange(receive, self._options.request_timeout_s)
@@ -167,7 +184,7 @@ class Proxy:
             stream = self._runtime.stream(
                 DeploymentID(app_name=app, name=ingress), meta, (data,), {}
             )
-            await _relay(stream, send, exchange, request_id, on_complete, scope.get(SCOPE_KEY))
+            await _relay(stream, send, exchange, request_id, on_complete, writes)
             return exchange.status, _error_kind(exchange.status)
         except asyncio.CancelledError:
             if exchange.stopped is None:
@@ -264,21 +281,21 @@ async def _relay(
 ) -> None:
     """Pass the ingress's ASGI messages to the client, adding the request id header.
 
-    A whole response (one item, flow.Last) reaches the socket in one write.
+    ``writes`` are held (see ``Proxy._http``): a whole response (one item, flow.Last)
+    reaches the socket in one write once it is recorded; a streamed one goes out
+    message by message.
     """
     try:
         async for item in stream:
             if type(item) is not Last:  # a streamed response: message by message
-                await _pass(item, send, exchange, request_id, on_complete)
-                continue
-            if writes is not None:
-                writes.hold()
-            try:
-                for message in item.value:
-                    await _pass(message, send, exchange, request_id, on_complete)
-            finally:
                 if writes is not None:
                     writes.release()
+                await _pass(item, send, exchange, request_id, on_complete)
+                continue
+            for message in item.value:
+                await _pass(message, send, exchange, request_id, on_complete)
+            if writes is not None:
+                writes.release()  # recorded by now (on_complete): out it goes
     finally:
         await stream.aclose()
 

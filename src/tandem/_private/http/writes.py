@@ -3,8 +3,9 @@
 uvicorn writes a response's head and its body with one ``transport.write`` each:
 two system calls, and on loopback two wake-ups of the client, for a response that
 is complete before its first byte goes out (most are: the replica sends it as one
-item, ``calls.flow.Last``). The proxy holds the writes while it hands such a
-response to uvicorn and releases them together.
+item, ``calls.flow.Last``). The proxy holds the writes from the moment it has
+read a request's body until the response is counted and logged (or starts to
+stream), and releases them together.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class HeldWrites:
         self._held: list[bytes] | None = None
 
     def hold(self) -> None:
-        self._held = []
+        if self._held is None:
+            self._held = []
 
     def release(self) -> None:
         held, self._held = self._held, None

@@ -89,6 +89,7 @@ class InlineTrial:
         self.fast_runs += 1
         if self.fast_runs >= TRIAL_RUNS:
             self.inline = True
+            self.strikes = 0  # those of the trial were noise: STRIKES slow calls on the loop
 
     def ran_inline(self, seconds: float) -> None:
         """A call on the loop took ``seconds``; slow ones send the method to threads for good."""
