@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import tandem as serve
+from conftest import BACKENDS
 from tandem._private.calls.responses import BlocksTheLoopError
 from tandem._private.replica.inline import (
     FAST_S,
@@ -29,6 +30,13 @@ from tandem._private.replica.inline import (
 )
 from tandem._private.replica.running import run_inline
 from tandem.handle import DeploymentHandle
+
+
+@pytest.fixture(params=[b for b in BACKENDS if b != "ray"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The rule lives in the replica, which every backend hosts the same way
+    (replica/host.py): the local and process backends prove it; ray adds only time."""
+    return str(request.param)
 
 
 def _on_loop() -> bool:
