@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +28,7 @@ from tandem._private.replica.inline import (
     names_blocking_call,
 )
 from tandem._private.replica.running import run_inline
+from tandem._private.replica.threads import UserCodeExit
 from tandem.handle import DeploymentHandle
 
 
@@ -271,6 +271,7 @@ def test_user_code_exit_on_the_loop_is_contained() -> None:
         raise SystemExit(3)
 
     trial = InlineTrial(exits)
-    with pytest.raises(Exception, match="SystemExit"):
+    # A plain error of the request, not a SystemExit that would stop the loop.
+    with pytest.raises(UserCodeExit, match="SystemExit") as raised:
         run_inline(trial, exits, (), {})
-    assert threading.current_thread() is threading.main_thread()
+    assert isinstance(raised.value.__cause__, SystemExit)

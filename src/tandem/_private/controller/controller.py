@@ -39,6 +39,7 @@ from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaSet
 from tandem._private.controller.autoscaling import Autoscaler
 from tandem._private.controller.describe import (
+    proxy_counts,
     render_status,
     request_series,
     user_metric_reports,
@@ -366,13 +367,7 @@ class Controller:
 
     def proxy_counts(self) -> dict[str, Any]:
         """Replica id -> the request counts of its process's own proxy (direct ingress)."""
-        return {
-            replica.info.replica_id: counts
-            for app in self._apps.values()
-            for record in app.deployments.values()
-            for replica in record.replicas
-            if (counts := self.backend.facts(replica.info).proxy_counts) is not None
-        }
+        return proxy_counts(self._apps, self.backend)
 
     def serve_direct(self, plan: Any, metrics: Callable[[], Awaitable[bytes]] | None) -> None:
         """Ingress replicas serve HTTP themselves under ``plan`` (http/direct.py); None

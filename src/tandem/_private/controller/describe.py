@@ -135,3 +135,14 @@ def user_metric_reports(
         for record in app.deployments.values()
         for replica in record.replicas
     ]
+
+
+def proxy_counts(apps: Mapping[str, ApplicationRecord], backend: Backend) -> dict[str, Any]:
+    """Replica id -> the request counts its process's own proxy reported (direct ingress)."""
+    return {
+        replica.replica_id: counts
+        for app in apps.values()
+        for record in app.deployments.values()
+        for replica in record.replicas
+        if (counts := backend.facts(replica.info).proxy_counts) is not None
+    }

@@ -230,11 +230,7 @@ class ProxyMetrics(RequestCounts, Collector):
         )
         totals: dict[tuple[str, str, str], Series] = {}
         for app, deployment, method, series in self._deployment_series():
-            total = totals.setdefault((app, deployment, method), Series())
-            total.requests += series.requests
-            total.errors += series.errors
-            total.seconds += series.seconds
-            total.buckets = [a + b for a, b in zip(total.buckets, series.buckets, strict=True)]
+            totals.setdefault((app, deployment, method), Series()).add(series)
         for key, total in sorted(totals.items()):
             requests.add_metric(list(key), total.requests)
             errors.add_metric(list(key), total.errors)

@@ -49,7 +49,7 @@ from tandem._private.http.scope import (
     route_path,
 )
 from tandem._private.http.websocket import WebSocketSessions
-from tandem._private.http.writes import SCOPE_KEY, HeldWrites
+from tandem._private.http.writes import SCOPE_KEY, UNHELD, HeldWrites, Unheld
 from tandem._private.queues import uncancel
 from tandem.exceptions import BackPressureError
 
@@ -113,12 +113,11 @@ class Proxy:
         # that reads /metrics or the log right after its answer finds it there): writes
         # are held once the body is read (uvicorn's "100 Continue" must go out before),
         # and a streamed response lets go at its first message.
-        writes: HeldWrites | None = scope.get(SCOPE_KEY)
+        writes: HeldWrites | Unheld = scope.get(SCOPE_KEY) or UNHELD
         try:
             route = match_route(self._routes(), path)
             if route is None:
-                if writes is not None:
-                    writes.hold()
+                writes.hold()
                 await _plain(send, 404, f"Not Found: no application serves {path!r}.\n", request_id)
                 seconds = time.perf_counter() - started
                 log_access(scope["method"], path, 404, seconds, request_id, None)
@@ -142,8 +141,7 @@ class Proxy:
             )
             record(status, error)
         finally:
-            if writes is not None:
-                writes.release()
+            writes.release()
 
     async def _forward(
         self,
@@ -155,7 +153,7 @@ class Proxy:
         app: str,
         ingress: str,
         on_complete: Callable[[int, str | None], None],
-        writes: HeldWrites | None,
+        writes: HeldWrites | Unheld,
     ) -> tuple[int, str | None]:
         """Send one request to the ingress; return (status, error kind or None).
 
@@ -165,16 +163,14 @@ class Proxy:
         try:
             body = await _read_body(scope, receive, self._options.max_body_bytes)
         except _BodyTooLarge:
-            if writes is not None:
-                writes.hold()
+            writes.hold()
             limit = self._options.max_body_bytes
             text = f"Payload Too Large: the body may have at most {limit} bytes"
             await _plain(send, 413, f"{text} (request id {request_id}).\n", request_id, close=True)
             return 413, "body_too_large"
         if body is None:
             return 499, "disconnected"
-        if writes is not None:
-            writes.hold()
+        writes.hold()
         meta = RequestMetadata(request_id, app, ingress, HTTP_METHOD, True, model_id(scope), prefix)
         data = HTTPRequestData.from_scope(scope, body, prefix)
         exchange = _Exchange(receive, self._options.request_timeout_s)
@@ -277,7 +273,7 @@ async def _relay(
     exchange: _Exchange,
     request_id: str,
     on_complete: Callable[[int, str | None], None],
-    writes: HeldWrites | None,
+    writes: HeldWrites | Unheld,
 ) -> None:
     """Pass the ingress's ASGI messages to the client, adding the request id header.
 
@@ -288,14 +284,12 @@ async def _relay(
     try:
         async for item in stream:
             if type(item) is not Last:  # a streamed response: message by message
-                if writes is not None:
-                    writes.release()
+                writes.release()
                 await _pass(item, send, exchange, request_id, on_complete)
                 continue
             for message in item.value:
                 await _pass(message, send, exchange, request_id, on_complete)
-            if writes is not None:
-                writes.release()  # recorded by now (on_complete): out it goes
+            writes.release()  # recorded by now (on_complete): out it goes
     finally:
         await stream.aclose()
 

@@ -61,3 +61,18 @@ class HeldWrites:
 
     def __getattr__(self, name: str) -> Any:  # the rest of the transport's interface
         return getattr(self.transport, name)
+
+
+class Unheld:
+    """What the proxy holds writes with where the connection cannot (the h11 parser): nothing."""
+
+    __slots__ = ()
+
+    def hold(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+UNHELD = Unheld()
