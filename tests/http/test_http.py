@@ -16,6 +16,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -185,6 +186,51 @@ def test_headers_query_and_body_reach_the_request(backend: str) -> None:
     assert seen["header"] == "yes"
     assert seen["content_type"] == "application/json"
     assert seen["json"] == {"payload": big}
+
+
+@serve.deployment
+class BodyReader:
+    """Reads the body the way ``?how=`` says; keeps what background tasks did."""
+
+    def __init__(self) -> None:
+        self.done: list[str] = []
+
+    async def __call__(self, request: Request) -> Any:
+        how = request.query_params["how"]
+        if how == "twice":
+            return (await request.body() + await request.body()).decode()
+        if how == "json":
+            return await request.json()
+        if how == "json_then_body":
+            return {"json": await request.json(), "body": (await request.body()).decode()}
+        if how == "stream":
+            return b"".join([chunk async for chunk in request.stream()]).decode()
+        assert how == "background"
+        body = (await request.body()).decode()
+        return PlainTextResponse("later", background=BackgroundTask(self.done.append, body))
+
+    def seen(self) -> list[str]:
+        return list(self.done)
+
+
+def test_the_body_reads_every_way_and_a_background_task_runs(backend: str) -> None:
+    handle = serve.run(BodyReader.bind(), backend=backend)
+    with client() as c:
+        assert c.post(url("/?how=twice"), content=b"ab").text == "abab"
+        assert c.post(url("/?how=json"), json={"x": [1, 2]}).json() == {"x": [1, 2]}
+        both = c.post(url("/?how=json_then_body"), content=b'{"a": 1}').json()
+        assert both == {"json": {"a": 1}, "body": '{"a": 1}'}
+        assert c.post(url("/?how=stream"), content=b"x" * 70_000).text == "x" * 70_000
+        answer = c.post(url("/?how=background"), content=b"task")
+    assert (answer.status_code, answer.text) == (200, "later")
+    assert eventually(lambda: handle.seen.remote().result(timeout_s=5), bool) == ["task"]
+
+    # Every kind of answer gave its replica back.
+    def in_flight() -> int:
+        replicas = serve.status().applications["default"].deployments["BodyReader"].replicas
+        return sum(r.in_flight or 0 for r in replicas)
+
+    assert eventually(in_flight, lambda n: n == 0) == 0
 
 
 @serve.deployment

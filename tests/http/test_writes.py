@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tandem._private.calls.flow import Last
+from tandem._private.calls.flow import Last, begin
 from tandem._private.http.proxy import _Exchange, _relay
 from tandem._private.http.writes import JOIN_LIMIT, HeldWrites
 
@@ -93,7 +93,7 @@ def test_a_whole_response_goes_out_once_recorded_a_streamed_one_as_it_comes() ->
 
         exchange = _Exchange(_never, None)
         writes.hold()  # as the proxy does once it has read the body
-        await _relay(stream(), send, exchange, "id", recorded, writes)
+        await _relay(await begin(stream()), send, exchange, "id", recorded, writes)
         return held_at_send
 
     # A whole response: nothing reaches the transport until both messages are in and

@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from tandem._private.backends.base import Backend, IgnoredOptions, ReplicaStartError
 from tandem._private.calls.context import RequestMetadata
+from tandem._private.calls.flow import Last, Opened
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo
 from tandem._private.replica.replica import Replica, ReplicaFacts, ReplicaSpec
 
@@ -42,6 +43,11 @@ class LocalConnection:
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]:
         return self._replica.stream(meta, args, kwargs)
+
+    def http_request(
+        self, meta: RequestMetadata, args: tuple[Any, ...]
+    ) -> Awaitable[Last | Opened]:
+        return self._replica.http_request(meta, args)
 
     def close(self) -> None:
         pass

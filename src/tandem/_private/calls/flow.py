@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, NamedTuple
 
 STREAM_BUFFER = 64
 # A caller reports its reads in batches this large: half the bound, so the
@@ -89,3 +89,46 @@ class Last:
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (Last, (self.value,))
+
+
+class Opened(NamedTuple):
+    """A stream that has begun: its first item, then what ``rest`` yields. ``rest``
+    has started, so closing it (or losing it) runs its clean-up."""
+
+    first: Any
+    rest: AsyncGenerator[Any, None]
+
+
+async def begin(source: AsyncGenerator[Any, None]) -> Last | Opened:
+    """Start ``source``: a whole answer (its one ``Last`` item; ``source`` is done by
+    then), or the stream begun. A source that ends at once is an empty ``Last(())``."""
+    try:
+        first = await source.__anext__()
+    except StopAsyncIteration:
+        return Last(())
+    except BaseException:
+        await source.aclose()
+        raise
+    if type(first) is not Last:
+        return Opened(first, source)
+    # It ends now: let it finish on its own (closing it early would count a
+    # cancellation, and over a wire tell the producer to stop what is done).
+    try:
+        extra = await source.__anext__()
+    except StopAsyncIteration:
+        return first
+    await source.aclose()
+    raise RuntimeError(f"A stream went on after its last item (with {type(extra).__name__}).")
+
+
+async def chained(opened: Opened, on_end: Callable[[], None]) -> AsyncGenerator[Any, None]:
+    """Yield a begun stream's items; call ``on_end`` once it ends, however it ends."""
+    try:
+        yield opened.first
+        async for item in opened.rest:
+            yield item
+    finally:
+        try:
+            await opened.rest.aclose()
+        finally:
+            on_end()

@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tandem._private.calls.context import DeploymentID, ReplicaID, RequestMetadata
 from tandem._private.calls.custom_routing import CustomRouting, RouterSpec, Superseded
+from tandem._private.calls.flow import Last, Opened
 from tandem.exceptions import BackPressureError, DeploymentUnavailableError
 
 # A custom router that keeps choosing replicas that are gone fails the request after this.
@@ -66,6 +67,11 @@ class ReplicaConnection(Protocol):
     def stream(
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]: ...
+
+    def http_request(
+        self, meta: RequestMetadata, args: tuple[Any, ...]
+    ) -> Awaitable[Last | Opened]:
+        """One HTTP request: its whole response, or its ASGI messages as a begun stream."""
 
     def close(self) -> None:
         """Release the connection (the router no longer sends anything over it)."""

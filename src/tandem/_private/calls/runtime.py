@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
@@ -19,6 +20,7 @@ from typing import Any, TypeVar, cast
 from tandem._private.calls.context import DeploymentID, RequestMetadata, _replica_context
 from tandem._private.calls.control_plane import ControlPlane
 from tandem._private.calls.errors import ReplicaNotReached
+from tandem._private.calls.flow import Last, Opened, begin, chained
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet, Router
 from tandem.exceptions import DeploymentUnavailableError
 
@@ -219,6 +221,29 @@ class Runtime:
                 await _before_retry(tried, routed.info.replica_id, error)
             finally:
                 router.release(routed)
+
+    async def http_request(
+        self, deployment_id: DeploymentID, meta: RequestMetadata, args: tuple[Any, ...]
+    ) -> Last | Opened:
+        """One HTTP request: its whole response, or its ASGI messages as a begun stream
+        (which holds its replica until it ends). Retried as :meth:`stream` is."""
+        router = self.router(deployment_id)
+        tried: set[str] = set()
+        while True:
+            routed = await router.assign(meta, tried, args, {})
+            try:
+                answered = await routed.connection.http_request(meta, args)
+            except ReplicaNotReached as error:
+                router.release(routed)
+                await _before_retry(tried, routed.info.replica_id, error)
+                continue
+            except BaseException:
+                router.release(routed)
+                raise
+            if isinstance(answered, Last):
+                router.release(routed)
+                return answered
+            return await begin(chained(answered, functools.partial(router.release, routed)))
 
 
 async def _before_retry(tried: set[str], replica_id: str, error: ReplicaNotReached) -> None:

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from tandem._private.calls.flow import STREAM_BUFFER, Last
 from tandem._private.queues import drain
 
-__all__ = ["HTTPRequestData", "serve_http", "to_response"]
+__all__ = ["HTTPRequestData", "answer", "serve_http", "to_response"]
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -139,33 +139,45 @@ async def serve_http(
         async for message in _run_asgi(asgi_app, scope, session.receive, _nothing):
             yield message
         return
-    channel = _Channel(data.body)
     if asgi_app is None:
         assert call is not None
-        response = to_response(await call(Request(scope, channel.receive)))
-        if (
-            not isinstance(response, StreamingResponse)
-            and type(response).__call__ is Response.__call__
-        ):
-            # A plain response: its messages are known; no task or queue needed.
-            start = {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": response.raw_headers,
-            }
-            body = {"type": "http.response.body", "body": response.body, "more_body": False}
-            if response.background is None:
-                yield Last((start, body))  # the whole response, in one message
-                return
-            yield start
-            yield body
-            await response.background()
+        answered = await answer(data, call)
+        if isinstance(answered, Last):
+            yield answered
             return
-        app: Callable[..., Awaitable[None]] = response
-    else:
-        app = asgi_app
-    async for message in _run_asgi(app, scope, channel.receive, channel.disconnected.set):
+        async for message in answered:
+            yield message
+        return
+    channel = _Channel(data.body)
+    async for message in _run_asgi(asgi_app, scope, channel.receive, channel.disconnected.set):
         yield message
+
+
+async def answer(
+    data: HTTPRequestData, call: Callable[[Request], Awaitable[Any]]
+) -> Last | AsyncGenerator[dict[str, Any], None]:
+    """Run the user's ``__call__`` with the request: a plain response whole, as one
+    ``Last`` (most are: no task or queue needed), else a generator (not started yet)
+    of the ASGI messages of the response it returned, as they are produced."""
+    channel = _Channel(data.body)
+    request = Request(data.scope, channel.receive)
+    # The body is here whole: body(), json(), form() and stream() take it from
+    # Starlette's cache instead of a stream over receive().
+    request._body = data.body
+    response = to_response(await call(request))
+    if (
+        not isinstance(response, StreamingResponse)
+        and type(response).__call__ is Response.__call__
+        and response.background is None
+    ):
+        start = {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": response.raw_headers,
+        }
+        body = {"type": "http.response.body", "body": response.body, "more_body": False}
+        return Last((start, body))
+    return _run_asgi(response, data.scope, channel.receive, channel.disconnected.set)
 
 
 class _Session:

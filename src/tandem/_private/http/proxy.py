@@ -25,7 +25,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.calls.context import HTTP_METHOD, DeploymentID, RequestMetadata
-from tandem._private.calls.flow import Last
+from tandem._private.calls.flow import Last, Opened
 from tandem._private.calls.runtime import Runtime
 from tandem._private.http import scope as scopes
 from tandem._private.http.bridge import HTTPRequestData
@@ -177,10 +177,10 @@ class Proxy:
         self._exchanges.add(exchange)
         self.metrics.started(app)
         try:
-            stream = self._runtime.stream(
-                DeploymentID(app_name=app, name=ingress), meta, (data,), {}
+            answered = await self._runtime.http_request(
+                DeploymentID(app_name=app, name=ingress), meta, (data,)
             )
-            await _relay(stream, send, exchange, request_id, on_complete, writes)
+            await _relay(answered, send, exchange, request_id, on_complete, writes)
             return exchange.status, _error_kind(exchange.status)
         except asyncio.CancelledError:
             if exchange.stopped is None:
@@ -268,7 +268,7 @@ def _error_kind(status: int) -> str | None:
 
 
 async def _relay(
-    stream: AsyncGenerator[Any, None],
+    answered: Last | Opened,
     send: Send,
     exchange: _Exchange,
     request_id: str,
@@ -277,21 +277,22 @@ async def _relay(
 ) -> None:
     """Pass the ingress's ASGI messages to the client, adding the request id header.
 
-    ``writes`` are held (see ``Proxy._http``): a whole response (one item, flow.Last)
-    reaches the socket in one write once it is recorded; a streamed one goes out
-    message by message.
+    ``writes`` are held (see ``Proxy._http``): a whole response (``Last``) reaches
+    the socket in one write once it is recorded; a streamed one goes out message
+    by message, as it comes.
     """
+    if isinstance(answered, Last):
+        for message in answered.value:
+            await _pass(message, send, exchange, request_id, on_complete)
+        writes.release()  # recorded by now (on_complete): out it goes
+        return
+    writes.release()
     try:
-        async for item in stream:
-            if type(item) is not Last:  # a streamed response: message by message
-                writes.release()
-                await _pass(item, send, exchange, request_id, on_complete)
-                continue
-            for message in item.value:
-                await _pass(message, send, exchange, request_id, on_complete)
-            writes.release()  # recorded by now (on_complete): out it goes
+        await _pass(answered.first, send, exchange, request_id, on_complete)
+        async for message in answered.rest:
+            await _pass(message, send, exchange, request_id, on_complete)
     finally:
-        await stream.aclose()
+        await answered.rest.aclose()
 
 
 async def _pass(

@@ -27,8 +27,8 @@ from typing import Any
 
 import cloudpickle
 
-from tandem._private.calls.context import DeploymentID, RequestMetadata
-from tandem._private.calls.flow import Credit
+from tandem._private.calls.context import HTTP_METHOD, DeploymentID, RequestMetadata
+from tandem._private.calls.flow import Credit, Last
 from tandem._private.calls.inbound import InboundQueues
 from tandem._private.calls.router import ReplicaSet
 from tandem._private.calls.runtime import Runtime
@@ -171,15 +171,27 @@ class ReplicaHost:
         try:
             self._begin(token)
             credit = self._credits[token] = Credit()
-            source = replica.stream(meta, args, kwargs)
+            source: AsyncGenerator[Any, None] | None = None
             try:
+                if meta.method_name == HTTP_METHOD and inbound is None:
+                    # An HTTP request: most answers are whole, with no stream in between.
+                    answered = await replica.http_request(meta, args)
+                    if isinstance(answered, Last):
+                        yield answered
+                        return
+                    source = answered.rest
+                    yield answered.first
+                    await credit.sent()
+                else:
+                    source = replica.stream(meta, args, kwargs)
                 async for item in source:
                     yield item
                     await credit.sent()
             finally:
                 self._running.pop(token, None)
                 self._credits.pop(token, None)
-                await source.aclose()
+                if source is not None:
+                    await source.aclose()
         finally:
             if inbound is not None:
                 self._inbound.close(inbound)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import inspect
 import logging
 import os
@@ -33,10 +32,12 @@ from tandem._private.calls.context import (
     _replica_context,
 )
 from tandem._private.calls.errors import ReplicaNotReached
+from tandem._private.calls.flow import Last, Opened, begin
 from tandem._private.replica.abandoned import AbandonedRequests, AbandonedRequestsError
-from tandem._private.replica.admission import Admission, Slot
+from tandem._private.replica.admission import Admission
 from tandem._private.replica.autoscaling_stats import AutoscalingStats, StatsWindow
 from tandem._private.replica.grpc_calls import WithContext, failure, take_context
+from tandem._private.replica.http_side import HTTPSide, load_bridge
 from tandem._private.replica.logs import ReplicaLogs
 from tandem._private.replica.routing_stats import RoutingStats
 from tandem._private.replica.running import (
@@ -44,7 +45,6 @@ from tandem._private.replica.running import (
     UserCode,
     close_quietly,
     run_inline,
-    takes_an_argument,
 )
 from tandem._private.replica.serving import Serving
 from tandem._private.replica.threads import contain
@@ -126,8 +126,8 @@ class Replica:
         config = spec.options.logging_config
         self.logs = None if config is None else ReplicaLogs(config, self.context)
         self.stats = RequestStats()
-        self._is_ingress = hasattr(spec.target, "__tandem_ingress_app__")
-        self._call_takes_request: bool | None = None  # known at the first HTTP request
+        is_ingress = hasattr(spec.target, "__tandem_ingress_app__")
+        self._http = HTTPSide(self._user, is_ingress, self._unavailable)
         # Per-replica state of @multiplexed loaders, keyed by the loader.
         self.multiplex_caches: dict[Any, Any] = {}
         # Set by the backend: called with the model ids this replica holds when they change.
@@ -209,7 +209,7 @@ class Replica:
             self.logs.open()  # first, so the constructor's records follow logging_config
         self._user.open(threads=self._admission.capacity + 1)
         if self.spec.serves_http:
-            _http_bridge()  # import the HTTP side now, not during the first request
+            load_bridge()  # import the HTTP side now, not during the first request
         token = _replica_context.set(self.context)
         try:
             await self._user.construct(self.spec.init_args, self.spec.init_kwargs)
@@ -380,7 +380,7 @@ class Replica:
         ) as serving:
             if method is None:
                 serving.http = args[0].scope
-                source = self._serve_http(args, slot)
+                source = self._http.stream(args, slot)
             else:
                 source = self._user.iterate(method, args, kwargs, slot)
             try:
@@ -397,31 +397,36 @@ class Replica:
             if grpc_context is not None:
                 yield WithContext(grpc_context)  # what the method set, after its items
 
-    def _serve_http(self, args: tuple[Any, ...], slot: Slot) -> AsyncGenerator[Any, None]:
-        """``args``: the request's data, and a WebSocket session's client messages."""
-        obj = self._user.obj
-        if obj is None:
-            raise self._unavailable()
-        serve_http, asgi_app_for = _http_bridge()
-        data, inbound = args[0], (args[1] if len(args) > 1 else None)
-        asgi_app = asgi_app_for(obj) if self._is_ingress else None
-        if asgi_app is not None:
-            return serve_http(data, None, asgi_app, inbound)
-        user = self._user
-        method = user.method("__call__")
-        if self._call_takes_request is None:
-            self._call_takes_request = takes_an_argument(method.fn)
-        with_request = self._call_takes_request
+    async def http_request(self, meta: RequestMetadata, args: tuple[Any, ...]) -> Last | Opened:
+        """Serve one HTTP request (``args``: its data): the whole response when the
+        ingress answers with a plain one (most do: no stream in between), else its
+        ASGI messages as a begun stream, which holds the request's slot until it ends."""
+        slot = await self._admission.acquire()
+        serving = Serving(self.stats, self.logs, self.context, meta, "__call__", slot)
+        serving.http = args[0].scope
+        try:
+            answered = await self._http.answer(args, slot)
+        except BaseException as exc:
+            serving.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        if isinstance(answered, Last):
+            serving.saw(answered)
+            serving.__exit__(None, None, None)
+            return answered
+        return await begin(self._http_rest(meta, serving, answered))
 
-        async def call(request: Any) -> Any:
-            args = (request,) if with_request else ()  # as Ray: `__call__(self)` gets none
-            if method.is_generator:
-                from starlette.responses import StreamingResponse
-
-                return StreamingResponse(user.iterate(method, args, {}, slot))
-            return await user.run(method, args, {}, slot)
-
-        return serve_http(data, call, None)
+    async def _http_rest(
+        self, meta: RequestMetadata, serving: Serving, source: AsyncGenerator[Any, None]
+    ) -> AsyncGenerator[Any, None]:
+        """A streamed HTTP response's messages (``meta``: for AbandonedRequests)."""
+        with serving:
+            try:
+                async for item in source:
+                    if serving.status is None:
+                        serving.saw(item)
+                    yield item
+            finally:
+                await source.aclose()
 
     def _unavailable(self) -> ReplicaUnavailableError:
         return ReplicaNotReached(
@@ -430,19 +435,17 @@ class Replica:
         )
 
 
-@functools.cache
-def _http_bridge() -> tuple[Callable[..., AsyncGenerator[Any, None]], Callable[[Any], Any | None]]:
-    """The HTTP side, imported on the first HTTP request (replicas without HTTP skip it)."""
-    from tandem._private.http.bridge import serve_http
-    from tandem._private.replica.ingress import asgi_app_for
-
-    return serve_http, asgi_app_for
-
-
 def _label(method_name: str) -> str:
     """A request's method as messages and stats name it (HTTP requests call ``__call__``)."""
     return "__call__" if method_name == HTTP_METHOD else method_name
 
 
 # The methods that serve a request: a cancelled task in one of them still serves it.
-_SERVING = frozenset({Replica.call.__code__, Replica.stream.__code__})
+_SERVING = frozenset(
+    {
+        Replica.call.__code__,
+        Replica.stream.__code__,
+        Replica.http_request.__code__,
+        Replica._http_rest.__code__,
+    }
+)

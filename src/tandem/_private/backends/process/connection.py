@@ -19,7 +19,7 @@ from typing import Any
 from tandem._private.backends.process.peer import Peer, open_peer
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.errors import ReplicaNotReached
-from tandem._private.calls.flow import ReadReports, new_token
+from tandem._private.calls.flow import Last, Opened, ReadReports, begin, new_token
 from tandem._private.calls.inbound import Inbound, detach, start_pump, stop_pump
 from tandem._private.calls.router import ReplicaInfo
 
@@ -78,6 +78,9 @@ class ProcessConnection:
             return await peer.call("call", (meta, args, kwargs))
         finally:
             await stop_pump(pumping)
+
+    async def http_request(self, meta: RequestMetadata, args: tuple[Any, ...]) -> Last | Opened:
+        return await begin(self.stream(meta, args, {}))
 
     async def stream(
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -30,7 +30,7 @@ from tandem._private.backends.process.frames import RemoteTraceback
 from tandem._private.backends.ray.tracebacks import take_traceback
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.errors import ReplicaNotReached
-from tandem._private.calls.flow import ReadReports, new_token
+from tandem._private.calls.flow import Last, Opened, ReadReports, begin, new_token
 from tandem._private.calls.inbound import detach, start_pump, stop_pump
 from tandem._private.calls.router import ReplicaInfo
 from tandem.exceptions import ReplicaUnavailableError, RequestCancelledError
@@ -129,6 +129,9 @@ class RayConnection:
         except (RayTaskError, RayActorError, ObjectLostError, TaskCancelledError) as error:
             translated = self._translate(error)
             raise translated from translated.__cause__
+
+    async def http_request(self, meta: RequestMetadata, args: tuple[Any, ...]) -> Last | Opened:
+        return await begin(self.stream(meta, args, {}))
 
     async def stream(
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
