@@ -85,12 +85,14 @@ def _clean_tandem() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist, every test on the ray backend runs in one worker (one Ray)."""
+    """Under pytest-xdist, every test that uses Ray runs in one worker (one Ray): a
+    second local Ray would cost its start and take memory and CPU from the other."""
     for item in items:
         params = getattr(item, "callspec", None)
         on_ray = params is not None and "ray" in (
             params.params.get("backend"),
             params.params.get("remote_backend"),
         )
-        if on_ray or item.path.name == "test_ray.py":
+        uses_ray = "local_ray" in getattr(item, "fixturenames", ())
+        if on_ray or uses_ray or item.path.name == "test_ray.py":
             item.add_marker(pytest.mark.xdist_group("ray"))
