@@ -11,6 +11,13 @@ from __future__ import annotations
 from typing import Any, Generic, TypeVar
 
 from tandem._private.calls.context import DeploymentID, RequestMetadata, current_request
+from tandem._private.calls.inbound import (
+    Inbound,
+    closing_call,
+    closing_stream,
+    find_inbound,
+    upstream_items,
+)
 from tandem._private.calls.responses import DeploymentResponse, DeploymentResponseGenerator
 from tandem._private.calls.runtime import Runtime, get_runtime
 
@@ -118,15 +125,17 @@ class DeploymentHandle(Generic[T]):
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Start a call: a DeploymentResponse, or a DeploymentResponseGenerator if stream=True."""
         pending = None
+        streams = 0
         for values in (args, kwargs.values()) if kwargs else (args,):
             for value in values:
                 if isinstance(value, _SPECIAL_ARGUMENTS):
                     if isinstance(value, DeploymentResponseGenerator):
-                        raise TypeError(
-                            "A DeploymentResponseGenerator cannot be passed to another call; "
-                            "iterate over it and pass the items instead."
-                        )
-                    pending = DeploymentResponse
+                        streams += 1
+                    else:
+                        pending = DeploymentResponse
+        inbound = None
+        if streams:
+            args, kwargs, inbound = _stream_arguments(args, kwargs, streams)
         runtime = self._runtime or get_runtime()
         parent = current_request()
         meta = RequestMetadata(
@@ -139,12 +148,14 @@ class DeploymentHandle(Generic[T]):
             self._model_id,
         )
         if self._stream:
-            return DeploymentResponseGenerator(
-                runtime, runtime.stream(self._id, meta, args, kwargs, pending)
-            )
-        return DeploymentResponse(
-            runtime, runtime.call(self._id, meta, args, kwargs, pending), meta
-        )
+            source = runtime.stream(self._id, meta, args, kwargs, pending)
+            if inbound is not None:
+                source = closing_stream(source, inbound)
+            return DeploymentResponseGenerator(runtime, source)
+        call = runtime.call(self._id, meta, args, kwargs, pending)
+        if inbound is not None:
+            call = closing_call(call, inbound)
+        return DeploymentResponse(runtime, call, meta)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
@@ -166,6 +177,28 @@ class DeploymentHandle(Generic[T]):
     def __repr__(self) -> str:
         extra = "" if self._method == "__call__" else f", method_name={self._method!r}"
         return f"DeploymentHandle(deployment={self._id.name!r}, app={self._id.app_name!r}{extra})"
+
+
+def _stream_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any], streams: int
+) -> tuple[tuple[Any, ...], dict[str, Any], Inbound]:
+    """A call's DeploymentResponseGenerator argument as the stream its replica reads."""
+    if streams > 1:
+        raise TypeError(
+            f"A call takes at most one DeploymentResponseGenerator argument, got {streams}; "
+            "merge the streams in a deployment of their own and pass its stream instead."
+        )
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, DeploymentResponseGenerator):
+            return Inbound(upstream_items(value))
+        return value
+
+    args = tuple(map(swap, args))
+    kwargs = {key: swap(value) for key, value in kwargs.items()}
+    inbound = find_inbound(args, kwargs)
+    assert inbound is not None
+    return args, kwargs, inbound
 
 
 def _rebuild_handle(

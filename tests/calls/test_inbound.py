@@ -30,10 +30,13 @@ async def _numbers(count: int, error: Exception | None = None) -> AsyncGenerator
 
 def test_detach_replaces_the_inbound_with_its_token() -> None:
     inbound = Inbound(_numbers(1))
-    args, found = detach(("data", inbound))
+    args, kwargs, found = detach(("data", inbound), {"k": 1})
     assert found is inbound
-    assert args == ("data", InboundRef(inbound.token))
-    assert detach(("data",)) == (("data",), None)
+    assert (args, kwargs) == (("data", InboundRef(inbound.token)), {"k": 1})
+    args, kwargs, found = detach(("data",), {"items": inbound})
+    assert found is inbound
+    assert (args, kwargs) == (("data",), {"items": InboundRef(inbound.token)})
+    assert detach(("data",), {}) == (("data",), {}, None)
 
 
 def test_an_inbound_refuses_to_be_pickled() -> None:
@@ -47,7 +50,7 @@ def test_items_arrive_in_order_with_the_error_last_and_the_buffer_bounded() -> N
     async def scenario() -> tuple[list[int], BaseException | None, int]:
         queues = InboundQueues()
         inbound = Inbound(_numbers(500, ValueError("upstream broke")))
-        args, _ = queues.claim((InboundRef(inbound.token),))
+        args, _, _ = queues.claim((InboundRef(inbound.token),), {})
         queue = args[0]
         most_waiting = 0
         sending = asyncio.ensure_future(
@@ -76,7 +79,7 @@ def test_a_push_that_overtakes_its_call_is_kept_for_it() -> None:
     async def scenario() -> list[Any]:
         queues = InboundQueues()
         assert await queues.push("t1", ["a", "b"], True, None)
-        args, token = queues.claim(("x", InboundRef("t1")))
+        args, _, token = queues.claim(("x", InboundRef("t1")), {})
         assert token == "t1"
         return [item async for item in args[1]]
 
@@ -88,7 +91,7 @@ def test_pushes_after_the_call_ended_are_refused_and_orphans_are_dropped() -> No
 
     async def scenario() -> None:
         queues = InboundQueues(clock=lambda: now[0])
-        queues.claim((InboundRef("done"),))
+        queues.claim((InboundRef("done"),), {})
         queues.close("done")
         assert not await queues.push("done", ["late"], False, None)
         assert await queues.push("orphan", ["x"], False, None)  # its call never came
@@ -111,7 +114,7 @@ def test_a_pump_stops_when_the_replica_closes_and_the_reader_ends() -> None:
                 i += 1
 
         inbound = Inbound(endless())
-        args, token = queues.claim((InboundRef(inbound.token),))
+        args, _, token = queues.claim((InboundRef(inbound.token),), {})
         sending = asyncio.ensure_future(
             pump(inbound, lambda items, end, error: queues.push(inbound.token, items, end, error))
         )

@@ -392,21 +392,21 @@ def test_cancelling_outer_stream_stops_downstream_stream(backend: str) -> None:
 # --------------------------------------------------------------------------
 
 
-def test_passing_response_generator_to_remote_raises_type_error(backend: str) -> None:
+def test_passing_two_response_generators_to_one_call_raises_type_error(backend: str) -> None:
     @serve.deployment
     class Sink:
-        def __call__(self, value: Any) -> Any:
-            return value
+        def __call__(self, first: Any, second: Any) -> Any:
+            return first
 
     sink = serve.run(Sink.bind(), backend=backend, name="sink", route_prefix=None)
     source = serve.run(Counter.bind(), backend=backend, name="source", route_prefix=None)
-    gen = _stream(source, "count_sync").remote(3)
-    with pytest.raises(TypeError, match="DeploymentResponseGenerator"):
-        sink.remote(gen)
-    with pytest.raises(TypeError, match="DeploymentResponseGenerator"):
-        sink.remote(value=gen)
-    # The stream itself is unharmed and can still be read.
-    assert list(gen) == [0, 1, 2]
+    one, two = _stream(source, "count_sync").remote(3), _stream(source, "count_sync").remote(2)
+    with pytest.raises(TypeError, match="at most one DeploymentResponseGenerator"):
+        sink.remote(one, two)
+    with pytest.raises(TypeError, match="at most one DeploymentResponseGenerator"):
+        sink.remote(one, second=two)
+    # The streams themselves are unharmed and can still be read.
+    assert (list(one), list(two)) == ([0, 1, 2], [0, 1])
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])

@@ -2,10 +2,13 @@
 
 A WebSocket session is a call whose replica reads the client's messages as they
 come: the proxy passes them as an :class:`Inbound`, an async iterator given as a
-top-level argument. In the caller's process (local backend) the replica reads
-that iterator itself. Across processes it travels as an :class:`InboundRef` (a
-token), and the caller's connection sends its items to the replica's host with
-:func:`pump`, where an :class:`InboundQueues` hands them to the replica.
+top-level argument. So is a client-streaming RPC, and a handle call given another
+call's ``DeploymentResponseGenerator`` (streams that compose). In the caller's
+process (local backend) the replica reads that iterator itself. Across
+processes it travels as an :class:`InboundRef` (a token), and the caller's
+connection sends its items to the replica's host with :func:`pump`, where an
+:class:`InboundQueues` hands them to the replica. A sync method reads it as a
+plain iterator (:class:`SyncInbound`), from its worker thread.
 
 Flow control, the same bound as ``calls.flow`` on every backend: the pump sends
 one batch at a time (so batches arrive in order on any transport), and the
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,14 +43,27 @@ Push = Callable[[list[Any], bool, BaseException | None], Awaitable[bool]]
 class Inbound:
     """A caller's async iterator, passed as a top-level argument of a call."""
 
-    __slots__ = ("source", "token")
+    __slots__ = ("_items", "source", "token")
 
     def __init__(self, source: AsyncIterator[Any]) -> None:
         self.source = source
         self.token = new_token()
+        self._items: AsyncIterator[Any] | None = None
 
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self.source
+    def __aiter__(self) -> Inbound:
+        return self
+
+    def __anext__(self) -> Awaitable[Any]:
+        items = self._items
+        if items is None:
+            items = self._items = aiter(self.source)
+        return anext(items)
+
+    async def aclose(self) -> None:
+        """Close the source (e.g. stop the upstream call whose items these are)."""
+        aclose = getattr(self.source, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     def __reduce__(self) -> Any:
         raise TypeError(
@@ -63,12 +79,110 @@ class InboundRef:
     token: str
 
 
-def detach(args: tuple[Any, ...]) -> tuple[tuple[Any, ...], Inbound | None]:
-    """``args`` with its (first) top-level Inbound replaced by a ref, and that Inbound."""
+def detach(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any], Inbound | None]:
+    """``args`` and ``kwargs`` with their top-level Inbound (a call has at most one)
+    replaced by a ref, and that Inbound."""
     for index, arg in enumerate(args):
         if isinstance(arg, Inbound):
-            return (*args[:index], InboundRef(arg.token), *args[index + 1 :]), arg
-    return args, None
+            return (*args[:index], InboundRef(arg.token), *args[index + 1 :]), kwargs, arg
+    for key, value in kwargs.items():
+        if isinstance(value, Inbound):
+            return args, {**kwargs, key: InboundRef(value.token)}, value
+    return args, kwargs, None
+
+
+async def upstream_items(stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
+    """The items of another call's stream (a DeploymentResponseGenerator), as a call's
+    stream argument: closing this (the call ended, or stopped reading) stops that call."""
+    try:
+        async for item in stream:
+            yield item
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def closing_call(call: Awaitable[Any], inbound: Inbound) -> Any:
+    """A unary call with a stream argument; the stream is closed when the call ends."""
+    try:
+        return await call
+    finally:
+        await inbound.aclose()
+
+
+async def closing_stream(
+    source: AsyncGenerator[Any, None], inbound: Inbound
+) -> AsyncGenerator[Any, None]:
+    """A streaming call with a stream argument; the stream is closed when the call ends."""
+    try:
+        async for item in source:
+            yield item
+    finally:
+        try:
+            await source.aclose()
+        finally:
+            await inbound.aclose()
+
+
+def find_inbound(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Inbound | None:
+    """The call's top-level Inbound, if it has one."""
+    for arg in args:
+        if isinstance(arg, Inbound):
+            return arg
+    for value in kwargs.values():
+        if isinstance(value, Inbound):
+            return value
+    return None
+
+
+def has_stream(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call's arguments, as its replica got them, include a stream."""
+    return any(isinstance(a, _STREAMS) for a in args) or (
+        bool(kwargs) and any(isinstance(v, _STREAMS) for v in kwargs.values())
+    )
+
+
+def for_sync_code(
+    args: tuple[Any, ...], kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments of a call to a sync method, with streams as plain iterators."""
+
+    def plain(value: Any) -> Any:
+        return SyncInbound(value, loop) if isinstance(value, _STREAMS) else value
+
+    return tuple(map(plain, args)), {key: plain(value) for key, value in kwargs.items()}
+
+
+class SyncInbound:
+    """A stream argument as a sync method reads it in its worker thread: a plain
+    iterator whose items are taken on the replica's loop, one at a time."""
+
+    __slots__ = ("_loop", "_source")
+
+    def __init__(self, source: AsyncIterator[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self._source = source
+        self._loop = loop
+
+    def __iter__(self) -> SyncInbound:
+        return self
+
+    def __next__(self) -> Any:
+        item = asyncio.run_coroutine_threadsafe(self._next(), self._loop).result()
+        if item is _ENDED:
+            raise StopIteration
+        return item
+
+    async def _next(self) -> Any:
+        try:
+            return await anext(self._source)
+        except StopAsyncIteration:
+            return _ENDED
+
+
+_ENDED = object()
 
 
 async def pump(inbound: Inbound, push: Push) -> None:
@@ -184,14 +298,23 @@ class InboundQueues:
         self._unclaimed: dict[str, float] = {}  # made by a push: token -> when
         self._ended: OrderedDict[str, None] = OrderedDict()
 
-    def claim(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], str | None]:
-        """``args`` with an InboundRef replaced by its queue, and that queue's token."""
+    def claim(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any], str | None]:
+        """``args`` and ``kwargs`` with an InboundRef replaced by its queue, and that
+        queue's token."""
         for index, arg in enumerate(args):
             if isinstance(arg, InboundRef):
-                self._unclaimed.pop(arg.token, None)
-                queue = self._queue(arg.token)
-                return (*args[:index], queue, *args[index + 1 :]), arg.token
-        return args, None
+                queue = self._claimed(arg.token)
+                return (*args[:index], queue, *args[index + 1 :]), kwargs, arg.token
+        for key, value in kwargs.items():
+            if isinstance(value, InboundRef):
+                return args, {**kwargs, key: self._claimed(value.token)}, value.token
+        return args, kwargs, None
+
+    def _claimed(self, token: str) -> InboundQueue:
+        self._unclaimed.pop(token, None)
+        return self._queue(token)
 
     async def push(
         self, token: str, items: list[Any], end: bool, error: BaseException | None
@@ -224,3 +347,8 @@ class InboundQueues:
         for token, since in list(self._unclaimed.items()):
             if now - since > ORPHAN_S:
                 self.close(token)
+
+
+# What a replica's method may get as a stream argument: the caller's own iterator
+# (local backend) or the queue its items arrive in (another process).
+_STREAMS = (Inbound, InboundQueue)

@@ -392,6 +392,11 @@ class _Pump:
             self._items.put_nowait(
                 (False, RequestCancelledError("The streaming request was cancelled."))
             )
+            # Cancelled while waiting for room, the source is not inside a step of its
+            # own: close it now, or the replica's generator would wait for the GC.
+            aclose = getattr(self._source, "aclose", None)
+            if aclose is not None:
+                await aclose()
             raise
         except BaseException as exc:
             self._items.put_nowait((False, exc))

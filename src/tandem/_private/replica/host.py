@@ -144,7 +144,7 @@ class ReplicaHost:
     ) -> Any:
         """Serve one unary call; ``token`` (if any) lets its caller :meth:`cancel` it."""
         replica = self.replica
-        args, inbound = self._inbound.claim(args)
+        args, kwargs, inbound = self._inbound.claim(args, kwargs)
         try:
             if token is None:  # cancelled by whoever runs it (the process wire does)
                 return await replica.call(meta, args, kwargs)
@@ -167,7 +167,7 @@ class ReplicaHost:
         """Serve one streaming call, as far ahead of its caller as it has credit:
         the caller reports what it read with :meth:`read`."""
         replica = self.replica
-        args, inbound = self._inbound.claim(args)
+        args, kwargs, inbound = self._inbound.claim(args, kwargs)
         try:
             self._begin(token)
             credit = self._credits[token] = Credit()

@@ -33,6 +33,7 @@ from tandem._private.calls.context import (
 )
 from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.calls.flow import Last, Opened, begin
+from tandem._private.calls.inbound import for_sync_code, has_stream
 from tandem._private.replica.abandoned import AbandonedRequests, AbandonedRequestsError
 from tandem._private.replica.admission import Admission
 from tandem._private.replica.autoscaling_stats import AutoscalingStats, StatsWindow
@@ -338,6 +339,9 @@ class Replica:
                 # UserCode.run, unrolled: every call takes this path
                 if method.is_async:
                     result = await method.fn(*args, **kwargs)
+                elif has_stream(args, kwargs):  # read in a thread, never on the loop
+                    args, kwargs = for_sync_code(args, kwargs, self._running_loop())
+                    result = await self._user.run_in_thread(method.fn, args, kwargs, slot)
                 elif method.trial is not None and method.trial.inline:
                     result = run_inline(method.trial, method.fn, args, kwargs)
                 else:
@@ -382,6 +386,8 @@ class Replica:
                 serving.http = args[0].scope
                 source = self._http.stream(args, slot)
             else:
+                if not method.is_async and has_stream(args, kwargs):
+                    args, kwargs = for_sync_code(args, kwargs, self._running_loop())
                 source = self._user.iterate(method, args, kwargs, slot)
             try:
                 async for item in source:
@@ -427,6 +433,10 @@ class Replica:
                     yield item
             finally:
                 await source.aclose()
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "the replica has started"
+        return self._loop
 
     def _unavailable(self) -> ReplicaUnavailableError:
         return ReplicaNotReached(

@@ -70,7 +70,7 @@ class ProcessConnection:
         peer = await self._open()
         if not peer.is_open:
             raise ReplicaNotReached(f"Replica {self.replica_id} is gone.")
-        args, inbound = detach(args)
+        args, kwargs, inbound = detach(args, kwargs)
         if inbound is None:
             return await peer.call("call", (meta, args, kwargs))
         pumping = _pump(peer, inbound)
@@ -90,7 +90,7 @@ class ProcessConnection:
             raise ReplicaNotReached(f"Replica {self.replica_id} is gone.")
         token = new_token()  # names the stream in the reports of what was read (calls.flow)
         reads = ReadReports(lambda count: _report_reads(peer, token, count))
-        args, inbound = detach(args)
+        args, kwargs, inbound = detach(args, kwargs)
         source = peer.stream("stream", (token, meta, args, kwargs))
         pumping = None if inbound is None else _pump(peer, inbound)
         try:

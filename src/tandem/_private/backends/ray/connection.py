@@ -101,7 +101,7 @@ class RayConnection:
     async def call(
         self, meta: RequestMetadata, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        args, inbound = detach(args)
+        args, kwargs, inbound = detach(args, kwargs)
         if inbound is None:
             return await self._call(meta, args, kwargs)
         pumping = start_pump(inbound, partial(self._push, inbound.token))
@@ -142,7 +142,7 @@ class RayConnection:
         took is reported to the actor (``calls.flow``)."""
         self._check()
         token = new_token()
-        args, inbound = detach(args)
+        args, kwargs, inbound = detach(args, kwargs)
         ref: Any = self._actor.stream_open.remote(token, meta, args, kwargs)
         pumping = None
         if inbound is not None:  # one push at a time: Ray may reorder an async actor's calls
