@@ -11,6 +11,7 @@ from typing import Any
 
 __all__ = [
     "BackPressureError",
+    "DeadlineExceededError",
     "DeploymentFailedError",
     "DeploymentUnavailableError",
     "RayServeException",
@@ -36,6 +37,13 @@ class BackPressureError(TandemError):
 
 class RequestCancelledError(TandemError):
     """The request was cancelled (``response.cancel()`` or a client disconnect)."""
+
+
+class DeadlineExceededError(TandemError, TimeoutError):
+    """The request's deadline passed before it was answered: it was dropped before it
+    ran, or cancelled while it ran (in every deployment it reached). A request gets a
+    deadline from ``handle.options(timeout_s=...)``, the proxy's ``request_timeout_s``
+    or the client (``X-Request-Deadline-Ms``, a gRPC deadline); its calls inherit it."""
 
 
 class DeploymentUnavailableError(TandemError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Generic, TypeVar
 
 from tandem._private.calls.context import DeploymentID, RequestMetadata, current_request
+from tandem._private.calls.deadlines import deadline_in
 from tandem._private.calls.inbound import (
     Inbound,
     closing_call,
@@ -32,7 +33,7 @@ _SERIALIZATIONS = ("cloudpickle", "pickle")
 class DeploymentHandle(Generic[T]):
     """Calls one deployment: ``handle.remote(...)`` or ``handle.method.remote(...)``."""
 
-    __slots__ = ("_id", "_method", "_methods", "_model_id", "_runtime", "_stream")
+    __slots__ = ("_id", "_method", "_methods", "_model_id", "_runtime", "_stream", "_timeout_s")
 
     def __init__(
         self,
@@ -51,6 +52,7 @@ class DeploymentHandle(Generic[T]):
         # Only for an application in local testing mode next to another backend's
         # runtime (see tandem.run); None: this process's runtime, looked up per call.
         self._runtime: Runtime | None = None
+        self._timeout_s: float | None = None  # options(timeout_s=...): see calls.deadlines
 
     @property
     def deployment_name(self) -> str:
@@ -71,8 +73,15 @@ class DeploymentHandle(Generic[T]):
         _by_reference: bool = _UNSET,
         request_serialization: str = _UNSET,
         response_serialization: str = _UNSET,
+        timeout_s: float | None = _UNSET,
     ) -> DeploymentHandle[Any]:
         """A new handle with some call options changed; this one is left as it is.
+
+        ``timeout_s`` (tandem's own): each call must be answered within that many
+        seconds, or it fails with DeadlineExceededError; it is dropped if it has not
+        started by then, else cancelled in every deployment it reached. A call made
+        while serving a request with an earlier deadline keeps that one (None: only
+        the inherited deadline, if any).
 
         ``_prefer_local_routing`` and ``_by_reference`` choose how Ray Serve moves a
         call, never its result: tandem routes to the least loaded of two replicas and
@@ -92,6 +101,14 @@ class DeploymentHandle(Generic[T]):
                     "results (cloudpickle for code); use 'cloudpickle' or 'pickle', or leave "
                     "it out."
                 )
+        if timeout_s is not _UNSET and timeout_s is not None:
+            if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+                raise TypeError(
+                    f"timeout_s must be a number of seconds or None, got "
+                    f"{type(timeout_s).__name__}."
+                )
+            if not timeout_s > 0:  # also refuses NaN
+                raise ValueError(f"timeout_s must be more than 0 seconds, got {timeout_s!r}.")
         if method_name is not _UNSET and not isinstance(method_name, str):
             raise TypeError(f"method_name must be a str, got {type(method_name).__name__}.")
         if multiplexed_model_id is not _UNSET and not isinstance(multiplexed_model_id, str):
@@ -108,6 +125,7 @@ class DeploymentHandle(Generic[T]):
             else multiplexed_model_id,
         )
         handle._runtime = self._runtime
+        handle._timeout_s = self._timeout_s if timeout_s is _UNSET else timeout_s
         return handle
 
     def __getattr__(self, name: str) -> DeploymentHandle[Any]:
@@ -138,6 +156,9 @@ class DeploymentHandle(Generic[T]):
             args, kwargs, inbound = _stream_arguments(args, kwargs, streams)
         runtime = self._runtime or get_runtime()
         parent = current_request()
+        deadline = None if parent is None else parent.deadline  # calls inherit it
+        if self._timeout_s is not None:
+            deadline = deadline_in(self._timeout_s, deadline)
         meta = RequestMetadata(
             # A request keeps its id across hops so logs and cancellation can follow it.
             parent.request_id if parent is not None else RequestMetadata.new_request_id(),
@@ -146,6 +167,7 @@ class DeploymentHandle(Generic[T]):
             self._method,
             self._stream,
             self._model_id,
+            deadline=deadline,
         )
         if self._stream:
             source = runtime.stream(self._id, meta, args, kwargs, pending)
@@ -160,19 +182,24 @@ class DeploymentHandle(Generic[T]):
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild_handle,
-            (self._id.name, self._id.app_name, self._method, self._stream, self._model_id),
+            (
+                self._id.name,
+                self._id.app_name,
+                self._method,
+                self._stream,
+                self._model_id,
+                self._timeout_s,
+            ),
         )
 
+    def _key(self) -> tuple[Any, ...]:
+        return (self._id, self._method, self._stream, self._model_id, self._timeout_s)
+
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, DeploymentHandle) and (
-            self._id,
-            self._method,
-            self._stream,
-            self._model_id,
-        ) == (other._id, other._method, other._stream, other._model_id)
+        return isinstance(other, DeploymentHandle) and self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self._id, self._method, self._stream, self._model_id))
+        return hash(self._key())
 
     def __repr__(self) -> str:
         extra = "" if self._method == "__call__" else f", method_name={self._method!r}"
@@ -202,11 +229,13 @@ def _stream_arguments(
 
 
 def _rebuild_handle(
-    name: str, app: str, method: str, stream: bool, model_id: str
+    name: str, app: str, method: str, stream: bool, model_id: str, timeout_s: float | None = None
 ) -> DeploymentHandle[Any]:
-    return DeploymentHandle(
+    handle: DeploymentHandle[Any] = DeploymentHandle(
         name, app, method_name=method, stream=stream, multiplexed_model_id=model_id
     )
+    handle._timeout_s = timeout_s
+    return handle
 
 
 # Arguments that .remote() must look at: responses to resolve, streams to refuse.

@@ -22,6 +22,10 @@ class Series:
     errors: int = 0
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     seconds: float = 0.0
+    # Requests whose deadline passed: before they started (dropped, never run), and
+    # while they ran (cancelled; also counted in requests and errors).
+    dropped: int = 0
+    timed_out: int = 0
 
     def observe(self, seconds: float, failed: bool) -> None:
         self.requests += 1
@@ -34,6 +38,8 @@ class Series:
         self.requests += other.requests
         self.errors += other.errors
         self.seconds += other.seconds
+        self.dropped += other.dropped
+        self.timed_out += other.timed_out
         self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
 
     def cumulative_buckets(self) -> list[tuple[str, float]]:
@@ -50,6 +56,12 @@ class RequestStats:
 
     def __init__(self) -> None:
         self.by_method: dict[str, Series] = {}
+
+    def series(self, method: str) -> Series:
+        series = self.by_method.get(method)
+        if series is None:
+            series = self.by_method[method] = Series()
+        return series
 
     def record(self, method: str, seconds: float, failed: bool) -> None:
         series = self.by_method.get(method)

@@ -126,6 +126,8 @@ class RequestMetadata:
     stream: bool = False
     multiplexed_model_id: str = ""
     route: str = ""
+    # When the request must be answered by (time.time()), or None: no deadline.
+    deadline: float | None = None
     # Not sent along. A connection whose backend has a reference of its own to the
     # call's result (a Ray ObjectRef) leaves it here, or resolves the Future that
     # DeploymentResponse._to_object_ref left here to wait for it.
@@ -143,6 +145,7 @@ class RequestMetadata:
                 self.stream,
                 self.multiplexed_model_id,
                 self.route,
+                self.deadline,
             ),
         )
 

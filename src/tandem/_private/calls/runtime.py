@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
@@ -19,6 +20,7 @@ from typing import Any, TypeVar, cast
 
 from tandem._private.calls.context import DeploymentID, RequestMetadata, _replica_context
 from tandem._private.calls.control_plane import ControlPlane
+from tandem._private.calls.deadlines import DeadlineScope
 from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.calls.flow import Last, Opened, begin, chained
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet, Router
@@ -181,18 +183,19 @@ class Runtime:
         pending: type | None = None,
     ) -> Any:
         """One unary request; ``pending`` is the type of arguments to await first, if any."""
-        if pending is not None:
-            args, kwargs = await resolve_arguments(args, kwargs, pending)
-        router = self.router(deployment_id)
-        tried: set[str] = set()
-        while True:
-            routed = await router.assign(meta, tried, args, kwargs)
-            try:
-                return await routed.connection.call(meta, args, kwargs)
-            except ReplicaNotReached as error:
-                await _before_retry(tried, routed.info.replica_id, error)
-            finally:
-                router.release(routed)
+        with deadline_scope(meta.deadline, deployment_id):
+            if pending is not None:
+                args, kwargs = await resolve_arguments(args, kwargs, pending)
+            router = self.router(deployment_id)
+            tried: set[str] = set()
+            while True:
+                routed = await router.assign(meta, tried, args, kwargs)
+                try:
+                    return await routed.connection.call(meta, args, kwargs)
+                except ReplicaNotReached as error:
+                    await _before_retry(tried, routed.info.replica_id, error)
+                finally:
+                    router.release(routed)
 
     async def stream(
         self,
@@ -203,47 +206,63 @@ class Runtime:
         pending: type | None = None,
     ) -> AsyncGenerator[Any, None]:
         """One streaming request; see :meth:`call`."""
-        if pending is not None:
-            args, kwargs = await resolve_arguments(args, kwargs, pending)
-        router = self.router(deployment_id)
-        tried: set[str] = set()
-        while True:
-            routed = await router.assign(meta, tried, args, kwargs)
-            started = False
-            try:
-                async for item in routed.connection.stream(meta, args, kwargs):
-                    started = True
-                    yield item
-                return
-            except ReplicaNotReached as error:
-                if started:
-                    raise
-                await _before_retry(tried, routed.info.replica_id, error)
-            finally:
-                router.release(routed)
+        with deadline_scope(meta.deadline, deployment_id):
+            if pending is not None:
+                args, kwargs = await resolve_arguments(args, kwargs, pending)
+            router = self.router(deployment_id)
+            tried: set[str] = set()
+            while True:
+                routed = await router.assign(meta, tried, args, kwargs)
+                started = False
+                try:
+                    async for item in routed.connection.stream(meta, args, kwargs):
+                        started = True
+                        yield item
+                    return
+                except ReplicaNotReached as error:
+                    if started:
+                        raise
+                    await _before_retry(tried, routed.info.replica_id, error)
+                finally:
+                    router.release(routed)
 
     async def http_request(
         self, deployment_id: DeploymentID, meta: RequestMetadata, args: tuple[Any, ...]
     ) -> Last | Opened:
         """One HTTP request: its whole response, or its ASGI messages as a begun stream
-        (which holds its replica until it ends). Retried as :meth:`stream` is."""
-        router = self.router(deployment_id)
-        tried: set[str] = set()
-        while True:
-            routed = await router.assign(meta, tried, args, {})
-            try:
-                answered = await routed.connection.http_request(meta, args)
-            except ReplicaNotReached as error:
-                router.release(routed)
-                await _before_retry(tried, routed.info.replica_id, error)
-                continue
-            except BaseException:
-                router.release(routed)
-                raise
-            if isinstance(answered, Last):
-                router.release(routed)
-                return answered
-            return await begin(chained(answered, functools.partial(router.release, routed)))
+        (which holds its replica until it ends). Retried as :meth:`stream` is; the
+        deadline holds until the answer begins (the proxy's own timer holds after)."""
+        with deadline_scope(meta.deadline, deployment_id):
+            router = self.router(deployment_id)
+            tried: set[str] = set()
+            while True:
+                routed = await router.assign(meta, tried, args, {})
+                try:
+                    answered = await routed.connection.http_request(meta, args)
+                except ReplicaNotReached as error:
+                    router.release(routed)
+                    await _before_retry(tried, routed.info.replica_id, error)
+                    continue
+                except BaseException:
+                    router.release(routed)
+                    raise
+                if isinstance(answered, Last):
+                    router.release(routed)
+                    return answered
+                rest = chained(answered, functools.partial(router.release, routed))
+                return await begin(rest)
+
+
+_NO_DEADLINE = contextlib.nullcontext()
+
+
+def deadline_scope(
+    deadline: float | None, deployment_id: DeploymentID
+) -> DeadlineScope | contextlib.nullcontext[None]:
+    """The scope a call to ``deployment_id`` runs in: its deadline's, if it has one."""
+    if deadline is None:
+        return _NO_DEADLINE
+    return DeadlineScope(deadline, f"before deployment {deployment_id.name!r} answered")
 
 
 async def _before_retry(tried: set[str], replica_id: str, error: ReplicaNotReached) -> None:

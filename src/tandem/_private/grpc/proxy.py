@@ -44,6 +44,7 @@ from tandem._private.queues import uncancel
 from tandem._private.replica.grpc_calls import CONTEXT_KEY, WithContext
 from tandem.exceptions import (
     BackPressureError,
+    DeadlineExceededError,
     DeploymentUnavailableError,
     ReplicaUnavailableError,
     RequestCancelledError,
@@ -60,6 +61,11 @@ MAX_DETAILS = 4096
 _OK = grpc.StatusCode.OK
 # What clients see for each failure tandem knows (the details go to the log).
 _FAILURES: dict[type[Exception], tuple[grpc.StatusCode, str, str]] = {
+    DeadlineExceededError: (  # one a deployment set for a call of its own
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "timeout",
+        "the deadline of a call the application made passed",
+    ),
     BackPressureError: (
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "backpressure",
@@ -197,6 +203,7 @@ class GRPCProxy:
             timeout = remaining
         timer = None
         if timeout is not None:
+            meta.deadline = time.time() + timeout  # every hop inherits it
             task = asyncio.current_task()
             assert task is not None
             timer = asyncio.get_running_loop().call_later(max(timeout, 0.0), _expire, task, outcome)
@@ -208,8 +215,13 @@ class GRPCProxy:
                 return None
             reply = await self._runtime.call(deployment, meta, (argument,), kwargs)
             return _serialize(outcome.took(reply, context), method)
-        except asyncio.CancelledError:
-            if outcome.timed_out:
+        except (asyncio.CancelledError, DeadlineExceededError) as exc:
+            ours = meta.deadline is not None and time.time() >= meta.deadline - 1e-3
+            if isinstance(exc, DeadlineExceededError) and not ours:
+                self._failed(exc, meta, outcome)  # a shorter deadline set inside the app
+                return None
+            if outcome.timed_out or isinstance(exc, DeadlineExceededError):
+                # The proxy's timer or the runtime's (calls.deadlines), whichever was first.
                 uncancel(asyncio.current_task())
                 outcome.fail(
                     grpc.StatusCode.DEADLINE_EXCEEDED,

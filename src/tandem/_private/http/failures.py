@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from tandem.exceptions import (
     BackPressureError,
+    DeadlineExceededError,
     DeploymentUnavailableError,
     ReplicaUnavailableError,
     RequestCancelledError,
@@ -23,6 +24,7 @@ PUBLIC_TEXT = {
     "unavailable": "the application cannot take requests now",
     "cancelled": "the request was cancelled",
     "replica_unavailable": "the replica serving this request went away",
+    "timeout": "the request's deadline passed before it was answered",
 }
 
 
@@ -36,6 +38,8 @@ def classify(exc: BaseException) -> tuple[int, str]:
         return 502, "replica_unavailable"
     if isinstance(exc, RequestCancelledError):
         return 503, "cancelled"
+    if isinstance(exc, DeadlineExceededError):
+        return 408, "timeout"
     return 500, "server_error"
 
 

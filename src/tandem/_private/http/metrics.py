@@ -228,6 +228,12 @@ class ProxyMetrics(RequestCounts, Collector):
             "Time a replica spent serving a call (queueing excluded).",
             labels=_LABELS,
         )
+        expired = CounterMetricFamily(
+            "tandem_deployment_deadline_exceeded",
+            "Calls whose deadline passed in a replica: dropped before they started "
+            "(stage=queued) or cancelled while they ran (stage=running).",
+            labels=[*_LABELS, "stage"],
+        )
         totals: dict[tuple[str, str, str], Series] = {}
         for app, deployment, method, series in self._deployment_series():
             totals.setdefault((app, deployment, method), Series()).add(series)
@@ -235,7 +241,10 @@ class ProxyMetrics(RequestCounts, Collector):
             requests.add_metric(list(key), total.requests)
             errors.add_metric(list(key), total.errors)
             latency.add_metric(list(key), total.cumulative_buckets(), total.seconds)
-        yield from (requests, errors, latency)
+            if total.dropped or total.timed_out:
+                expired.add_metric([*key, "queued"], total.dropped)
+                expired.add_metric([*key, "running"], total.timed_out)
+        yield from (requests, errors, latency, expired)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

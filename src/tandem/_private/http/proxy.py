@@ -51,7 +51,7 @@ from tandem._private.http.scope import (
 from tandem._private.http.websocket import WebSocketSessions
 from tandem._private.http.writes import SCOPE_KEY, UNHELD, HeldWrites, Unheld
 from tandem._private.queues import uncancel
-from tandem.exceptions import BackPressureError
+from tandem.exceptions import BackPressureError, DeadlineExceededError
 
 logger = logging.getLogger("tandem.proxy")
 
@@ -171,9 +171,20 @@ class Proxy:
         if body is None:
             return 499, "disconnected"
         writes.hold()
-        meta = RequestMetadata(request_id, app, ingress, HTTP_METHOD, True, model_id(scope), prefix)
+        timeout_s = self._options.request_timeout_s
+        try:
+            budget_s = scopes.deadline_budget_s(scope)
+        except ValueError as exc:
+            await _plain(send, 400, f"Bad Request: {exc} (request id {request_id}).\n", request_id)
+            return 400, None
+        if budget_s is not None and (not timeout_s or budget_s < timeout_s):
+            timeout_s = budget_s  # the client's deadline comes first
+        deadline = time.time() + timeout_s if timeout_s else None  # every hop inherits it
+        meta = RequestMetadata(
+            request_id, app, ingress, HTTP_METHOD, True, model_id(scope), prefix, deadline
+        )
         data = HTTPRequestData.from_scope(scope, body, prefix)
-        exchange = _Exchange(receive, self._options.request_timeout_s)
+        exchange = _Exchange(receive, timeout_s)
         self._exchanges.add(exchange)
         self.metrics.started(app)
         try:
@@ -187,6 +198,10 @@ class Proxy:
                 raise  # the server itself is shutting down
             return await self._stopped(send, exchange, request_id)
         except Exception as exc:
+            ours = deadline is not None and time.time() >= deadline - 1e-3
+            if isinstance(exc, DeadlineExceededError) and ours:
+                exchange.stopped = "timeout"  # the runtime kept it, before the watcher did
+                return await self._stopped(send, exchange, request_id)
             shed = self._backpressure(app, ingress) if isinstance(exc, BackPressureError) else None
             return await _failed(send, exc, exchange, request_id, app, shed)
         finally:
@@ -198,8 +213,8 @@ class Proxy:
         if exchange.stopped != "timeout":
             return 499, "disconnected"
         if not exchange.response_started:
-            timeout_s = self._options.request_timeout_s
-            text = f"Request timed out after {timeout_s} s (request id {request_id}).\n"
+            timeout_s = exchange.timeout_s
+            text = f"Request timed out after {timeout_s:g} s (request id {request_id}).\n"
             await _plain(send, 408, text, request_id)
         return 408, "timeout"
 
@@ -229,12 +244,14 @@ class _Exchange:
         "response_started",
         "status",
         "stopped",
+        "timeout_s",
     )
 
     def __init__(self, receive: Receive, timeout_s: float | None) -> None:
         self._receive = receive
         self._task = asyncio.current_task()
         self._since = time.monotonic()
+        self.timeout_s = timeout_s
         self._deadline = self._since + timeout_s if timeout_s else None
         self._watcher: asyncio.Future[None] | None = None
         self.status = 500  # until the response starts

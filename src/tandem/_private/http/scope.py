@@ -3,6 +3,7 @@ that serves it, the request id and the multiplexed model id."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
@@ -58,6 +59,24 @@ def header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
             return str(value.decode("latin-1"))
+    return None
+
+
+def deadline_budget_s(scope: Scope) -> float | None:
+    """The client's ``X-Request-Deadline-Ms`` (the milliseconds it gives the request to
+    be answered in, counted from its arrival) in seconds; raises ValueError if bad."""
+    for key, value in scope["headers"]:
+        if key == b"x-request-deadline-ms":
+            try:
+                budget_ms = float(value)
+            except ValueError:
+                budget_ms = math.nan
+            if not 0 < budget_ms < math.inf:
+                raise ValueError(
+                    "X-Request-Deadline-Ms must be a positive number of milliseconds "
+                    f"(got {value.decode('latin-1')[:40]!r})"
+                )
+            return budget_ms / 1000
     return None
 
 

@@ -31,11 +31,12 @@ from tandem._private.calls.context import (
     RequestMetadata,
     _replica_context,
 )
+from tandem._private.calls.deadlines import DeadlineScope
 from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.calls.flow import Last, Opened, begin
 from tandem._private.calls.inbound import for_sync_code, has_stream
 from tandem._private.replica.abandoned import AbandonedRequests, AbandonedRequestsError
-from tandem._private.replica.admission import Admission
+from tandem._private.replica.admission import Admission, Slot
 from tandem._private.replica.autoscaling_stats import AutoscalingStats, StatsWindow
 from tandem._private.replica.grpc_calls import WithContext, failure, take_context
 from tandem._private.replica.http_side import HTTPSide, load_bridge
@@ -51,7 +52,7 @@ from tandem._private.replica.serving import Serving
 from tandem._private.replica.threads import contain
 from tandem._private.stats import RequestStats
 from tandem._private.user_metrics import STORE, MetricsReport
-from tandem.exceptions import ReplicaUnavailableError
+from tandem.exceptions import DeadlineExceededError, ReplicaUnavailableError
 
 __all__ = ["AbandonedRequestsError", "Replica", "ReplicaSpec", "current_replica"]
 
@@ -333,7 +334,10 @@ class Replica:
                 "call it through a handle with .options(stream=True)."
             )
         kwargs, grpc_context = take_context(method.fn, kwargs)
-        slot = await self._admission.acquire()
+        if meta.deadline is None:
+            slot = await self._admission.acquire()
+        else:
+            slot = await self._acquire_by_deadline(meta)
         with Serving(self.stats, self.logs, self.context, meta, meta.method_name, slot):
             try:
                 # UserCode.run, unrolled: every call takes this path
@@ -378,7 +382,10 @@ class Replica:
         grpc_context = None
         if method is not None:
             kwargs, grpc_context = take_context(method.fn, kwargs)
-        slot = await self._admission.acquire()
+        if meta.deadline is None:
+            slot = await self._admission.acquire()
+        else:
+            slot = await self._acquire_by_deadline(meta)
         with Serving(
             self.stats, self.logs, self.context, meta, _label(meta.method_name), slot
         ) as serving:
@@ -407,7 +414,10 @@ class Replica:
         """Serve one HTTP request (``args``: its data): the whole response when the
         ingress answers with a plain one (most do: no stream in between), else its
         ASGI messages as a begun stream, which holds the request's slot until it ends."""
-        slot = await self._admission.acquire()
+        if meta.deadline is None:
+            slot = await self._admission.acquire()
+        else:
+            slot = await self._acquire_by_deadline(meta)
         serving = Serving(self.stats, self.logs, self.context, meta, "__call__", slot)
         serving.http = args[0].scope
         try:
@@ -433,6 +443,17 @@ class Replica:
                     yield item
             finally:
                 await source.aclose()
+
+    async def _acquire_by_deadline(self, meta: RequestMetadata) -> Slot:
+        """A slot for a request with a deadline: one that arrives past it, or whose
+        deadline passes while it waits, is dropped before it runs (and counted)."""
+        assert meta.deadline is not None
+        try:
+            with DeadlineScope(meta.deadline, f"before deployment {self.name!r} could start it"):
+                return await self._admission.acquire()
+        except DeadlineExceededError:
+            self.stats.series(_label(meta.method_name)).dropped += 1
+            raise
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None, "the replica has started"

@@ -28,7 +28,17 @@ class Serving:
     A plain (not async) context manager: it costs every request next to nothing.
     """
 
-    __slots__ = ("_logs", "_name", "_started", "_stats", "_tokens", "http", "slot", "status")
+    __slots__ = (
+        "_deadline",
+        "_logs",
+        "_name",
+        "_started",
+        "_stats",
+        "_tokens",
+        "http",
+        "slot",
+        "status",
+    )
 
     def __init__(
         self,
@@ -46,6 +56,7 @@ class Serving:
         self.http: dict[str, Any] | None = None  # the ASGI scope of an HTTP request
         self.status: int | None = None  # the HTTP status of its response, once it started
         self._tokens = (_request.set(meta), _replica_context.set(context))
+        self._deadline = meta.deadline
         self._started = time.perf_counter()
 
     def saw(self, item: dict[str, Any] | Last) -> None:
@@ -71,6 +82,8 @@ class Serving:
     ) -> None:
         seconds = time.perf_counter() - self._started
         self._stats.record(self._name, seconds, kind is not None)
+        if kind is not None and self._deadline is not None and time.time() >= self._deadline:
+            self._stats.series(self._name).timed_out += 1  # cancelled at its deadline
         logs = self._logs
         if logs is not None and logs.access_log:
             self._log_access(logs, kind, seconds)
