@@ -66,6 +66,7 @@ SCHEMA_ALL = [
 
 EXCEPTIONS_ALL = [
     "BackPressureError",
+    "DeadlineExceededError",
     "DeploymentFailedError",
     "DeploymentUnavailableError",
     "RayServeException",
