@@ -217,3 +217,29 @@ def test_each_replica_keeps_its_own_batch_settings(backend: str) -> None:
     seen: dict[int, int] = {}
     wait_for(lambda: seen.update([handle.max_batch_size.remote().result()]) or len(seen) == 2)
     assert seen == {0: 1, 1: 5}
+
+
+@serve.deployment(max_ongoing_requests=64)
+class PatientBatcher:
+    """Waits up to 10 s to fill a batch; each batch takes 50 ms to run."""
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=10.0)
+    async def handle_batch(self, items: list[int]) -> list[int]:
+        import asyncio
+
+        await asyncio.sleep(0.05)
+        return [2 * item for item in items]
+
+    async def __call__(self, item: int) -> int:
+        return await self.handle_batch(item)
+
+
+def test_a_batch_closes_in_time_for_the_earliest_deadline_in_it(backend: str) -> None:
+    handle = serve.run(PatientBatcher.bind(), backend=backend, route_prefix=None)
+    # A full batch runs at once, and shows how long a batch takes to run.
+    assert [r.result(timeout_s=10) for r in [handle.remote(1) for _ in range(32)]] == [2] * 32
+    hurried = handle.options(timeout_s=2.0)
+    started = time.monotonic()
+    # Without a deadline this lone call would wait 10 s for company; it has 2 s.
+    assert hurried.remote(21).result(timeout_s=20) == 42
+    assert time.monotonic() - started < 2.0

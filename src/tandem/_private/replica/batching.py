@@ -5,7 +5,10 @@ method receives lists (one per argument) and returns a list of the same
 length, or, as an async generator, yields such lists to stream results back to
 every caller at once. A batch closes when it holds ``max_batch_size`` items
 (counted by ``batch_size_fn`` if given) or ``batch_wait_timeout_s`` after its
-first item arrived; at most ``max_concurrent_batches`` run at a time.
+first item arrived, or sooner if a request in it has a deadline (``calls.deadlines``):
+then it closes before the earliest one, by the time recent batches took to run
+and a margin. At
+most ``max_concurrent_batches`` run at a time.
 
 ``set_max_batch_size`` and ``set_batch_wait_timeout_s`` change the settings of
 the replica they are called in (from ``reconfigure``, say), not those of the
@@ -18,11 +21,13 @@ import asyncio
 import dataclasses
 import functools
 import inspect
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tandem._private.calls.context import current_request
 from tandem._private.queues import drain, wait_event
 from tandem._private.replica.replica import current_replica
 
@@ -47,6 +52,11 @@ class _Request:
     result: asyncio.Future[Any] | None = None  # unary calls
     items: asyncio.Queue[Any] | None = None  # streaming calls
     done: bool = False
+    deadline: float | None = None  # the request's (time.time()), if it has one
+
+
+# A batch with a deadline in it closes this long (plus its run time) before it.
+DEADLINE_MARGIN_S = 0.02
 
 
 @dataclass
@@ -79,6 +89,9 @@ class _BatchQueue:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     running: set[asyncio.Task[None]] = field(default_factory=set)
+    # How long recent (unary) batches took to run: a batch closes that long before
+    # the earliest deadline among its requests, so it can still answer in time.
+    run_s: float = 0.0
 
     def submit(self, request: _Request) -> None:
         if self.settings.batch_size_fn is not None:
@@ -105,10 +118,11 @@ class _BatchQueue:
             while not self.waiting:
                 self.arrived.clear()
                 await self.arrived.wait()
-            deadline = asyncio.get_running_loop().time() + self.settings.batch_wait_timeout_s
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.settings.batch_wait_timeout_s
             while not self._full():
                 self.arrived.clear()
-                remaining = deadline - asyncio.get_running_loop().time()
+                remaining = self._wait_end(deadline, loop) - loop.time()
                 if remaining <= 0:
                     break
                 if not await wait_event(self.arrived, remaining):
@@ -119,6 +133,16 @@ class _BatchQueue:
             self.running.add(task)
             task.add_done_callback(self.running.discard)
             task.add_done_callback(lambda _: slots.release())
+
+    def _wait_end(self, end: float, loop: asyncio.AbstractEventLoop) -> float:
+        """When to stop waiting for more: at ``end`` (loop time), or when the earliest
+        deadline of the waiting requests passes, if that is sooner."""
+        deadlines = [r.deadline for r in self.waiting if r.deadline is not None and not r.done]
+        if not deadlines:
+            return end
+        # Half as long again, and a few ms, for the way back and a busy loop.
+        margin = 1.5 * self.run_s + DEADLINE_MARGIN_S
+        return min(end, loop.time() + (min(deadlines) - time.time()) - margin)
 
     def _full(self) -> bool:
         return self.settings.size(self.waiting) >= self.settings.max_batch_size
@@ -145,7 +169,10 @@ class _BatchQueue:
             if self.streaming:
                 await self._stream(live, args, kwargs)
             else:
+                started = time.perf_counter()
                 results = await self.call(*args, **kwargs)
+                took = time.perf_counter() - started
+                self.run_s = took if not self.run_s else 0.8 * self.run_s + 0.2 * took
                 _check_length(results, len(live))
                 for request, result in zip(live, results, strict=True):
                     if request.result is not None and not request.result.done():
@@ -280,7 +307,9 @@ def batch(
             return queue
 
         def make_request(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Request:
-            return _Request(args, kwargs)
+            request = current_request()
+            deadline = None if request is None else request.deadline
+            return _Request(args, kwargs, deadline=deadline)
 
         if streaming:
 
