@@ -69,18 +69,8 @@ def ensure(runtime: Runtime, required: bool = False) -> None:
     if not options.serve_http:
         return
     serve_grpc = options.grpc_options.serves
-    if runtime.http is None:
-        from tandem._private.http.app import open_http
-
-        collectors = [_grpc.metrics] if serve_grpc else []
-        try:
-            runtime.http = runtime.run_sync(
-                open_http(runtime, options.http_options, collectors, direct_ingress_enabled())
-            )
-        except OSError as exc:
-            if required:
-                raise
-            logger.warning("%s Handles still work; HTTP is not served.", exc.strerror or exc)
+    # gRPC first: once the HTTP port answers (what clients and scripts wait for),
+    # the gRPC port does too.
     if serve_grpc and _grpc.server is None:
         from tandem._private.grpc.server import open_grpc
 
@@ -94,6 +84,18 @@ def ensure(runtime: Runtime, required: bool = False) -> None:
             if required:
                 raise
             logger.warning("%s Handles still work; gRPC is not served.", exc.strerror or exc)
+    if runtime.http is None:
+        from tandem._private.http.app import open_http
+
+        collectors = [_grpc.metrics] if serve_grpc else []
+        try:
+            runtime.http = runtime.run_sync(
+                open_http(runtime, options.http_options, collectors, direct_ingress_enabled())
+            )
+        except OSError as exc:
+            if required:
+                raise
+            logger.warning("%s Handles still work; HTTP is not served.", exc.strerror or exc)
 
 
 async def stop(runtime: Runtime, timeout_s: float = 20.0) -> None:
