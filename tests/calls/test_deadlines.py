@@ -118,12 +118,16 @@ def _metrics() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return parse_prometheus(httpx.get(base + "/metrics", timeout=10).text)
 
 
-def test_the_client_sets_a_deadline_over_http(backend: str) -> None:
-    slow = Slow.bind()
-    serve.run(Front.bind(slow), backend=backend, route_prefix="/front")
-    slow_handle = serve.get_deployment_handle("Slow", "default")
+def _front_over_http(backend: str) -> tuple[DeploymentHandle, str]:
+    """Front (calling Slow) at /front: Slow's handle, and the server's base URL."""
+    serve.run(Front.bind(Slow.bind()), backend=backend, route_prefix="/front")
     base = http_url()
     assert base is not None
+    return serve.get_deployment_handle("Slow", "default"), base
+
+
+def test_the_client_sets_a_deadline_over_http(backend: str) -> None:
+    slow_handle, base = _front_over_http(backend)
     with httpx.Client(timeout=10) as client:
         started = time.monotonic()
         answer = client.get(base + "/front", headers={"X-Request-Deadline-Ms": "300"})
@@ -157,11 +161,7 @@ def request_timeout_half_a_second() -> Any:
 
 @pytest.mark.usefixtures("request_timeout_half_a_second")
 def test_request_timeout_s_is_a_deadline_the_calls_inherit(backend: str) -> None:
-    slow = Slow.bind()
-    serve.run(Front.bind(slow), backend=backend, route_prefix="/front")
-    slow_handle = serve.get_deployment_handle("Slow", "default")
-    base = http_url()
-    assert base is not None
+    slow_handle, base = _front_over_http(backend)
     answer = httpx.get(base + "/front", timeout=10)
     assert answer.status_code == 408, answer.text
     assert "cancelled inner" in _events(slow_handle, "cancelled inner")
