@@ -4,8 +4,10 @@ undoing a cancellation a task caused itself."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def drain(items: asyncio.Queue[Any], end: Any) -> AsyncGenerator[Any, None]:
@@ -33,6 +35,23 @@ async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
     finally:
         waiter.cancel()
     return event.is_set()
+
+
+async def bounded(awaitable: Awaitable[T], timeout_s: float) -> T:
+    """``awaitable``'s result; asyncio.TimeoutError (and it is cancelled) if that takes
+    over ``timeout_s``. Not ``asyncio.wait_for``, for the reason ``wait_event`` gives:
+    a periodic call bounded by it, cancelled at close, could hang the close for good."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait([task], timeout=timeout_s)
+    except BaseException:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise asyncio.TimeoutError
+    return task.result()
 
 
 def uncancel(task: asyncio.Task[Any] | None) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tandem._private.app.autoscaling_config import AutoscalingConfig
+from tandem._private.queues import bounded
 
 logger = logging.getLogger("tandem")
 
@@ -88,7 +89,7 @@ class AutoscalingStats:
     async def record(self) -> None:
         """Call the method once and keep what it returned (see the module docstring)."""
         try:
-            result = await asyncio.wait_for(self._call(), self._timeout_s)
+            result = await bounded(self._call(), self._timeout_s)
         except asyncio.TimeoutError:
             logger.error(
                 "record_autoscaling_stats of %s took longer than %.0f s; this sample is skipped.",

@@ -24,6 +24,7 @@ from tandem._private.app.request_router_config import (
     DEFAULT_ROUTING_STATS_PERIOD_S,
     DEFAULT_ROUTING_STATS_TIMEOUT_S,
 )
+from tandem._private.queues import bounded
 
 logger = logging.getLogger("tandem")
 
@@ -96,7 +97,7 @@ class RoutingStats:
 
     async def record_once(self) -> None:
         try:
-            stats = await asyncio.wait_for(self._record(), self._timeout_s)
+            stats = await bounded(self._record(), self._timeout_s)
         except asyncio.TimeoutError:
             logger.warning(
                 "record_routing_stats of replica %s took longer than %s s "
