@@ -16,8 +16,6 @@ from tandem._private.calls.inbound import (
     Inbound,
     closing_call,
     closing_stream,
-    find_inbound,
-    upstream_items,
 )
 from tandem._private.calls.responses import DeploymentResponse, DeploymentResponseGenerator
 from tandem._private.calls.runtime import Runtime, get_runtime
@@ -216,16 +214,19 @@ def _stream_arguments(
             "merge the streams in a deployment of their own and pass its stream instead."
         )
 
+    made: list[Inbound] = []
+
     def swap(value: Any) -> Any:
-        if isinstance(value, DeploymentResponseGenerator):
-            return Inbound(upstream_items(value))
-        return value
+        if not isinstance(value, DeploymentResponseGenerator):
+            return value
+        # Closing the Inbound (the call ended or stopped reading) closes the
+        # generator, which stops the upstream call.
+        made.append(Inbound(value))
+        return made[0]
 
     args = tuple(map(swap, args))
     kwargs = {key: swap(value) for key, value in kwargs.items()}
-    inbound = find_inbound(args, kwargs)
-    assert inbound is not None
-    return args, kwargs, inbound
+    return args, kwargs, made[0]
 
 
 def _rebuild_handle(

@@ -14,6 +14,8 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
+import pytest
+
 import tandem as serve
 from helpers import eventually
 from tandem._private.calls.flow import STREAM_BUFFER
@@ -143,6 +145,12 @@ def test_an_upstream_error_reaches_the_reader_as_its_own_type(backend: str) -> N
         "error": "UpstreamBroke",
         "message": "broke after 3",
     }
+
+
+def test_an_upstream_error_reaches_a_sync_reader_too(backend: str) -> None:
+    producer, consumer = _apps(backend)
+    with pytest.raises(UpstreamBroke, match="broke after 2"):
+        consumer.total_sync.remote(_numbers(producer, 10, fail_after=2)).result(timeout_s=30)
 
 
 def test_a_reader_that_stops_stops_the_upstream_generator(backend: str) -> None:

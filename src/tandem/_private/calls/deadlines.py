@@ -33,6 +33,16 @@ def deadline_in(timeout_s: float | None, inherited: float | None) -> float | Non
     return own if inherited is None or own < inherited else inherited
 
 
+# The loop's timers run on the monotonic clock and deadlines on the wall clock: a
+# request cancelled at its deadline may see the wall clock a little short of it.
+CLOCK_SLACK_S = 0.05
+
+
+def passed(deadline: float | None) -> bool:
+    """Whether ``deadline`` has passed (give or take the clocks' slack)."""
+    return deadline is not None and time.time() >= deadline - CLOCK_SLACK_S
+
+
 def exceeded(what: str) -> DeadlineExceededError:
     return DeadlineExceededError(f"The deadline of the request passed {what}.")
 

@@ -93,18 +93,6 @@ def detach(
     return args, kwargs, None
 
 
-async def upstream_items(stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
-    """The items of another call's stream (a DeploymentResponseGenerator), as a call's
-    stream argument: closing this (the call ended, or stopped reading) stops that call."""
-    try:
-        async for item in stream:
-            yield item
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 async def closing_call(call: Awaitable[Any], inbound: Inbound) -> Any:
     """A unary call with a stream argument; the stream is closed when the call ends."""
     try:
@@ -125,17 +113,6 @@ async def closing_stream(
             await source.aclose()
         finally:
             await inbound.aclose()
-
-
-def find_inbound(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Inbound | None:
-    """The call's top-level Inbound, if it has one."""
-    for arg in args:
-        if isinstance(arg, Inbound):
-            return arg
-    for value in kwargs.values():
-        if isinstance(value, Inbound):
-            return value
-    return None
 
 
 def has_stream(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -216,9 +193,7 @@ async def pump(inbound: Inbound, push: Push) -> None:
     finally:
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
-        aclose = getattr(inbound.source, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await inbound.aclose()
 
 
 def start_pump(inbound: Inbound, push: Push) -> asyncio.Task[None]:

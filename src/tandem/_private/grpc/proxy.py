@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc
 from tandem._private.calls.context import DeploymentID, RequestMetadata
+from tandem._private.calls.deadlines import passed
 from tandem._private.calls.inbound import Inbound
 from tandem._private.calls.runtime import Runtime
 from tandem._private.grpc.access_log import log_rpc
@@ -216,8 +217,7 @@ class GRPCProxy:
             reply = await self._runtime.call(deployment, meta, (argument,), kwargs)
             return _serialize(outcome.took(reply, context), method)
         except (asyncio.CancelledError, DeadlineExceededError) as exc:
-            ours = meta.deadline is not None and time.time() >= meta.deadline - 1e-3
-            if isinstance(exc, DeadlineExceededError) and not ours:
+            if isinstance(exc, DeadlineExceededError) and not passed(meta.deadline):
                 self._failed(exc, meta, outcome)  # a shorter deadline set inside the app
                 return None
             if outcome.timed_out or isinstance(exc, DeadlineExceededError):

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.calls.context import HTTP_METHOD, DeploymentID, RequestMetadata
+from tandem._private.calls.deadlines import passed
 from tandem._private.calls.flow import Last, Opened
 from tandem._private.calls.runtime import Runtime
 from tandem._private.http import scope as scopes
@@ -198,8 +199,7 @@ class Proxy:
                 raise  # the server itself is shutting down
             return await self._stopped(send, exchange, request_id)
         except Exception as exc:
-            ours = deadline is not None and time.time() >= deadline - 1e-3
-            if isinstance(exc, DeadlineExceededError) and ours:
+            if isinstance(exc, DeadlineExceededError) and passed(deadline):
                 exchange.stopped = "timeout"  # the runtime kept it, before the watcher did
                 return await self._stopped(send, exchange, request_id)
             shed = self._backpressure(app, ingress) if isinstance(exc, BackPressureError) else None

@@ -7,8 +7,7 @@ every caller at once. A batch closes when it holds ``max_batch_size`` items
 (counted by ``batch_size_fn`` if given) or ``batch_wait_timeout_s`` after its
 first item arrived, or sooner if a request in it has a deadline (``calls.deadlines``):
 then it closes before the earliest one, by the time recent batches took to run
-and a margin. At
-most ``max_concurrent_batches`` run at a time.
+and a margin. At most ``max_concurrent_batches`` run at a time.
 
 ``set_max_batch_size`` and ``set_batch_wait_timeout_s`` change the settings of
 the replica they are called in (from ``reconfigure``, say), not those of the

@@ -18,7 +18,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -334,10 +334,7 @@ class Replica:
                 "call it through a handle with .options(stream=True)."
             )
         kwargs, grpc_context = take_context(method.fn, kwargs)
-        if meta.deadline is None:
-            slot = await self._admission.acquire()
-        else:
-            slot = await self._acquire_by_deadline(meta)
+        slot = await self._slot(meta)
         with Serving(self.stats, self.logs, self.context, meta, meta.method_name, slot):
             try:
                 # UserCode.run, unrolled: every call takes this path
@@ -382,10 +379,7 @@ class Replica:
         grpc_context = None
         if method is not None:
             kwargs, grpc_context = take_context(method.fn, kwargs)
-        if meta.deadline is None:
-            slot = await self._admission.acquire()
-        else:
-            slot = await self._acquire_by_deadline(meta)
+        slot = await self._slot(meta)
         with Serving(
             self.stats, self.logs, self.context, meta, _label(meta.method_name), slot
         ) as serving:
@@ -414,10 +408,7 @@ class Replica:
         """Serve one HTTP request (``args``: its data): the whole response when the
         ingress answers with a plain one (most do: no stream in between), else its
         ASGI messages as a begun stream, which holds the request's slot until it ends."""
-        if meta.deadline is None:
-            slot = await self._admission.acquire()
-        else:
-            slot = await self._acquire_by_deadline(meta)
+        slot = await self._slot(meta)
         serving = Serving(self.stats, self.logs, self.context, meta, "__call__", slot)
         serving.http = args[0].scope
         try:
@@ -443,6 +434,12 @@ class Replica:
                     yield item
             finally:
                 await source.aclose()
+
+    def _slot(self, meta: RequestMetadata) -> Awaitable[Slot]:
+        """Wait for a slot: by the request's deadline, if it has one."""
+        if meta.deadline is None:
+            return self._admission.acquire()
+        return self._acquire_by_deadline(meta)
 
     async def _acquire_by_deadline(self, meta: RequestMetadata) -> Slot:
         """A slot for a request with a deadline: one that arrives past it, or whose

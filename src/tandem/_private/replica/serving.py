@@ -14,14 +14,11 @@ from tandem._private.calls.context import (
     _replica_context,
     _request,
 )
+from tandem._private.calls.deadlines import passed
 from tandem._private.calls.flow import Last
 from tandem._private.replica.admission import Slot
 from tandem._private.replica.logs import ReplicaLogs
 from tandem._private.stats import RequestStats
-
-# The loop's timers run on the monotonic clock and deadlines on the wall clock: a
-# request cancelled at its deadline may see the wall clock a little short of it.
-CLOCK_SLACK_S = 0.05
 
 
 class Serving:
@@ -86,8 +83,7 @@ class Serving:
     ) -> None:
         seconds = time.perf_counter() - self._started
         self._stats.record(self._name, seconds, kind is not None)
-        deadline = self._deadline
-        if kind is not None and deadline is not None and time.time() >= deadline - CLOCK_SLACK_S:
+        if kind is not None and passed(self._deadline):
             self._stats.series(self._name).timed_out += 1  # cancelled at its deadline
         logs = self._logs
         if logs is not None and logs.access_log:
