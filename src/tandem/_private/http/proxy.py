@@ -161,6 +161,7 @@ class Proxy:
         ``on_complete`` is called once the last message of a response is sent,
         which may come a moment before the replica's stream ends.
         """
+        self.metrics.started(app)  # in flight from here: every way out is counted
         try:
             body = await _read_body(scope, receive, self._options.max_body_bytes)
         except _BodyTooLarge:
@@ -174,7 +175,7 @@ class Proxy:
         writes.hold()
         timeout_s = self._options.request_timeout_s
         try:
-            budget_s = scopes.deadline_budget_s(scope)
+            budget_s, priority = scopes.client_hints(scope)
         except ValueError as exc:
             await _plain(send, 400, f"Bad Request: {exc} (request id {request_id}).\n", request_id)
             return 400, None
@@ -182,12 +183,19 @@ class Proxy:
             timeout_s = budget_s  # the client's deadline comes first
         deadline = time.time() + timeout_s if timeout_s else None  # every hop inherits it
         meta = RequestMetadata(
-            request_id, app, ingress, HTTP_METHOD, True, model_id(scope), prefix, deadline
+            request_id,
+            app,
+            ingress,
+            HTTP_METHOD,
+            True,
+            model_id(scope),
+            prefix,
+            deadline,
+            priority,
         )
         data = HTTPRequestData.from_scope(scope, body, prefix)
         exchange = _Exchange(receive, timeout_s)
         self._exchanges.add(exchange)
-        self.metrics.started(app)
         try:
             answered = await self._runtime.http_request(
                 DeploymentID(app_name=app, name=ingress), meta, (data,)
