@@ -17,6 +17,7 @@ from tandem._private.calls.inbound import (
     closing_call,
     closing_stream,
 )
+from tandem._private.calls.priority import checked as checked_priority
 from tandem._private.calls.responses import DeploymentResponse, DeploymentResponseGenerator
 from tandem._private.calls.runtime import Runtime, get_runtime
 
@@ -31,7 +32,16 @@ _SERIALIZATIONS = ("cloudpickle", "pickle")
 class DeploymentHandle(Generic[T]):
     """Calls one deployment: ``handle.remote(...)`` or ``handle.method.remote(...)``."""
 
-    __slots__ = ("_id", "_method", "_methods", "_model_id", "_runtime", "_stream", "_timeout_s")
+    __slots__ = (
+        "_id",
+        "_method",
+        "_methods",
+        "_model_id",
+        "_priority",
+        "_runtime",
+        "_stream",
+        "_timeout_s",
+    )
 
     def __init__(
         self,
@@ -51,6 +61,7 @@ class DeploymentHandle(Generic[T]):
         # runtime (see tandem.run); None: this process's runtime, looked up per call.
         self._runtime: Runtime | None = None
         self._timeout_s: float | None = None  # options(timeout_s=...): see calls.deadlines
+        self._priority: int | None = None  # options(priority=...); None: the request's
 
     @property
     def deployment_name(self) -> str:
@@ -72,6 +83,7 @@ class DeploymentHandle(Generic[T]):
         request_serialization: str = _UNSET,
         response_serialization: str = _UNSET,
         timeout_s: float | None = _UNSET,
+        priority: int | None = _UNSET,
     ) -> DeploymentHandle[Any]:
         """A new handle with some call options changed; this one is left as it is.
 
@@ -80,6 +92,11 @@ class DeploymentHandle(Generic[T]):
         started by then, else cancelled in every deployment it reached. A call made
         while serving a request with an earlier deadline keeps that one (None: only
         the inherited deadline, if any).
+
+        ``priority`` (tandem's own): an int; of the calls waiting for a replica (in a
+        caller's queue, or in the replica's own for a slot), higher ones go first,
+        equal ones in order of arrival. None: the priority of the request being
+        served (0 outside one).
 
         ``_prefer_local_routing`` and ``_by_reference`` choose how Ray Serve moves a
         call, never its result: tandem routes to the least loaded of two replicas and
@@ -107,6 +124,8 @@ class DeploymentHandle(Generic[T]):
                 )
             if not timeout_s > 0:  # also refuses NaN
                 raise ValueError(f"timeout_s must be more than 0 seconds, got {timeout_s!r}.")
+        if priority is not _UNSET and priority is not None:
+            checked_priority(priority)
         if method_name is not _UNSET and not isinstance(method_name, str):
             raise TypeError(f"method_name must be a str, got {type(method_name).__name__}.")
         if multiplexed_model_id is not _UNSET and not isinstance(multiplexed_model_id, str):
@@ -124,6 +143,7 @@ class DeploymentHandle(Generic[T]):
         )
         handle._runtime = self._runtime
         handle._timeout_s = self._timeout_s if timeout_s is _UNSET else timeout_s
+        handle._priority = self._priority if priority is _UNSET else priority
         return handle
 
     def __getattr__(self, name: str) -> DeploymentHandle[Any]:
@@ -157,6 +177,9 @@ class DeploymentHandle(Generic[T]):
         deadline = None if parent is None else parent.deadline  # calls inherit it
         if self._timeout_s is not None:
             deadline = deadline_in(self._timeout_s, deadline)
+        priority = self._priority
+        if priority is None:
+            priority = 0 if parent is None else parent.priority
         meta = RequestMetadata(
             # A request keeps its id across hops so logs and cancellation can follow it.
             parent.request_id if parent is not None else RequestMetadata.new_request_id(),
@@ -166,6 +189,7 @@ class DeploymentHandle(Generic[T]):
             self._stream,
             self._model_id,
             deadline=deadline,
+            priority=priority,
         )
         if self._stream:
             source = runtime.stream(self._id, meta, args, kwargs, pending)
@@ -187,11 +211,19 @@ class DeploymentHandle(Generic[T]):
                 self._stream,
                 self._model_id,
                 self._timeout_s,
+                self._priority,
             ),
         )
 
     def _key(self) -> tuple[Any, ...]:
-        return (self._id, self._method, self._stream, self._model_id, self._timeout_s)
+        return (
+            self._id,
+            self._method,
+            self._stream,
+            self._model_id,
+            self._timeout_s,
+            self._priority,
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DeploymentHandle) and self._key() == other._key()
@@ -230,12 +262,19 @@ def _stream_arguments(
 
 
 def _rebuild_handle(
-    name: str, app: str, method: str, stream: bool, model_id: str, timeout_s: float | None = None
+    name: str,
+    app: str,
+    method: str,
+    stream: bool,
+    model_id: str,
+    timeout_s: float | None = None,
+    priority: int | None = None,
 ) -> DeploymentHandle[Any]:
     handle: DeploymentHandle[Any] = DeploymentHandle(
         name, app, method_name=method, stream=stream, multiplexed_model_id=model_id
     )
     handle._timeout_s = timeout_s
+    handle._priority = priority
     return handle
 
 

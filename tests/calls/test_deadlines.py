@@ -165,3 +165,56 @@ def test_request_timeout_s_is_a_deadline_the_calls_inherit(backend: str) -> None
     answer = httpx.get(base + "/front", timeout=10)
     assert answer.status_code == 408, answer.text
     assert "cancelled inner" in _events(slow_handle, "cancelled inner")
+
+
+@serve.deployment(num_replicas=2, max_ongoing_requests=8)
+class Uneven:
+    """Replica 0 answers in 0.4 s, replica 1 at once."""
+
+    def __init__(self) -> None:
+        self.rank = serve.get_replica_context().rank.rank
+
+    async def __call__(self) -> int:
+        await asyncio.sleep(0.4 if self.rank == 0 else 0.01)
+        return self.rank
+
+
+def test_a_call_with_a_deadline_goes_to_a_replica_likely_to_answer_in_time(
+    backend: str,
+) -> None:
+    uneven = serve.run(Uneven.bind(), backend=backend, route_prefix=None)
+    # Without a deadline, calls spread over both replicas; the router learns how
+    # long each takes to answer.
+    spread = [uneven.remote() for _ in range(8)]
+    assert {r.result(timeout_s=10) for r in spread} == {0, 1}
+    # With 0.2 s left, only replica 1's answers come in time: every call goes there.
+    for _ in range(10):
+        assert uneven.options(timeout_s=0.2).remote().result(timeout_s=10) == 1
+    # Calls without a deadline still use both.
+    assert {r.result(timeout_s=10) for r in [uneven.remote() for _ in range(8)]} == {0, 1}
+
+
+def test_calls_dropped_in_a_callers_queue_are_counted(backend: str) -> None:
+    slow_handle, base = _front_over_http(backend)
+    busy = slow_handle.wait.remote(1.5, "busy")  # Slow's only slot
+    time.sleep(0.2)
+    # Dropped while waiting in the driver's queue for Slow...
+    with pytest.raises(DeadlineExceededError):
+        slow_handle.options(timeout_s=0.2).wait.remote(0, "second").result(timeout_s=10)
+    # ...and in the queue of Front's replica (its own process on remote backends).
+    answer = httpx.get(base + "/front", headers={"X-Request-Deadline-Ms": "300"}, timeout=10)
+    assert answer.status_code == 408, answer.text
+    assert busy.result(timeout_s=10) == "done"
+    assert "started second" not in slow_handle.seen.remote().result(timeout_s=10)
+
+    def queued(stats: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
+        return sum(
+            value
+            for (name, labels), value in stats.items()
+            if name == "tandem_deployment_deadline_exceeded_total"
+            and ("deployment", "Slow") in labels
+            and ("method", "wait") in labels
+            and ("stage", "queued") in labels
+        )
+
+    assert eventually(lambda: queued(_metrics()), lambda n: n >= 2) == 2

@@ -1,4 +1,4 @@
-"""Admission (replica/admission.py): turns in arrival order, slots never lost."""
+"""Admission (replica/admission.py): turns by priority then arrival order, slots never lost."""
 
 from __future__ import annotations
 
@@ -78,3 +78,25 @@ def test_waiters_are_refused_once_the_door_closes() -> None:
             await admission.acquire()
 
     asyncio.run(main())
+
+
+def test_waiters_take_freed_slots_by_priority_then_in_order_of_arrival() -> None:
+    async def main() -> list[str]:
+        admission = _admission(1)
+        order: list[str] = []
+        held = await admission.acquire()
+
+        async def take(name: str, priority: int) -> None:
+            slot = await admission.acquire(priority)
+            order.append(name)
+            slot.release()
+
+        waiters = []
+        for name, priority in (("a", 0), ("low", -1), ("b", 0), ("high", 2), ("c", 0)):
+            waiters.append(asyncio.ensure_future(take(name, priority)))
+            await asyncio.sleep(0)
+        held.release()
+        await asyncio.gather(*waiters)
+        return order
+
+    assert asyncio.run(main()) == ["high", "a", "b", "c", "low"]

@@ -171,7 +171,9 @@ def _new_runtime(backend: Backend) -> Runtime:
     runtime.open()
 
     async def open_controller() -> Controller:
-        controller = Controller(backend, runtime.publish, queued=runtime.queued)
+        controller = Controller(
+            backend, runtime.publish, queued=runtime.queued, drops=runtime.deadline_drops
+        )
         await controller.open()
         return controller
 

@@ -1,13 +1,28 @@
-"""Waiting on the loop: a queue that a producer task fills, an event with a timeout, and
-undoing a cancellation a task caused itself."""
+"""Waiting on the loop: a queue that a producer task fills, an event with a timeout,
+undoing a cancellation a task caused itself, and a waiter's place in a queue served
+by priority."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+class Waiter(Generic[T]):
+    """One waiting in a queue kept sorted (``bisect.insort``): higher ``priority``
+    first, then lower ``arrival`` (first come, first served)."""
+
+    __slots__ = ("future", "rank")
+
+    def __init__(self, priority: int, arrival: int) -> None:
+        self.rank = (-priority, arrival)
+        self.future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+    def __lt__(self, other: Waiter[Any]) -> bool:
+        return self.rank < other.rank
 
 
 async def drain(items: asyncio.Queue[Any], end: Any) -> AsyncGenerator[Any, None]:

@@ -128,6 +128,8 @@ class RequestMetadata:
     route: str = ""
     # When the request must be answered by (time.time()), or None: no deadline.
     deadline: float | None = None
+    # Higher first in each router's queue (handle.options(priority=), X-Request-Priority).
+    priority: int = 0
     # Not sent along. A connection whose backend has a reference of its own to the
     # call's result (a Ray ObjectRef) leaves it here, or resolves the Future that
     # DeploymentResponse._to_object_ref left here to wait for it.
@@ -146,6 +148,7 @@ class RequestMetadata:
                 self.multiplexed_model_id,
                 self.route,
                 self.deadline,
+                self.priority,
             ),
         )
 

@@ -6,6 +6,11 @@ requests in flight on each replica, sends a request only to a replica below
 are busy (beyond that: ``BackPressureError``), and takes new replica sets as the
 controller publishes them, without dropping queued requests.
 
+Its queue is served by priority (``RequestMetadata.priority``, higher first), then
+in order of arrival. A request with a deadline goes to a replica whose recent
+answers to this caller came within the time it has left, when some replica's did
+not (``PowerOfTwoChoices``).
+
 A deployment with a custom request router (``request_router_config``) has it
 published in its replica set; its requests are then routed by that router
 (``calls.custom_routing``) instead of the built-in policy.
@@ -14,19 +19,25 @@ published in its replica set; its requests are then routed by that router
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import random
-from collections import deque
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tandem._private.calls.context import DeploymentID, ReplicaID, RequestMetadata
 from tandem._private.calls.custom_routing import CustomRouting, RouterSpec, Superseded
+from tandem._private.calls.deadlines import passed
 from tandem._private.calls.flow import Last, Opened
+from tandem._private.queues import Waiter
 from tandem.exceptions import BackPressureError, DeploymentUnavailableError
 
 # A custom router that keeps choosing replicas that are gone fails the request after this.
 MAX_STALE_CHOICES = 100
+# How much a replica's newest answer time moves its running estimate (RoutedReplica.latency_s).
+LATENCY_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
@@ -85,10 +96,17 @@ class RoutedReplica:
     connection: ReplicaConnection
     in_flight: int = 0
     retired: bool = False  # left the replica set; closed once its requests are done
+    # How long its recent answers to this caller took (0 until the first): a moving average.
+    latency_s: float = 0.0
 
     @property
     def has_room(self) -> bool:
         return self.in_flight < self.info.max_ongoing_requests
+
+    def answered_in(self, seconds: float) -> None:
+        """A call sent to this replica was answered ``seconds`` after it was sent."""
+        latency = self.latency_s
+        self.latency_s = seconds if not latency else latency + LATENCY_WEIGHT * (seconds - latency)
 
 
 @dataclass
@@ -116,6 +134,8 @@ class PowerOfTwoChoices:
     rng: random.Random = field(default_factory=random.Random)
 
     def choose(self, candidates: Sequence[RoutedReplica], meta: RequestMetadata) -> RoutedReplica:
+        if meta.deadline is not None and len(candidates) > 1:
+            candidates = likely_in_time(candidates, meta.deadline)
         model = meta.multiplexed_model_id
         if model and len(candidates) > 1:
             # Replicas that hold the model first; else those holding the fewest models
@@ -132,6 +152,16 @@ class PowerOfTwoChoices:
         a, b = self.rng.sample(range(len(candidates)), 2)
         first, second = candidates[a], candidates[b]
         return first if first.in_flight <= second.in_flight else second
+
+
+def likely_in_time(candidates: Sequence[RoutedReplica], deadline: float) -> Sequence[RoutedReplica]:
+    """The candidates whose recent answers came within the time left before ``deadline``
+    (all of them if each did, or none is known yet); if none did, the quickest."""
+    left = deadline - time.time()
+    in_time = [c for c in candidates if c.latency_s <= left]
+    if len(in_time) == len(candidates):
+        return candidates
+    return in_time or [min(candidates, key=lambda c: c.latency_s)]
 
 
 class Router:
@@ -153,9 +183,14 @@ class Router:
         self._local: RoutedReplica | None = None
         self._replica_set = ReplicaSet(deployment_id)
         self._known = False
-        self._queue: deque[asyncio.Future[RoutedReplica | None]] = deque()
+        # Requests waiting for a replica, in the order they are served (queues.Waiter):
+        # each is handed a replica, or None to look again.
+        self._queue: list[Waiter[RoutedReplica | None]] = []
+        self._arrivals = itertools.count()
         self._custom: CustomRouting | None = None
         self._custom_used = False  # then release() may get a custom router's tickets
+        # Calls whose deadline passed while they waited here, by method (for /metrics).
+        self.expired: dict[str, int] = {}
 
     @property
     def queued(self) -> int:
@@ -250,16 +285,17 @@ class Router:
                     chosen.in_flight += 1
                     return chosen
             self._raise_if_queue_full(len(self._queue))
-            waiter: asyncio.Future[RoutedReplica | None] = (
-                asyncio.get_running_loop().create_future()
-            )
-            self._queue.append(waiter)
+            waiter: Waiter[RoutedReplica | None] = Waiter(meta.priority, next(self._arrivals))
+            bisect.insort(self._queue, waiter)
             try:
-                handed = await waiter
+                handed = await waiter.future
             except asyncio.CancelledError:
                 self._queue.remove(waiter)
-                if waiter.done() and not waiter.cancelled():
-                    given = waiter.result()
+                if passed(meta.deadline):
+                    self.count_expired(meta.method_name)
+                future = waiter.future
+                if future.done() and not future.cancelled():
+                    given = future.result()
                     if given is not None:
                         self.release(given)  # handed a place but leaving: pass it on
                     else:
@@ -275,7 +311,7 @@ class Router:
                 chosen = self._policy.choose(candidates, meta)
                 chosen.in_flight += 1
                 return chosen
-            # Lost the race; go round and queue again at the back.
+            # Lost the race; go round and queue again (behind those of its priority).
 
     async def _assign_avoiding(self, meta: RequestMetadata, avoid: set[str]) -> RoutedReplica:
         self._raise_if_gone()
@@ -305,6 +341,10 @@ class Router:
                 chosen, pending = await custom.choose(meta, avoid, args, kwargs)
             except Superseded:
                 continue  # its router was replaced while it waited: ask the new one
+            except asyncio.CancelledError:
+                if passed(meta.deadline):
+                    self.count_expired(meta.method_name)
+                raise
             shared = self._replicas.get(chosen.info.replica_id)
             if shared is not chosen:  # the replica left while the router chose it
                 stale += 1
@@ -339,21 +379,25 @@ class Router:
         if not routed.retired and routed.has_room:
             # Hand the place to the first waiter directly: no race, no extra look.
             for waiter in self._queue:
-                if not waiter.done():
+                if not waiter.future.done():
                     routed.in_flight += 1
-                    waiter.set_result(routed)
+                    waiter.future.set_result(routed)
                     return
         elif routed.retired and not routed.in_flight:
             routed.connection.close()
         self._wake(1)
+
+    def count_expired(self, method: str) -> None:
+        """A call to ``method`` was dropped here: its deadline passed before it was sent."""
+        self.expired[method] = self.expired.get(method, 0) + 1
 
     def _wake(self, count: int) -> None:
         """Wake the first ``count`` waiters not woken yet, to look at the replicas again."""
         for waiter in self._queue:
             if count <= 0:
                 return
-            if not waiter.done():
-                waiter.set_result(None)
+            if not waiter.future.done():
+                waiter.future.set_result(None)
                 count -= 1
 
     def _raise_if_queue_full(self, queued: int) -> None:

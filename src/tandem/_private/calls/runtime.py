@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import functools
 import threading
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
@@ -154,6 +155,15 @@ class Runtime:
         """Waiting requests per deployment, for the deployments that have any."""
         return {key: r.queued for key, r in self._routers.items() if r.queued}
 
+    def deadline_drops(self) -> dict[tuple[str, str, str], int]:
+        """(app, deployment, method) -> calls from this process dropped before they were
+        sent, as their deadline passed (for /metrics)."""
+        return {
+            (key.app_name, key.name, method): count
+            for key, router in self._routers.items()
+            for method, count in router.expired.items()
+        }
+
     def knows(self, deployment_id: DeploymentID) -> bool:
         return deployment_id in self._directory
 
@@ -183,7 +193,7 @@ class Runtime:
         pending: type | None = None,
     ) -> Any:
         """One unary request; ``pending`` is the type of arguments to await first, if any."""
-        with deadline_scope(meta.deadline, deployment_id):
+        with self._deadline_scope(meta, deployment_id):
             if pending is not None:
                 args, kwargs = await resolve_arguments(args, kwargs, pending)
             router = self.router(deployment_id)
@@ -191,7 +201,10 @@ class Runtime:
             while True:
                 routed = await router.assign(meta, tried, args, kwargs)
                 try:
-                    return await routed.connection.call(meta, args, kwargs)
+                    sent = time.monotonic()
+                    result = await routed.connection.call(meta, args, kwargs)
+                    routed.answered_in(time.monotonic() - sent)
+                    return result
                 except ReplicaNotReached as error:
                     await _before_retry(tried, routed.info.replica_id, error)
                 finally:
@@ -206,7 +219,7 @@ class Runtime:
         pending: type | None = None,
     ) -> AsyncGenerator[Any, None]:
         """One streaming request; see :meth:`call`."""
-        with deadline_scope(meta.deadline, deployment_id):
+        with self._deadline_scope(meta, deployment_id):
             if pending is not None:
                 args, kwargs = await resolve_arguments(args, kwargs, pending)
             router = self.router(deployment_id)
@@ -232,12 +245,13 @@ class Runtime:
         """One HTTP request: its whole response, or its ASGI messages as a begun stream
         (which holds its replica until it ends). Retried as :meth:`stream` is; the
         deadline holds until the answer begins (the proxy's own timer holds after)."""
-        with deadline_scope(meta.deadline, deployment_id):
+        with self._deadline_scope(meta, deployment_id):
             router = self.router(deployment_id)
             tried: set[str] = set()
             while True:
                 routed = await router.assign(meta, tried, args, {})
                 try:
+                    sent = time.monotonic()
                     answered = await routed.connection.http_request(meta, args)
                 except ReplicaNotReached as error:
                     router.release(routed)
@@ -247,22 +261,25 @@ class Runtime:
                     router.release(routed)
                     raise
                 if isinstance(answered, Last):
+                    routed.answered_in(time.monotonic() - sent)
                     router.release(routed)
                     return answered
                 rest = chained(answered, functools.partial(router.release, routed))
                 return await begin(rest)
 
+    def _deadline_scope(
+        self, meta: RequestMetadata, deployment_id: DeploymentID
+    ) -> DeadlineScope | contextlib.nullcontext[None]:
+        """The scope a call to ``deployment_id`` runs in: its deadline's, if it has one.
+        A call made past its deadline is dropped (and counted) at once."""
+        if meta.deadline is None:
+            return _NO_DEADLINE
+        if meta.deadline <= time.time():
+            self.router(deployment_id).count_expired(meta.method_name)
+        return DeadlineScope(meta.deadline, f"before deployment {deployment_id.name!r} answered")
+
 
 _NO_DEADLINE = contextlib.nullcontext()
-
-
-def deadline_scope(
-    deadline: float | None, deployment_id: DeploymentID
-) -> DeadlineScope | contextlib.nullcontext[None]:
-    """The scope a call to ``deployment_id`` runs in: its deadline's, if it has one."""
-    if deadline is None:
-        return _NO_DEADLINE
-    return DeadlineScope(deadline, f"before deployment {deployment_id.name!r} answered")
 
 
 async def _before_retry(tried: set[str], replica_id: str, error: ReplicaNotReached) -> None:

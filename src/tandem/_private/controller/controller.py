@@ -39,6 +39,7 @@ from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaSet
 from tandem._private.controller.autoscaling import Autoscaler
 from tandem._private.controller.describe import (
+    dropped_series,
     proxy_counts,
     render_status,
     request_series,
@@ -61,8 +62,10 @@ class Controller:
         publish: Callable[[ReplicaSet], None],
         clock: Callable[[], float] = time.monotonic,
         queued: Callable[[DeploymentID], int] = lambda _: 0,
+        drops: Callable[[], dict[tuple[str, str, str], int]] = dict,
     ) -> None:
         self.backend = backend
+        self._drops = drops  # the driver's Runtime.deadline_drops
         self._clock = clock
         self._apps: dict[str, ApplicationRecord] = {}
         self._lock = asyncio.Lock()
@@ -363,7 +366,7 @@ class Controller:
 
     def deployment_series(self) -> list[tuple[str, str, str, Any]]:
         """Per-method request series of every replica, for /metrics."""
-        return request_series(self._apps, self.backend)
+        return request_series(self._apps, self.backend) + dropped_series(self._drops())
 
     def proxy_counts(self) -> dict[str, Any]:
         """Replica id -> the request counts of its process's own proxy (direct ingress)."""

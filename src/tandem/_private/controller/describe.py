@@ -22,6 +22,7 @@ from tandem._private.controller.status import (
     ReplicaStatus,
     Status,
 )
+from tandem._private.stats import Series
 
 
 def describe_deployment(record: DeploymentRecord, now: float) -> str:
@@ -114,15 +115,23 @@ def _deployment_status(
 def request_series(
     apps: Mapping[str, ApplicationRecord], backend: Backend
 ) -> list[tuple[str, str, str, Any]]:
-    """(application, deployment, method, series) of every replica, for /metrics."""
+    """(application, deployment, method, series) of every replica, for /metrics, and
+    the calls that replicas' processes dropped before sending them (``caller_drops``)."""
     out = []
     for app_name, app in apps.items():
         for name, record in app.deployments.items():
             for replica in record.replicas:
-                stats = backend.facts(replica.info).stats
+                facts = backend.facts(replica.info)
+                stats = facts.stats
                 for method, series in stats.by_method.items() if stats is not None else ():
                     out.append((app_name, name, method, series))
+                out.extend(dropped_series(facts.caller_drops or {}))
     return out
+
+
+def dropped_series(drops: Mapping[tuple[str, str, str], int]) -> list[tuple[str, str, str, Any]]:
+    """Calls a caller dropped before sending them, as series of dropped calls."""
+    return [(*key, Series(dropped=count)) for key, count in drops.items()]
 
 
 def user_metric_reports(

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from tandem._private.calls import priority
 from tandem._private.calls.context import DeploymentID, RequestMetadata
 from tandem._private.calls.deadlines import passed
 from tandem._private.calls.inbound import Inbound
@@ -84,6 +85,9 @@ _FAILURES: dict[type[Exception], tuple[grpc.StatusCode, str, str]] = {
     ),
     RequestCancelledError: (grpc.StatusCode.CANCELLED, "cancelled", "the request was cancelled"),
 }
+
+# The metadata key a client sets a call's priority with (see calls.priority).
+_PRIORITY = "x-request-priority"
 
 
 class _Outcome:
@@ -165,9 +169,17 @@ class GRPCProxy:
             await context.abort(grpc.StatusCode.NOT_FOUND, route, trailing_metadata=trailing)
         prefix, app, ingress = route
         model_id = str(metadata.get("multiplexed_model_id", ""))
+        sent_priority = metadata.get(_PRIORITY)
+        try:
+            rank = 0 if sent_priority is None else priority.parsed(str(sent_priority), _PRIORITY)
+        except ValueError as exc:
+            log_rpc(method.path, "INVALID_ARGUMENT", time.perf_counter() - started, request_id, app)
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(exc), trailing_metadata=trailing)
         meta = RequestMetadata(
             request_id, app, ingress, method.name, method.server_streaming, model_id, prefix
         )
+        meta.priority = rank
         deployment = DeploymentID(name=ingress, app_name=app)
         outcome = _Outcome()
         reply: bytes | None = None

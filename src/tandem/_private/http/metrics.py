@@ -230,8 +230,9 @@ class ProxyMetrics(RequestCounts, Collector):
         )
         expired = CounterMetricFamily(
             "tandem_deployment_deadline_exceeded",
-            "Calls whose deadline passed in a replica: dropped before they started "
-            "(stage=queued) or cancelled while they ran (stage=running).",
+            "Calls whose deadline passed: dropped before they started, in a caller's "
+            "queue or a replica's (stage=queued), or cancelled while they ran "
+            "(stage=running).",
             labels=[*_LABELS, "stage"],
         )
         totals: dict[tuple[str, str, str], Series] = {}

@@ -1,5 +1,6 @@
 """What the proxy reads from an ASGI scope: the path routes match, the application
-that serves it, the request id and the multiplexed model id."""
+that serves it, the request id, the multiplexed model id, and the client's
+deadline and priority."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 
 from starlette.types import Scope
 
+from tandem._private.calls import priority
 from tandem._private.calls.context import RequestMetadata
 
 # (route_prefix, application, ingress deployment), longest prefix first.
@@ -62,9 +64,12 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def deadline_budget_s(scope: Scope) -> float | None:
+def client_hints(scope: Scope) -> tuple[float | None, int]:
     """The client's ``X-Request-Deadline-Ms`` (the milliseconds it gives the request to
-    be answered in, counted from its arrival) in seconds; raises ValueError if bad."""
+    be answered in, counted from its arrival) in seconds, or None, and its
+    ``X-Request-Priority`` (0 if none; see ``calls.priority``). ValueError if bad."""
+    budget_s: float | None = None
+    rank = 0
     for key, value in scope["headers"]:
         if key == b"x-request-deadline-ms":
             try:
@@ -76,8 +81,10 @@ def deadline_budget_s(scope: Scope) -> float | None:
                     "X-Request-Deadline-Ms must be a positive number of milliseconds "
                     f"(got {value.decode('latin-1')[:40]!r})"
                 )
-            return budget_ms / 1000
-    return None
+            budget_s = budget_ms / 1000
+        elif key == b"x-request-priority":
+            rank = priority.parsed(value.decode("latin-1"), "X-Request-Priority")
+    return budget_s, rank
 
 
 def model_id(scope: Scope) -> str:

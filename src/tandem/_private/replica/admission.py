@@ -1,9 +1,10 @@
 """Admission: at most ``max_ongoing_requests`` requests run in a replica at once.
 
 A request takes a :class:`Slot` before it runs and gives it back when it ends;
-others wait their turn in arrival order: an ending request hands its slot to the
-first waiter, so one that arrives meanwhile cannot barge in (on one loop, local
-callers that arrive all the time would otherwise starve waiters from elsewhere).
+others wait their turn, by priority (``RequestMetadata.priority``), then in
+arrival order: an ending request hands its slot to the first waiter, so one that
+arrives meanwhile cannot barge in (on one loop, local callers that arrive all the
+time would otherwise starve waiters from elsewhere).
 Stopping closes the door (waiters and later arrivals are refused) and waits for
 the requests inside to end, except those whose caller gave up while a worker
 thread still runs them (their slot is "held by a thread" until the thread ends):
@@ -13,7 +14,11 @@ nobody wants their results.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 from collections.abc import Callable
+
+from tandem._private.queues import Waiter
 
 
 class Slot:
@@ -46,22 +51,24 @@ class Admission:
         self.in_flight = 0
         self.in_threads = 0  # slots held by threads whose callers gave up
         self.open = False
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[Waiter[None]] = []  # in the order they are served
+        self._arrivals = itertools.count()
         # Set by drain() while requests are in flight; done when the last one ends.
         self._drained: asyncio.Future[None] | None = None
 
-    async def acquire(self) -> Slot:
+    async def acquire(self, priority: int = 0) -> Slot:
         if not self.open:
             raise self._refusal()
         if self.in_flight < self.capacity and not self._waiters:
             self.in_flight += 1
             return Slot(self)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        waiter: Waiter[None] = Waiter(priority, next(self._arrivals))
+        bisect.insort(self._waiters, waiter)
+        future = waiter.future
         try:
-            await waiter  # its result: a slot handed over by a request that ended
+            await future  # its result: a slot handed over by a request that ended
         except BaseException:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            if future.done() and not future.cancelled() and future.exception() is None:
                 self._release(False)  # handed a slot, but leaving: pass it on
             elif waiter in self._waiters:
                 self._waiters.remove(waiter)
@@ -88,8 +95,8 @@ class Admission:
 
     def refuse_waiters(self) -> None:
         for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_exception(self._refusal())
+            if not waiter.future.done():
+                waiter.future.set_exception(self._refusal())
         self._waiters.clear()
 
     def _handed_to_thread(self) -> None:
@@ -102,7 +109,7 @@ class Admission:
         # The slot goes straight to the first waiter (it stays counted in in_flight), so
         # a request that arrives meanwhile cannot take it first: turns go in arrival order.
         while self._waiters:
-            waiter = self._waiters.pop(0)
+            waiter = self._waiters.pop(0).future
             if not waiter.done():
                 waiter.set_result(None)
                 if self._drained is not None:

@@ -242,7 +242,11 @@ class ReplicaHost:
         facts = ReplicaFacts(pid=os.getpid()) if replica is None else replica.facts()
         # The process is the replica's alone: its metrics made outside the replica
         # (e.g. at module level) are reported with it too.
-        return dataclasses.replace(facts, user_metrics=STORE.report_all())
+        return dataclasses.replace(
+            facts,
+            user_metrics=STORE.report_all(),
+            caller_drops=self._runtime.deadline_drops() or None,
+        )
 
     async def reconfigure(self, user_config: Any) -> None:
         await self.replica.reconfigure(user_config)

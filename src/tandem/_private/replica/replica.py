@@ -18,7 +18,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +102,9 @@ class ReplicaFacts:
     autoscaling_stats: StatsWindow = ()
     # Direct ingress: the http.metrics.RequestCounts of the replica process's own proxy.
     proxy_counts: Any = None
+    # (app, deployment, method) -> calls from the replica's process dropped before they
+    # were sent, as their deadline passed (Runtime.deadline_drops); set by hosts.
+    caller_drops: Mapping[tuple[str, str, str], int] | None = None
 
 
 class Replica:
@@ -438,7 +441,7 @@ class Replica:
     def _slot(self, meta: RequestMetadata) -> Awaitable[Slot]:
         """Wait for a slot: by the request's deadline, if it has one."""
         if meta.deadline is None:
-            return self._admission.acquire()
+            return self._admission.acquire(meta.priority)
         return self._acquire_by_deadline(meta)
 
     async def _acquire_by_deadline(self, meta: RequestMetadata) -> Slot:
@@ -447,7 +450,7 @@ class Replica:
         assert meta.deadline is not None
         try:
             with DeadlineScope(meta.deadline, f"before deployment {self.name!r} could start it"):
-                return await self._admission.acquire()
+                return await self._admission.acquire(meta.priority)
         except DeadlineExceededError:
             self.stats.series(_label(meta.method_name)).dropped += 1
             raise
