@@ -8,6 +8,10 @@ previous stage's DeploymentResponseGenerator as its argument, one line each:
     ids = model.options(stream=True).generate.remote(tokens)
     text = detokenizer.options(stream=True).detokenize.remote(ids)
 
+``composed, chunked`` (tandem only): the same, with
+``stream_chunk_ms=--chunk-ms`` on every stream, so items that come within that
+window cross between processes together.
+
 ``item by item`` (what Ray Serve allows, as it refuses a generator as an
 argument): the ingress reads the tokenizer's stream and calls the model and the
 detokenizer once per token, re-streaming each piece.
@@ -16,7 +20,7 @@ Prints, per backend and way, tokens/s and time to first token (median of the
 rounds), and the composed/item-by-item ratio of the same run.
 
 Usage: python benchmarks/streaming.py [--backends local,process] [--tokens 1000]
-                                      [--rounds 5] [--ray-serve]
+                                      [--rounds 5] [--chunk-ms 5] [--ray-serve]
 ``--ray-serve`` also runs the item-by-item pipeline on Ray Serve (needs
 ``ray[serve]``; a fresh local Ray in a child process).
 """
@@ -32,8 +36,10 @@ import time
 from typing import Any
 
 
-def build(serve: Any, composed: bool) -> Any:
+def build(serve: Any, composed: bool, chunk_ms: float = 0) -> Any:
     """The pipeline app, written against either framework's ``serve``."""
+    # stream_chunk_ms is tandem's own: only passed when asked for.
+    chunked = {"stream_chunk_ms": chunk_ms} if chunk_ms else {}
 
     @serve.deployment
     class Tokenizer:
@@ -67,10 +73,10 @@ def build(serve: Any, composed: bool) -> Any:
             self.detokenizer = detokenizer
 
         async def run(self, n: int) -> Any:
-            tokens = self.tokenizer.options(stream=True).tokenize.remote(n)
+            tokens = self.tokenizer.options(stream=True, **chunked).tokenize.remote(n)
             if composed:
-                ids = self.model.options(stream=True).generate.remote(tokens)
-                text = self.detokenizer.options(stream=True).detokenize.remote(ids)
+                ids = self.model.options(stream=True, **chunked).generate.remote(tokens)
+                text = self.detokenizer.options(stream=True, **chunked).detokenize.remote(ids)
                 async for piece in text:
                     yield piece
                 return
@@ -81,9 +87,10 @@ def build(serve: Any, composed: bool) -> Any:
     return Pipeline.bind(Tokenizer.bind(), Model.bind(), Detokenizer.bind())
 
 
-def measure(handle: Any, tokens: int, rounds: int) -> dict[str, float]:
+def measure(handle: Any, tokens: int, rounds: int, chunk_ms: float = 0) -> dict[str, float]:
     """Tokens/s and time to first token over ``rounds`` runs (after one warm-up)."""
-    stream = handle.options(stream=True).run
+    chunked = {"stream_chunk_ms": chunk_ms} if chunk_ms else {}
+    stream = handle.options(stream=True, **chunked).run
     list(stream.remote(10))  # warm-up: connections, first calls
     rates, firsts = [], []
     for _ in range(rounds):
@@ -101,13 +108,19 @@ def measure(handle: Any, tokens: int, rounds: int) -> dict[str, float]:
     return {"rate": statistics.median(rates), "first": statistics.median(firsts)}
 
 
-def run_tandem(backend: str, tokens: int, rounds: int) -> dict[str, dict[str, float]]:
+def run_tandem(
+    backend: str, tokens: int, rounds: int, chunk_ms: float
+) -> dict[str, dict[str, float]]:
     import tandem as serve
 
     results = {}
-    for way, composed in (("composed", True), ("item by item", False)):
-        handle = serve.run(build(serve, composed), backend=backend, route_prefix=None)
-        results[way] = measure(handle, tokens, rounds)
+    ways = [("composed", True, 0.0), ("item by item", False, 0.0)]
+    if chunk_ms:
+        ways.insert(1, (f"composed, chunked {chunk_ms:g} ms", True, chunk_ms))
+    for way, composed, chunk in ways:
+        app = build(serve, composed, chunk)
+        handle = serve.run(app, backend=backend, route_prefix=None)
+        results[way] = measure(handle, tokens, rounds, chunk)
         serve.shutdown()
     return results
 
@@ -127,7 +140,7 @@ def run_ray_serve(tokens: int, rounds: int) -> dict[str, float]:
 
 def line(name: str, way: str, result: dict[str, float]) -> str:
     return (
-        f"{name:<16} {way:<13} {result['rate']:>9,.0f} tokens/s   "
+        f"{name:<16} {way:<24} {result['rate']:>9,.0f} tokens/s   "
         f"first token {result['first'] * 1000:7.2f} ms"
     )
 
@@ -137,6 +150,7 @@ def main() -> None:
     parser.add_argument("--backends", default="local,process")
     parser.add_argument("--tokens", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--chunk-ms", type=float, default=5.0, help="0: no chunked row")
     parser.add_argument("--ray-serve", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -145,14 +159,16 @@ def main() -> None:
         return
     print(f"{args.tokens} tokens through 3 stages, median of {args.rounds} rounds")
     for backend in args.backends.split(","):
-        results = run_tandem(backend, args.tokens, args.rounds)
+        results = run_tandem(backend, args.tokens, args.rounds, args.chunk_ms)
         for way, result in results.items():
             print(line(f"tandem {backend}", way, result))
-        composed, single = results["composed"], results["item by item"]
-        print(
-            f"{'':16} composed/item by item: {composed['rate'] / single['rate']:.1f}x tokens/s, "
-            f"first token {single['first'] / composed['first']:.1f}x sooner"
-        )
+        single = results["item by item"]
+        for way, result in results.items():
+            if way != "item by item":
+                print(
+                    f"{'':16} {way} / item by item: {result['rate'] / single['rate']:.1f}x "
+                    f"tokens/s, first token {single['first'] / result['first']:.1f}x sooner"
+                )
     if args.ray_serve:
         command = [sys.executable, __file__, "--child", "ray-serve"]
         command += ["--tokens", str(args.tokens), "--rounds", str(args.rounds)]

@@ -27,6 +27,8 @@ _UNSET: Any = object()
 # The deployment's class: ``DeploymentHandle[Model]`` in type hints, as in Ray Serve.
 T = TypeVar("T")
 _SERIALIZATIONS = ("cloudpickle", "pickle")
+# The longest stream_chunk_ms: items that wait longer than this are not a stream's.
+MAX_CHUNK_MS = 1000
 
 
 class DeploymentHandle(Generic[T]):
@@ -40,6 +42,7 @@ class DeploymentHandle(Generic[T]):
         "_priority",
         "_runtime",
         "_stream",
+        "_stream_chunk_s",
         "_timeout_s",
     )
 
@@ -62,6 +65,7 @@ class DeploymentHandle(Generic[T]):
         self._runtime: Runtime | None = None
         self._timeout_s: float | None = None  # options(timeout_s=...): see calls.deadlines
         self._priority: int | None = None  # options(priority=...); None: the request's
+        self._stream_chunk_s = 0.0  # options(stream_chunk_ms=...), in seconds
 
     @property
     def deployment_name(self) -> str:
@@ -84,6 +88,7 @@ class DeploymentHandle(Generic[T]):
         response_serialization: str = _UNSET,
         timeout_s: float | None = _UNSET,
         priority: int | None = _UNSET,
+        stream_chunk_ms: float | None = _UNSET,
     ) -> DeploymentHandle[Any]:
         """A new handle with some call options changed; this one is left as it is.
 
@@ -97,6 +102,12 @@ class DeploymentHandle(Generic[T]):
         caller's queue, or in the replica's own for a slot), higher ones go first,
         equal ones in order of arrival. None: the priority of the request being
         served (0 outside one).
+
+        ``stream_chunk_ms`` (tandem's own, for streaming calls): the items of a
+        stream from a replica in another process may wait up to that many
+        milliseconds to cross together, so a stream of many small items takes
+        fewer messages. The reader still gets them one by one. None or 0: each
+        item leaves as soon as it is made.
 
         ``_prefer_local_routing`` and ``_by_reference`` choose how Ray Serve moves a
         call, never its result: tandem routes to the least loaded of two replicas and
@@ -126,6 +137,8 @@ class DeploymentHandle(Generic[T]):
                 raise ValueError(f"timeout_s must be more than 0 seconds, got {timeout_s!r}.")
         if priority is not _UNSET and priority is not None:
             checked_priority(priority)
+        if stream_chunk_ms is not _UNSET and stream_chunk_ms is not None:
+            _check_chunk_ms(stream_chunk_ms)
         if method_name is not _UNSET and not isinstance(method_name, str):
             raise TypeError(f"method_name must be a str, got {type(method_name).__name__}.")
         if multiplexed_model_id is not _UNSET and not isinstance(multiplexed_model_id, str):
@@ -144,6 +157,15 @@ class DeploymentHandle(Generic[T]):
         handle._runtime = self._runtime
         handle._timeout_s = self._timeout_s if timeout_s is _UNSET else timeout_s
         handle._priority = self._priority if priority is _UNSET else priority
+        if stream_chunk_ms is _UNSET:
+            handle._stream_chunk_s = self._stream_chunk_s
+        else:
+            handle._stream_chunk_s = (stream_chunk_ms or 0) / 1000
+        if handle._stream_chunk_s and not handle._stream:
+            raise ValueError(
+                "stream_chunk_ms applies to streaming calls: set stream=True with it "
+                "(handle.options(stream=True, stream_chunk_ms=...))."
+            )
         return handle
 
     def __getattr__(self, name: str) -> DeploymentHandle[Any]:
@@ -190,6 +212,7 @@ class DeploymentHandle(Generic[T]):
             self._model_id,
             deadline=deadline,
             priority=priority,
+            stream_chunk_s=self._stream_chunk_s,
         )
         if self._stream:
             source = runtime.stream(self._id, meta, args, kwargs, pending)
@@ -212,6 +235,7 @@ class DeploymentHandle(Generic[T]):
                 self._model_id,
                 self._timeout_s,
                 self._priority,
+                self._stream_chunk_s,
             ),
         )
 
@@ -223,6 +247,7 @@ class DeploymentHandle(Generic[T]):
             self._model_id,
             self._timeout_s,
             self._priority,
+            self._stream_chunk_s,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -261,6 +286,17 @@ def _stream_arguments(
     return args, kwargs, made[0]
 
 
+def _check_chunk_ms(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"stream_chunk_ms must be a number of milliseconds or None, got {type(value).__name__}."
+        )
+    if not 0 <= value <= MAX_CHUNK_MS:  # also refuses NaN
+        raise ValueError(
+            f"stream_chunk_ms must be between 0 and {MAX_CHUNK_MS} milliseconds, got {value!r}."
+        )
+
+
 def _rebuild_handle(
     name: str,
     app: str,
@@ -269,12 +305,14 @@ def _rebuild_handle(
     model_id: str,
     timeout_s: float | None = None,
     priority: int | None = None,
+    stream_chunk_s: float = 0.0,
 ) -> DeploymentHandle[Any]:
     handle: DeploymentHandle[Any] = DeploymentHandle(
         name, app, method_name=method, stream=stream, multiplexed_model_id=model_id
     )
     handle._timeout_s = timeout_s
     handle._priority = priority
+    handle._stream_chunk_s = stream_chunk_s
     return handle
 
 

@@ -203,3 +203,22 @@ def test_a_stream_passed_from_inside_a_deployment(backend: str) -> None:
     app = Pipeline.bind(Producer.bind(), Consumer.bind())
     handle = serve.run(app, backend=backend, route_prefix=None)
     assert handle.remote(50).result(timeout_s=30) == 1225
+
+
+def test_a_slow_sync_reader_in_the_driver_holds_the_producer_back(backend: str) -> None:
+    producer, _ = _apps(backend)
+    stream = _numbers(producer, 10**9)
+    # The driver's reader takes what is there in one go: still a bounded amount.
+    for read, item in enumerate(stream):
+        assert item == read
+        if read == 3 * STREAM_BUFFER:
+            break
+        if read % STREAM_BUFFER == 0:
+            time.sleep(0.1)  # the producer runs ahead as far as it may meanwhile
+    state = producer.state.remote().result(timeout_s=10)
+    assert state["produced"] <= 3 * STREAM_BUFFER + AHEAD
+    stream.cancel()
+    state = eventually(
+        lambda: producer.state.remote().result(timeout_s=10), lambda s: s["ended"], timeout_s=20
+    )
+    assert state["ended"] == ["stopped"]

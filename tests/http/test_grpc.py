@@ -225,6 +225,17 @@ def test_request_reaches_the_method_as_its_message_with_id_and_model(served: Ser
     assert new_id != "a b" * 100 and reply.greeting.startswith(f"{new_id}|")
 
 
+def test_priority_metadata_is_a_whole_number(served: Served) -> None:
+    reply = served.stub.__call__(
+        pb().Ask(name="p", num=1), metadata=(*MAIN, ("x-request-priority", "5"))
+    )
+    assert reply.greeting == "Hello p"
+    with pytest.raises(grpc.RpcError) as caught:
+        served.stub.__call__(pb().Ask(), metadata=(*MAIN, ("x-request-priority", "urgent")))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "x-request-priority must be a whole number" in str(caught.value.details())
+
+
 # -- applications ----------------------------------------------------------------
 
 

@@ -130,6 +130,9 @@ class RequestMetadata:
     deadline: float | None = None
     # Higher first in each router's queue (handle.options(priority=), X-Request-Priority).
     priority: int = 0
+    # A stream's items may wait this long to cross to the caller together
+    # (handle.options(stream_chunk_ms=); calls.channel).
+    stream_chunk_s: float = 0.0
     # Not sent along. A connection whose backend has a reference of its own to the
     # call's result (a Ray ObjectRef) leaves it here, or resolves the Future that
     # DeploymentResponse._to_object_ref left here to wait for it.
@@ -149,6 +152,7 @@ class RequestMetadata:
                 self.route,
                 self.deadline,
                 self.priority,
+                self.stream_chunk_s,
             ),
         )
 

@@ -9,6 +9,7 @@ sync code (``.result()``, ``for``) in any thread but the loop's own.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import importlib.util
 import threading
@@ -296,6 +297,8 @@ class DeploymentResponseGenerator(Generic[R]):
         self._runtime = runtime
         self._pump: _Pump | None = None
         self._closed = False
+        # Items a reader in another thread took in one go (_Pump.take), not read yet.
+        self._taken: collections.deque[Any] = collections.deque()
         if runtime.on_loop_thread():
             self._pump = _Pump(source)
         else:
@@ -336,10 +339,17 @@ class DeploymentResponseGenerator(Generic[R]):
     def __next__(self) -> Any:
         _refuse_blocking_on_loop("Iterating a DeploymentResponseGenerator with `for`")
         assert self._pump is not None
-        item = asyncio.run_coroutine_threadsafe(self._pump.next(), self._runtime.loop).result()
-        if item is _END:
+        taken = self._taken
+        if taken and not self._closed:
+            return taken.popleft()
+        taken.clear()
+        # Every item there now in one trip to the loop: a trip per item would cost
+        # more than most items (two thread wake-ups).
+        items = asyncio.run_coroutine_threadsafe(self._pump.take(), self._runtime.loop).result()
+        if not items:
             raise StopIteration
-        return item
+        taken.extend(items)
+        return taken.popleft()
 
     def close(self) -> None:
         self.cancel()
@@ -365,7 +375,8 @@ class DeploymentResponseGenerator(Generic[R]):
 
 class _Pump:
     """Runs a stream on the loop as a task, buffering items until the reader takes them
-    (up to STREAM_BUFFER: a reader that stops holds the stream back, see ``calls.flow``)."""
+    (up to STREAM_BUFFER: a reader that stops holds the stream back, see ``calls.flow``;
+    a reader in another thread may hold as many again, taken in one go)."""
 
     def __init__(self, source: AsyncIterator[Any], start: bool = True) -> None:
         self._source = source
@@ -417,6 +428,23 @@ class _Pump:
         else:
             self._room.release()
         return value
+
+    async def take(self) -> list[Any]:
+        """The items here now, waiting for the first; [] at the end. The stream's
+        error is raised by the take after the one with the items before it."""
+        first = await self.next()
+        if first is _END:
+            return []
+        items = [first]
+        queue = self._items
+        while not queue.empty():
+            ok, value = queue.get_nowait()
+            if not ok or value is _END:
+                queue.put_nowait((ok, value))  # for the next take
+                break
+            self._room.release()
+            items.append(value)
+        return items
 
     def cancel(self) -> None:
         self._cancelled = True

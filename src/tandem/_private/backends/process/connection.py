@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tandem._private.backends.process.peer import Peer, open_peer
+from tandem._private.calls.channel import Chunk
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.errors import ReplicaNotReached
 from tandem._private.calls.flow import Last, Opened, ReadReports, begin, new_token
@@ -95,8 +96,13 @@ class ProcessConnection:
         pumping = None if inbound is None else _pump(peer, inbound)
         try:
             async for item in source:
-                yield item
-                reads.took()
+                if type(item) is Chunk:  # items that crossed together (calls.channel)
+                    for each in item.items:
+                        yield each
+                        reads.took()
+                else:
+                    yield item
+                    reads.took()
         finally:
             await stop_pump(pumping)
             await source.aclose()

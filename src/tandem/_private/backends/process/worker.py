@@ -30,6 +30,7 @@ from tandem._private.backends.local import LocalConnection
 from tandem._private.backends.process.connection import ProcessConnection
 from tandem._private.backends.process.frames import picklable_starlette
 from tandem._private.backends.process.peer import Peer, PeerListener, peer_on_socket
+from tandem._private.calls.channel import chunks
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo
 from tandem._private.calls.runtime import Runtime, set_runtime
 from tandem._private.http.options import direct_ingress_enabled
@@ -227,7 +228,9 @@ class _Worker:
         return self.host.call(None, *payload)
 
     def _on_stream(self, op: str, payload: Any) -> AsyncGenerator[Any, None]:
-        return self.host.stream(*payload)
+        stream = self.host.stream(*payload)
+        window_s = payload[1].stream_chunk_s  # (token, meta, args, kwargs)
+        return chunks(stream, window_s) if window_s else stream
 
     def _on_caller_note(self, op: str, payload: Any) -> None:
         if op == "read":

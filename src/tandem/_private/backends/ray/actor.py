@@ -18,7 +18,6 @@ runtime adopts: handle calls made by the replica run inline, as elsewhere.
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -28,11 +27,11 @@ import ray
 from tandem._private.backends.process.frames import picklable_starlette
 from tandem._private.backends.ray.connection import connect
 from tandem._private.backends.ray.tracebacks import attach_traceback, with_traceback
+from tandem._private.calls.channel import Channel, Ended, gathered
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.flow import STREAM_BUFFER
 from tandem._private.calls.router import ReplicaSet
 from tandem._private.calls.runtime import Runtime, set_runtime
-from tandem._private.queues import wait_event
 from tandem._private.replica.host import ReplicaHost, StartSpec
 from tandem._private.replica.replica import ReplicaFacts
 
@@ -44,81 +43,13 @@ ORPHAN_S = 30.0
 STOP_LINGER_S = 0.5
 
 
-class _Ended(Exception):
-    """The stream has no more items."""
-
-
-class _Channel:
-    """A stream's items, from the host (run by a task of its own, ``pump``) to the
-    actor calls that return them: ``stream_open``, then ``stream_rest``. The host's
-    credit bounds how many wait here. Cancelling ``pump`` cancels the stream."""
-
-    def __init__(self, source: AsyncGenerator[Any, None]) -> None:
-        self._items: collections.deque[Any] = collections.deque()
-        self._arrived = asyncio.Event()
-        self.pump = asyncio.ensure_future(self._run(source))
-        self.pump.add_done_callback(lambda _: self._arrived.set())
-
-    async def _run(self, source: AsyncGenerator[Any, None]) -> None:
-        try:
-            async for item in source:
-                self._items.append(item)
-                self._arrived.set()
-        except Exception as exc:
-            attach_traceback(exc)
-            raise
-        finally:
-            await source.aclose()
-
-    def take(self) -> list[Any]:
-        """The items here now (perhaps none)."""
-        items = list(self._items)
-        self._items.clear()
-        return items
-
-    @property
-    def ended_cleanly(self) -> bool:
-        """Every item is taken and the stream ended without an error."""
-        pump = self.pump
-        return not self._items and pump.done() and not pump.cancelled() and not pump.exception()
-
-    async def wait(self, timeout_s: float | None = None) -> None:
-        """Until there is an item (or the stream ended), or ``timeout_s`` passed."""
-        if self._items or self.pump.done():
-            return
-        self._arrived.clear()
-        await wait_event(self._arrived, timeout_s)
-
-    async def next(self) -> Any:
-        while not self._items:
-            self._raise_if_over()
-            await self.wait()
-        return self._items.popleft()
-
-    def _raise_if_over(self) -> None:
-        pump = self.pump
-        if not pump.done():
-            return
-        if pump.cancelled():
-            raise asyncio.CancelledError
-        error = pump.exception()
-        if error is not None:
-            raise error
-        raise _Ended
-
-    async def close(self) -> None:
-        if not self.pump.done():
-            self.pump.cancel()
-            await asyncio.wait([self.pump])
-
-
 class ReplicaActor:
     """Hosts one replica in a Ray actor (see the module docstring)."""
 
     def __init__(self) -> None:
         self._host: ReplicaHost | None = None
         # Streams whose first items were returned, waiting for stream_rest.
-        self._open: dict[str, _Channel] = {}
+        self._open: dict[str, Channel] = {}
 
     def _hosting(self) -> ReplicaHost:
         if self._host is None:
@@ -151,15 +82,20 @@ class ReplicaActor:
     ) -> tuple[list[Any], bool]:
         """Start a streaming call; return its first items, and whether that was all.
 
-        Gathers items for up to GATHER_S after the first, so a short stream (most
+        Gathers items for up to GATHER_S (or the call's stream_chunk_ms, if longer)
+        after the first, so a short stream (most
         HTTP responses: a start and a body) takes this one call; a longer one
         continues with :meth:`stream_rest`, which must follow within ORPHAN_S.
         """
-        channel = _Channel(self._hosting().stream(token, meta, args, kwargs))
+        channel = Channel(
+            self._hosting().stream(token, meta, args, kwargs),
+            attach_traceback,
+            window_s=meta.stream_chunk_s,
+        )
         loop = asyncio.get_running_loop()
         try:
             first = [await channel.next()]
-            deadline = loop.time() + GATHER_S
+            deadline = loop.time() + max(GATHER_S, channel.window_s)
             while len(first) < STREAM_BUFFER:
                 first.extend(channel.take())
                 if channel.ended_cleanly:
@@ -168,7 +104,7 @@ class ReplicaActor:
                 if remaining <= 0 or channel.pump.done():
                     break  # an error, if any, goes out with stream_rest (after these items)
                 await channel.wait(remaining)
-        except _Ended:
+        except Ended:
             return [], True
         except BaseException:
             await channel.close()
@@ -179,9 +115,9 @@ class ReplicaActor:
 
     async def stream_rest(self, token: str) -> AsyncGenerator[list[Any], None]:
         """The rest of a stream that :meth:`stream_open` started, in lists of the
-        items there at each step: a list leaves as soon as it has one item, and a
-        Ray object per item costs more than most items (a fast stream ran at a
-        third of the speed)."""
+        items there at each step: a list leaves as soon as it has one item (or, with
+        ``stream_chunk_ms``, that much later), and a Ray object per item costs more
+        than most items (a fast stream ran at a third of the speed)."""
         channel = self._open.pop(token, None)
         if channel is None:
             raise RuntimeError(
@@ -191,10 +127,10 @@ class ReplicaActor:
         try:
             while True:
                 try:
-                    first = await channel.next()
-                except _Ended:
+                    items = await gathered(channel)
+                except Ended:
                     return
-                yield [first, *channel.take()]
+                yield items
         finally:
             await channel.close()
 
