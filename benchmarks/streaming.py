@@ -17,7 +17,9 @@ argument): the ingress reads the tokenizer's stream and calls the model and the
 detokenizer once per token, re-streaming each piece.
 
 Prints, per backend and way, tokens/s and time to first token (median of the
-rounds), and the composed/item-by-item ratio of the same run.
+rounds), and the composed/item-by-item ratio of the same run. Then, with
+``--chunk-ms``, one hop alone: a replica reading 50,000 items from another
+replica's stream, items/s with and without ``stream_chunk_ms``.
 
 Usage: python benchmarks/streaming.py [--backends local,process] [--tokens 1000]
                                       [--rounds 5] [--chunk-ms 5] [--ray-serve]
@@ -125,6 +127,50 @@ def run_tandem(
     return results
 
 
+HOP_ITEMS = 50_000
+
+
+def build_hop(serve: Any) -> Any:
+    """A reader replica that times reading a source replica's stream."""
+
+    @serve.deployment
+    class Source:
+        async def items(self, n: int) -> Any:
+            for i in range(n):
+                yield i
+
+    @serve.deployment
+    class Reader:
+        def __init__(self, source: Any) -> None:
+            self.source = source
+
+        async def read(self, n: int, chunk_ms: float) -> float:
+            chunked = {"stream_chunk_ms": chunk_ms} if chunk_ms else {}
+            stream = self.source.options(stream=True, **chunked).items
+            started = time.perf_counter()
+            count = 0
+            async for _ in stream.remote(n):
+                count += 1
+            assert count == n, (count, n)
+            return n / (time.perf_counter() - started)
+
+    return Reader.bind(Source.bind())
+
+
+def run_hop(backend: str, rounds: int, chunk_ms: float) -> dict[float, float]:
+    """Median items/s of one replica reading another's stream, by stream_chunk_ms."""
+    import tandem as serve
+
+    handle = serve.run(build_hop(serve), backend=backend, route_prefix=None)
+    handle.read.remote(1000, 0).result()  # warm-up
+    rates: dict[float, list[float]] = {0.0: [], chunk_ms: []}
+    for _ in range(rounds):  # alternating, so both see the same machine
+        for chunk in rates:
+            rates[chunk].append(handle.read.remote(HOP_ITEMS, chunk).result())
+    serve.shutdown()
+    return {chunk: statistics.median(values) for chunk, values in rates.items()}
+
+
 def run_ray_serve(tokens: int, rounds: int) -> dict[str, float]:
     """In a child process: the item-by-item pipeline on Ray Serve."""
     import ray
@@ -169,6 +215,13 @@ def main() -> None:
                     f"{'':16} {way} / item by item: {result['rate'] / single['rate']:.1f}x "
                     f"tokens/s, first token {single['first'] / result['first']:.1f}x sooner"
                 )
+    for backend in args.backends.split(",") if args.chunk_ms else ():
+        hop = run_hop(backend, args.rounds, args.chunk_ms)
+        plain, chunked = hop[0.0], hop[args.chunk_ms]
+        print(
+            f"one hop, {backend}: {HOP_ITEMS:,} items replica to replica: {plain:,.0f} items/s, "
+            f"chunked {args.chunk_ms:g} ms {chunked:,.0f} items/s ({chunked / plain:.1f}x)"
+        )
     if args.ray_serve:
         command = [sys.executable, __file__, "--child", "ray-serve"]
         command += ["--tokens", str(args.tokens), "--rounds", str(args.rounds)]
