@@ -14,6 +14,7 @@ from tandem._private.calls.context import DeploymentID, RequestMetadata, current
 from tandem._private.calls.deadlines import deadline_in
 from tandem._private.calls.inbound import (
     Inbound,
+    StreamCall,
     closing_call,
     closing_stream,
 )
@@ -191,10 +192,10 @@ class DeploymentHandle(Generic[T]):
                         streams += 1
                     else:
                         pending = DeploymentResponse
+        runtime = self._runtime or get_runtime()
         inbound = None
         if streams:
-            args, kwargs, inbound = _stream_arguments(args, kwargs, streams)
-        runtime = self._runtime or get_runtime()
+            args, kwargs, inbound = _stream_arguments(args, kwargs, streams, runtime)
         parent = current_request()
         deadline = None if parent is None else parent.deadline  # calls inherit it
         if self._timeout_s is not None:
@@ -218,7 +219,11 @@ class DeploymentHandle(Generic[T]):
             source = runtime.stream(self._id, meta, args, kwargs, pending)
             if inbound is not None:
                 source = closing_stream(source, inbound)
-            return DeploymentResponseGenerator(runtime, source)
+            # Passed on to another call before it begins, a replica may make it instead.
+            handoff = None
+            if pending is None and runtime.on_loop_thread():
+                handoff = StreamCall.of(self._id, meta, args, kwargs)
+            return DeploymentResponseGenerator(runtime, source, handoff)
         call = runtime.call(self._id, meta, args, kwargs, pending)
         if inbound is not None:
             call = closing_call(call, inbound)
@@ -262,9 +267,11 @@ class DeploymentHandle(Generic[T]):
 
 
 def _stream_arguments(
-    args: tuple[Any, ...], kwargs: dict[str, Any], streams: int
+    args: tuple[Any, ...], kwargs: dict[str, Any], streams: int, runtime: Runtime
 ) -> tuple[tuple[Any, ...], dict[str, Any], Inbound]:
-    """A call's DeploymentResponseGenerator argument as the stream its replica reads."""
+    """A call's DeploymentResponseGenerator argument as the stream its replica reads:
+    the call itself if it has not begun (the replica makes it: its items need not
+    pass through here), else the generator."""
     if streams > 1:
         raise TypeError(
             f"A call takes at most one DeploymentResponseGenerator argument, got {streams}; "
@@ -277,8 +284,9 @@ def _stream_arguments(
         if not isinstance(value, DeploymentResponseGenerator):
             return value
         # Closing the Inbound (the call ended or stopped reading) closes the
-        # generator, which stops the upstream call.
-        made.append(Inbound(value))
+        # generator (or the call made from it), which stops the upstream call.
+        call = value.hand_off()
+        made.append(Inbound(value) if call is None else Inbound(call, runtime))
         return made[0]
 
     args = tuple(map(swap, args))

@@ -24,9 +24,10 @@ from tandem._private.calls.flow import READ_REPORT_EVERY, STREAM_BUFFER, Credit,
 # Far more than any bound: a producer that is not held back gets to the end.
 TOTAL = 20 * STREAM_BUFFER
 # The items a stream's generator may be ahead of what its reader took: the
-# handle's buffer and the way from the replica, STREAM_BUFFER each, plus the
-# items in hand at either end.
-AHEAD = 2 * STREAM_BUFFER + 2
+# handle's buffer, the way from the replica, and what a reader in another thread
+# took from the handle in one go, STREAM_BUFFER each, plus the items in hand at
+# either end.
+AHEAD = 3 * STREAM_BUFFER + 2
 
 
 @serve.deployment(graceful_shutdown_timeout_s=0.2)

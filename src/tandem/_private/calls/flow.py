@@ -9,7 +9,9 @@ STREAM_BUFFER of the items it sent are unread by the caller (:class:`Credit`),
 and the caller reports what it read in batches (:class:`ReadReports`), so the
 buffers in between (sockets, Ray's objects) hold no more than that either. A
 reader that stops thus stops the generator a bounded number of items later,
-instead of letting it fill memory; one that reads on lets it go on.
+instead of letting it fill memory; one that reads on lets it go on. (A reader
+in another thread than the loop's, e.g. the driver's ``for`` loop, takes what
+the handle's buffer holds in one go: as many again wait in its hand.)
 
 A producer that knows an item is its stream's last says so (:class:`Last`): the
 process wire then sends the item and the stream's end as one message.

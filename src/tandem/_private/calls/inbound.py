@@ -15,6 +15,14 @@ one batch at a time (so batches arrive in order on any transport), and the
 host answers a batch only once fewer than STREAM_BUFFER items wait for the
 replica. A replica that stops reading thus stops its caller reading from its
 source a bounded number of items later, instead of buffering without end.
+
+A stream passed on before it began (the usual ``ids = model.remote(tokens)``
+right after ``tokens = tokenizer.remote(...)``, in a deployment) goes further:
+its caller hands it off as a :class:`StreamCall`, the call itself, and the
+replica that reads it makes that call from its own process. Items then flow
+from one replica to the next directly, not through the process that made
+both calls (``DeploymentResponseGenerator.hand_off``). The reading replica's
+host opens it and closes it when the call that reads it ends, which stops it.
 """
 
 from __future__ import annotations
@@ -24,9 +32,13 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tandem._private.calls.context import DeploymentID, RequestMetadata
 from tandem._private.calls.flow import STREAM_BUFFER, new_token
+
+if TYPE_CHECKING:
+    from tandem._private.calls.runtime import Runtime
 
 # Items of one push are at most this many (a batch is what waits at the time).
 MAX_BATCH = STREAM_BUFFER
@@ -40,13 +52,63 @@ ENDED_KEPT = 4096
 Push = Callable[[list[Any], bool, BaseException | None], Awaitable[bool]]
 
 
+@dataclass(frozen=True)
+class StreamCall:
+    """A streaming call not made yet, handed to the replica that will read it."""
+
+    deployment_id: DeploymentID
+    meta: RequestMetadata
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    @classmethod
+    def of(
+        cls,
+        deployment_id: DeploymentID,
+        meta: RequestMetadata,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> StreamCall | None:
+        """The call, if it can be made elsewhere: its stream argument (if any) is one
+        handed off too, not an iterator of this process."""
+        args, kwargs, inbound = detach(args, kwargs)
+        return None if inbound is not None else cls(deployment_id, meta, args, kwargs)
+
+    def open(self, runtime: Runtime) -> AsyncGenerator[Any, None]:
+        """Make the call from ``runtime``'s process: its items. A StreamCall among its
+        arguments is handed on in turn (or opened here, if its replica is here)."""
+        args, kwargs = self.args, self.kwargs
+        for index, arg in enumerate(args):
+            if isinstance(arg, StreamCall):
+                inbound = Inbound(arg, runtime)
+                args = (*args[:index], inbound, *args[index + 1 :])
+                break
+        else:
+            for key, value in kwargs.items():
+                if isinstance(value, StreamCall):
+                    inbound = Inbound(value, runtime)
+                    kwargs = {**kwargs, key: inbound}
+                    break
+            else:
+                return runtime.stream(self.deployment_id, self.meta, args, kwargs)
+        return closing_stream(runtime.stream(self.deployment_id, self.meta, args, kwargs), inbound)
+
+
 class Inbound:
-    """A caller's async iterator, passed as a top-level argument of a call."""
+    """A caller's async iterator, passed as a top-level argument of a call; or a
+    :class:`StreamCall` (``call``), opened through ``runtime`` when first read
+    here, unless a connection hands it on (:func:`detach`)."""
 
-    __slots__ = ("_items", "source", "token")
+    __slots__ = ("_items", "_runtime", "call", "source", "token")
 
-    def __init__(self, source: AsyncIterator[Any]) -> None:
-        self.source = source
+    def __init__(self, source: AsyncIterator[Any] | StreamCall, runtime: Runtime | None = None):
+        self.call: StreamCall | None = None
+        self.source: AsyncIterator[Any] | None = None
+        if isinstance(source, StreamCall):
+            self.call = source
+        else:
+            self.source = source
+        self._runtime = runtime
         self.token = new_token()
         self._items: AsyncIterator[Any] | None = None
 
@@ -56,7 +118,11 @@ class Inbound:
     def __anext__(self) -> Awaitable[Any]:
         items = self._items
         if items is None:
-            items = self._items = aiter(self.source)
+            source = self.source
+            if source is None:
+                assert self.call is not None and self._runtime is not None
+                source = self.source = self.call.open(self._runtime)
+            items = self._items = aiter(source)
         return anext(items)
 
     async def aclose(self) -> None:
@@ -82,15 +148,25 @@ class InboundRef:
 def detach(
     args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any], Inbound | None]:
-    """``args`` and ``kwargs`` with their top-level Inbound (a call has at most one)
-    replaced by a ref, and that Inbound."""
+    """``args`` and ``kwargs`` as they travel to another process, and the Inbound
+    whose items the caller must send (a call has at most one): a handed-off
+    StreamCall not opened here travels as it is (None to send); an iterator of
+    this process as a ref."""
     for index, arg in enumerate(args):
         if isinstance(arg, Inbound):
-            return (*args[:index], InboundRef(arg.token), *args[index + 1 :]), kwargs, arg
+            sent, inbound = _travelling(arg)
+            return (*args[:index], sent, *args[index + 1 :]), kwargs, inbound
     for key, value in kwargs.items():
         if isinstance(value, Inbound):
-            return args, {**kwargs, key: InboundRef(value.token)}, value
+            sent, inbound = _travelling(value)
+            return args, {**kwargs, key: sent}, inbound
     return args, kwargs, None
+
+
+def _travelling(inbound: Inbound) -> tuple[StreamCall | InboundRef, Inbound | None]:
+    if inbound.call is not None and inbound.source is None:
+        return inbound.call, None
+    return InboundRef(inbound.token), inbound
 
 
 async def closing_call(call: Awaitable[Any], inbound: Inbound) -> Any:
@@ -172,7 +248,7 @@ async def pump(inbound: Inbound, push: Push) -> None:
 
     async def read() -> None:
         try:
-            async for item in inbound.source:
+            async for item in inbound:
                 await waiting.put((item, False, None))
         except Exception as exc:  # the replica's iterator raises it, after the items
             await waiting.put((None, True, exc))
@@ -265,9 +341,13 @@ class InboundQueue:
 
 class InboundQueues:
     """A host's inbound streams by token. A push may overtake its call (Ray does not
-    keep the order of an async actor's calls), so either one makes the queue."""
+    keep the order of an async actor's calls), so either one makes the queue.
+    A StreamCall argument is opened through ``runtime`` (the host's)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, runtime: Runtime | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._runtime = runtime
         self._clock = clock
         self._queues: dict[str, InboundQueue] = {}
         self._unclaimed: dict[str, float] = {}  # made by a push: token -> when
@@ -275,21 +355,33 @@ class InboundQueues:
 
     def claim(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any], str | None]:
-        """``args`` and ``kwargs`` with an InboundRef replaced by its queue, and that
-        queue's token."""
+    ) -> tuple[tuple[Any, ...], dict[str, Any], str | Inbound | None]:
+        """``args`` and ``kwargs`` with an InboundRef replaced by its queue, or a
+        StreamCall by the stream it makes from here; what to :meth:`release` when the
+        call ends (the queue's token, or the stream)."""
         for index, arg in enumerate(args):
-            if isinstance(arg, InboundRef):
-                queue = self._claimed(arg.token)
-                return (*args[:index], queue, *args[index + 1 :]), kwargs, arg.token
+            if isinstance(arg, _SENT):
+                stream, claimed = self._claimed(arg)
+                return (*args[:index], stream, *args[index + 1 :]), kwargs, claimed
         for key, value in kwargs.items():
-            if isinstance(value, InboundRef):
-                return args, {**kwargs, key: self._claimed(value.token)}, value.token
+            if isinstance(value, _SENT):
+                stream, claimed = self._claimed(value)
+                return args, {**kwargs, key: stream}, claimed
         return args, kwargs, None
 
-    def _claimed(self, token: str) -> InboundQueue:
-        self._unclaimed.pop(token, None)
-        return self._queue(token)
+    def _claimed(self, sent: InboundRef | StreamCall) -> tuple[Any, str | Inbound]:
+        if isinstance(sent, StreamCall):
+            opened = Inbound(sent, self._runtime)
+            return opened, opened
+        self._unclaimed.pop(sent.token, None)
+        return self._queue(sent.token), sent.token
+
+    async def release(self, claimed: str | Inbound) -> None:
+        """The call that read what :meth:`claim` gave ended: close it."""
+        if isinstance(claimed, str):
+            self.close(claimed)
+        else:
+            await claimed.aclose()  # stops the call it made, if still going
 
     async def push(
         self, token: str, items: list[Any], end: bool, error: BaseException | None
@@ -323,6 +415,9 @@ class InboundQueues:
             if now - since > ORPHAN_S:
                 self.close(token)
 
+
+# How a stream argument arrives from another process.
+_SENT = (InboundRef, StreamCall)
 
 # What a replica's method may get as a stream argument: the caller's own iterator
 # (local backend) or the queue its items arrive in (another process).

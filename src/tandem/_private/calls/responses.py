@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.flow import STREAM_BUFFER
+from tandem._private.calls.inbound import StreamCall
 from tandem._private.calls.runtime import Runtime
 from tandem.exceptions import RequestCancelledError
 
@@ -284,6 +285,10 @@ def _ray_session() -> Any:
 
 
 _END = object()
+_HANDED_OFF = (
+    "This stream was passed to another call, which reads it (its items go straight to "
+    "that call's replica); read that call's results instead."
+)
 
 
 class DeploymentResponseGenerator(Generic[R]):
@@ -293,10 +298,13 @@ class DeploymentResponseGenerator(Generic[R]):
     ``.cancel()``) stops the generator in the replica.
     """
 
-    def __init__(self, runtime: Runtime, source: AsyncIterator[Any]) -> None:
+    def __init__(
+        self, runtime: Runtime, source: AsyncIterator[Any], call: StreamCall | None = None
+    ) -> None:
         self._runtime = runtime
         self._pump: _Pump | None = None
         self._closed = False
+        self._call = call  # the call itself, while it may still be handed off
         # Items a reader in another thread took in one go (_Pump.take), not read yet.
         self._taken: collections.deque[Any] = collections.deque()
         if runtime.on_loop_thread():
@@ -304,6 +312,16 @@ class DeploymentResponseGenerator(Generic[R]):
         else:
             pump = self._pump = _Pump(source, start=False)
             runtime.loop.call_soon_threadsafe(pump.start)
+
+    def hand_off(self) -> StreamCall | None:
+        """The call, for a replica that reads this stream to make itself (see
+        ``calls.inbound``), if it has not begun here: this generator then yields
+        nothing. None if it began, or was made outside tandem's loop."""
+        call, pump = self._call, self._pump
+        self._call = None
+        if call is None or pump is None or not self._runtime.on_loop_thread():
+            return None
+        return call if pump.hand_off() else None
 
     # async iteration ------------------------------------------------------
 
@@ -384,6 +402,8 @@ class _Pump:
         self._room = asyncio.Semaphore(STREAM_BUFFER)
         self._task: asyncio.Task[None] | None = None
         self._cancelled = False
+        self._began = False  # its task took its first step
+        self._handed_off = False
         self.finished = False
         if start:
             self.start()
@@ -393,7 +413,20 @@ class _Pump:
             return
         self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def hand_off(self) -> bool:
+        """Never run the stream here (another replica makes its call), if it has not
+        begun; whether it had not."""
+        if self._began or self._cancelled:
+            return False
+        self._handed_off = True
+        return True
+
     async def _run(self) -> None:
+        self._began = True
+        if self._handed_off:
+            self.finished = True
+            self._items.put_nowait((False, RuntimeError(_HANDED_OFF)))
+            return
         try:
             async for item in self._source:
                 self._items.put_nowait((True, item))

@@ -99,7 +99,7 @@ class ReplicaHost:
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._cancelled_early: dict[str, float] = {}
         self._credits: dict[str, Credit] = {}  # streams served here, by token
-        self._inbound = InboundQueues()  # their inbound arguments (calls.inbound)
+        self._inbound = InboundQueues(runtime)  # their stream arguments (calls.inbound)
         # News for watch(): its version, and an event set (then replaced) when it changes.
         self._version = 0
         self._news = asyncio.Event()
@@ -155,7 +155,7 @@ class ReplicaHost:
                 self._running.pop(token, None)
         finally:
             if inbound is not None:
-                self._inbound.close(inbound)
+                await self._inbound.release(inbound)
 
     async def stream(
         self,
@@ -194,7 +194,7 @@ class ReplicaHost:
                     await source.aclose()
         finally:
             if inbound is not None:
-                self._inbound.close(inbound)
+                await self._inbound.release(inbound)
 
     async def push(
         self, token: str, items: list[Any], end: bool, error: BaseException | None
