@@ -223,7 +223,7 @@ class DeploymentHandle(Generic[T]):
             handoff = None
             if pending is None and runtime.on_loop_thread():
                 handoff = StreamCall.of(self._id, meta, args, kwargs)
-            return DeploymentResponseGenerator(runtime, source, handoff)
+            return DeploymentResponseGenerator(runtime, source, handoff, deadline)
         call = runtime.call(self._id, meta, args, kwargs, pending)
         if inbound is not None:
             call = closing_call(call, inbound)

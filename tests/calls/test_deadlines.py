@@ -218,3 +218,22 @@ def test_calls_dropped_in_a_callers_queue_are_counted(backend: str) -> None:
         )
 
     assert eventually(lambda: queued(_metrics()), lambda n: n >= 2) == 2
+
+
+@serve.deployment(graceful_shutdown_timeout_s=0.2)
+class Counter:
+    async def count(self, n: int) -> Any:
+        for i in range(n):
+            yield i
+            await asyncio.sleep(0)
+
+
+def test_a_stream_past_its_deadline_ends_with_deadline_exceeded(backend: str) -> None:
+    counter = serve.run(Counter.bind(), backend=backend, route_prefix=None)
+    stream = counter.options(stream=True, timeout_s=0.3).count.remote(10**9)
+    items = iter(stream)
+    assert next(items) == 0
+    time.sleep(0.6)  # buffers fill up; the deadline passes while the stream waits for room
+    with pytest.raises(DeadlineExceededError):
+        for _ in items:
+            pass

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Coroutine, Generator, Iterator
 from typing import Any, Generic, TypeVar
 
 from tandem._private.calls.context import RequestMetadata
+from tandem._private.calls.deadlines import exceeded, passed
 from tandem._private.calls.flow import STREAM_BUFFER
 from tandem._private.calls.inbound import StreamCall
 from tandem._private.calls.runtime import Runtime
@@ -299,7 +300,11 @@ class DeploymentResponseGenerator(Generic[R]):
     """
 
     def __init__(
-        self, runtime: Runtime, source: AsyncIterator[Any], call: StreamCall | None = None
+        self,
+        runtime: Runtime,
+        source: AsyncIterator[Any],
+        call: StreamCall | None = None,
+        deadline: float | None = None,
     ) -> None:
         self._runtime = runtime
         self._pump: _Pump | None = None
@@ -308,9 +313,9 @@ class DeploymentResponseGenerator(Generic[R]):
         # Items a reader in another thread took in one go (_Pump.take), not read yet.
         self._taken: collections.deque[Any] = collections.deque()
         if runtime.on_loop_thread():
-            self._pump = _Pump(source)
+            self._pump = _Pump(source, deadline=deadline)
         else:
-            pump = self._pump = _Pump(source, start=False)
+            pump = self._pump = _Pump(source, start=False, deadline=deadline)
             runtime.loop.call_soon_threadsafe(pump.start)
 
     def hand_off(self) -> StreamCall | None:
@@ -396,8 +401,11 @@ class _Pump:
     (up to STREAM_BUFFER: a reader that stops holds the stream back, see ``calls.flow``;
     a reader in another thread may hold as many again, taken in one go)."""
 
-    def __init__(self, source: AsyncIterator[Any], start: bool = True) -> None:
+    def __init__(
+        self, source: AsyncIterator[Any], start: bool = True, deadline: float | None = None
+    ) -> None:
         self._source = source
+        self._deadline = deadline  # the call's: a cancellation past it is its passing
         self._items: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
         self._room = asyncio.Semaphore(STREAM_BUFFER)
         self._task: asyncio.Task[None] | None = None
@@ -433,9 +441,12 @@ class _Pump:
                 await self._room.acquire()
             self._items.put_nowait((True, _END))
         except asyncio.CancelledError:
-            self._items.put_nowait(
-                (False, RequestCancelledError("The streaming request was cancelled."))
-            )
+            if not self._cancelled and passed(self._deadline):
+                # The call's DeadlineScope cancelled this task while it waited for room.
+                error: Exception = exceeded("before the stream's reader took its items")
+            else:
+                error = RequestCancelledError("The streaming request was cancelled.")
+            self._items.put_nowait((False, error))
             # Cancelled while waiting for room, the source is not inside a step of its
             # own: close it now, or the replica's generator would wait for the GC.
             aclose = getattr(self._source, "aclose", None)
