@@ -229,24 +229,9 @@ class DeploymentHandle(Generic[T]):
             call = closing_call(call, inbound)
         return DeploymentResponse(runtime, call, meta)
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def _call_options(self) -> tuple[Any, ...]:
+        """What this handle's calls are made with, in _rebuild_handle's order."""
         return (
-            _rebuild_handle,
-            (
-                self._id.name,
-                self._id.app_name,
-                self._method,
-                self._stream,
-                self._model_id,
-                self._timeout_s,
-                self._priority,
-                self._stream_chunk_s,
-            ),
-        )
-
-    def _key(self) -> tuple[Any, ...]:
-        return (
-            self._id,
             self._method,
             self._stream,
             self._model_id,
@@ -254,6 +239,12 @@ class DeploymentHandle(Generic[T]):
             self._priority,
             self._stream_chunk_s,
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_handle, (self._id.name, self._id.app_name, *self._call_options()))
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self._id, *self._call_options())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DeploymentHandle) and self._key() == other._key()

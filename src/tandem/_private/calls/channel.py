@@ -125,16 +125,26 @@ async def gathered(channel: Channel) -> list[Any]:
     return items
 
 
-async def chunks(source: AsyncGenerator[Any, None], window_s: float) -> AsyncGenerator[Chunk, None]:
-    """``source``'s items in chunks of those that came within ``window_s`` of each
-    chunk's first item; closing this stops ``source``."""
-    channel = Channel(source, window_s=window_s)
+async def batches(channel: Channel) -> AsyncGenerator[list[Any], None]:
+    """The channel's items, :func:`gathered` batch by batch; closing this (or its end)
+    closes the channel, which stops its stream."""
     try:
         while True:
             try:
                 items = await gathered(channel)
             except Ended:
                 return
-            yield Chunk(items)
+            yield items
     finally:
         await channel.close()
+
+
+async def chunks(source: AsyncGenerator[Any, None], window_s: float) -> AsyncGenerator[Chunk, None]:
+    """``source``'s items in chunks of those that came within ``window_s`` of each
+    chunk's first item; closing this stops ``source``."""
+    batched = batches(Channel(source, window_s=window_s))
+    try:
+        async for items in batched:
+            yield Chunk(items)
+    finally:
+        await batched.aclose()

@@ -27,7 +27,7 @@ import ray
 from tandem._private.backends.process.frames import picklable_starlette
 from tandem._private.backends.ray.connection import connect
 from tandem._private.backends.ray.tracebacks import attach_traceback, with_traceback
-from tandem._private.calls.channel import Channel, Ended, gathered
+from tandem._private.calls.channel import Channel, Ended, batches
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.flow import STREAM_BUFFER
 from tandem._private.calls.router import ReplicaSet
@@ -124,15 +124,12 @@ class ReplicaActor:
                 f"The stream {token} is not open here (it was cancelled, or its caller "
                 f"took longer than {ORPHAN_S} s to ask for the rest)."
             )
+        batched = batches(channel)
         try:
-            while True:
-                try:
-                    items = await gathered(channel)
-                except Ended:
-                    return
+            async for items in batched:
                 yield items
         finally:
-            await channel.close()
+            await batched.aclose()
 
     def _abandon(self, token: str) -> None:
         channel = self._open.pop(token, None)
