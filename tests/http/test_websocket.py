@@ -204,7 +204,8 @@ def test_a_client_that_drops_is_seen_by_its_handler_and_others_go_on(
     with connect(ws_url(f"/left?marker={marker}")) as ws:
         ws.send("hello")
         ws.socket.shutdown(socket.SHUT_RDWR)  # no close frame: as if its network went away
-    assert wait_for(marker.exists, timeout_s=20)
+    # Written by the handler (created, then filled): wait for what it wrote.
+    assert wait_for(lambda: marker.exists() and marker.read_text(), timeout_s=20)
     assert marker.read_text().startswith("disconnect")
     with connect(ws_url("/echo")) as other:
         other.send("still serving")
