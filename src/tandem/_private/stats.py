@@ -1,4 +1,5 @@
-"""Request counts and latency histograms, per method, kept in plain numbers.
+"""Request counts and latency histograms, per method, kept in plain numbers; and a
+replica's batch sizes and multiplexed model loads.
 
 Replicas (and the proxy) update these on every request on their event loop,
 which needs no locks; a Prometheus collector reads them only when scraped.
@@ -12,6 +13,18 @@ from dataclasses import dataclass, field
 # Upper bounds in seconds, from half a millisecond to a minute.
 LATENCY_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 LATENCY_BUCKETS += (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Upper bounds of batch sizes.
+SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    """Prometheus's cumulative buckets of per-bucket ``counts`` (the last: above all)."""
+    running = 0
+    out: list[tuple[str, float]] = []
+    for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+        running += count
+        out.append(("+Inf" if bound == float("inf") else str(bound), running))
+    return out
 
 
 @dataclass
@@ -43,19 +56,65 @@ class Series:
         self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
 
     def cumulative_buckets(self) -> list[tuple[str, float]]:
-        running = 0
-        out: list[tuple[str, float]] = []
-        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.buckets, strict=True):
-            running += count
-            out.append(("+Inf" if bound == float("inf") else str(bound), running))
-        return out
+        return cumulative(LATENCY_BUCKETS, self.buckets)
+
+
+@dataclass
+class Sizes:
+    """A histogram of sizes (of batches)."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(SIZE_BUCKETS) + 1))
+    total: int = 0
+
+    def observe(self, size: int) -> None:
+        self.buckets[bisect.bisect_left(SIZE_BUCKETS, size)] += 1
+        self.total += size
+
+    def add(self, other: Sizes) -> None:
+        self.total += other.total
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+
+    def cumulative_buckets(self) -> list[tuple[str, float]]:
+        return cumulative(SIZE_BUCKETS, self.buckets)
+
+
+@dataclass
+class ModelStats:
+    """A replica's multiplexed models (``@multiplexed``): calls of its loaders, the
+    loads they made and the unloads (evictions), with the time each took."""
+
+    get_model_requests: int = 0
+    loads: Series = field(default_factory=Series)  # errors: loads that raised
+    unloads: Series = field(default_factory=Series)
+
+
+@dataclass(frozen=True)
+class ReplicaRow:
+    """One replica as /metrics shows it (``http.replica_metrics``)."""
+
+    application: str
+    deployment: str
+    replica_id: str
+    state: str
+    model_ids: frozenset[str]
+    in_flight: int
+    stats: RequestStats | None
 
 
 class RequestStats:
-    """The series of one replica, by method name."""
+    """The series of one replica, by method name; its batch sizes by method; its
+    multiplexed models."""
 
     def __init__(self) -> None:
         self.by_method: dict[str, Series] = {}
+        self.batch_sizes: dict[str, Sizes] = {}
+        self.models = ModelStats()
+
+    def sizes(self, method: str) -> Sizes:
+        sizes = self.batch_sizes.get(method)
+        if sizes is None:
+            sizes = self.batch_sizes[method] = Sizes()
+        return sizes
 
     def series(self, method: str) -> Series:
         series = self.by_method.get(method)

@@ -52,6 +52,10 @@ class ControlPlane(Protocol):
 
     def deployment_series(self) -> list[tuple[str, str, str, Any]]: ...
 
+    def replica_rows(self) -> list[Any]: ...  # stats.ReplicaRow
+
+    def queued_requests(self) -> dict[tuple[str, str], int]: ...
+
     def user_metrics(self) -> list[tuple[str, Any]]: ...
 
     # Called after every change of the route table.

@@ -42,6 +42,7 @@ from tandem._private.controller.describe import (
     dropped_series,
     proxy_counts,
     render_status,
+    replica_rows,
     request_series,
     user_metric_reports,
 )
@@ -50,6 +51,7 @@ from tandem._private.controller.records import ApplicationRecord, DeploymentReco
 from tandem._private.controller.replicas import Fleet, StartFailed, deploy_error
 from tandem._private.controller.routes import RouteTable, check_prefix_free
 from tandem._private.controller.status import ApplicationState, Status
+from tandem._private.stats import ReplicaRow
 from tandem.exceptions import DeploymentFailedError
 
 
@@ -66,6 +68,7 @@ class Controller:
     ) -> None:
         self.backend = backend
         self._drops = drops  # the driver's Runtime.deadline_drops
+        self._queued = queued  # the driver's Runtime.queued
         self._clock = clock
         self._apps: dict[str, ApplicationRecord] = {}
         self._lock = asyncio.Lock()
@@ -367,6 +370,19 @@ class Controller:
     def deployment_series(self) -> list[tuple[str, str, str, Any]]:
         """Per-method request series of every replica, for /metrics."""
         return request_series(self._apps, self.backend) + dropped_series(self._drops())
+
+    def replica_rows(self) -> list[ReplicaRow]:
+        """Every replica, for /metrics."""
+        return replica_rows(self._apps, self.backend)
+
+    def queued_requests(self) -> dict[tuple[str, str], int]:
+        """(application, deployment) -> requests waiting in callers' queues for it: the
+        driver's, and those the backend's replica processes reported."""
+        return {
+            (app, name): self._queued(record.id) + self.backend.queued(record.id)
+            for app, application in self._apps.items()
+            for name, record in application.deployments.items()
+        }
 
     def proxy_counts(self) -> dict[str, Any]:
         """Replica id -> the request counts of its process's own proxy (direct ingress)."""

@@ -22,7 +22,7 @@ from tandem._private.controller.status import (
     ReplicaStatus,
     Status,
 )
-from tandem._private.stats import Series
+from tandem._private.stats import ReplicaRow, Series
 
 
 def describe_deployment(record: DeploymentRecord, now: float) -> str:
@@ -127,6 +127,27 @@ def request_series(
                     out.append((app_name, name, method, series))
                 out.extend(dropped_series(facts.caller_drops or {}))
     return out
+
+
+def replica_rows(apps: Mapping[str, ApplicationRecord], backend: Backend) -> list[ReplicaRow]:
+    """Every replica, as /metrics shows it (``http.replica_metrics``)."""
+    rows = []
+    for app_name, app in apps.items():
+        for name, record in app.deployments.items():
+            for replica in record.replicas:
+                facts = backend.facts(replica.info)
+                rows.append(
+                    ReplicaRow(
+                        app_name,
+                        name,
+                        replica.replica_id,
+                        replica.state,
+                        replica.info.model_ids,
+                        facts.in_flight,
+                        facts.stats,
+                    )
+                )
+    return rows
 
 
 def dropped_series(drops: Mapping[tuple[str, str, str], int]) -> list[tuple[str, str, str, Any]]:

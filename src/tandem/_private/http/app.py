@@ -13,6 +13,7 @@ from tandem._private.http.endpoints import proxy_endpoints
 from tandem._private.http.metrics import ProxyMetrics
 from tandem._private.http.options import HTTPOptions
 from tandem._private.http.proxy import Proxy
+from tandem._private.http.replica_metrics import ReplicaMetrics
 from tandem._private.http.server import HTTPServer
 
 
@@ -38,6 +39,7 @@ async def open_http(
         refresh=controller.refresh_reports,
         proxy_counts=controller.proxy_counts,
     )
+    metrics.registry.register(ReplicaMetrics(controller.replica_rows, controller.queued_requests))
     for collector in collectors:
         metrics.registry.register(collector)
     endpoints = proxy_endpoints(routes=controller.route_prefixes, metrics=metrics.scrape)

@@ -29,6 +29,7 @@ from typing import Any
 from tandem._private.calls.context import current_request
 from tandem._private.queues import drain, wait_event
 from tandem._private.replica.replica import current_replica
+from tandem._private.stats import Sizes
 
 
 class _END:
@@ -91,6 +92,7 @@ class _BatchQueue:
     # How long recent (unary) batches took to run: a batch closes that long before
     # the earliest deadline among its requests, so it can still answer in time.
     run_s: float = 0.0
+    sizes: Sizes | None = None  # the replica's histogram of this method's batch sizes
 
     def submit(self, request: _Request) -> None:
         if self.settings.batch_size_fn is not None:
@@ -163,6 +165,8 @@ class _BatchQueue:
         live = [r for r in batch if not r.done]
         if not live:
             return
+        if self.sizes is not None:
+            self.sizes.observe(len(live))
         args, kwargs = _columns(live)
         try:
             if self.streaming:
@@ -303,6 +307,7 @@ def batch(
                 queues[key] = queue
                 if replica is not None:
                     replica.closers.append(queue.close)
+                    queue.sizes = replica.stats.sizes(fn.__name__)
             return queue
 
         def make_request(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Request:

@@ -13,11 +13,13 @@ import asyncio
 import functools
 import inspect
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from tandem._private.replica.replica import current_replica
+from tandem._private.stats import ModelStats
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -27,17 +29,24 @@ logger = logging.getLogger("tandem")
 class ModelCache:
     """The loaded models of one loader in one replica."""
 
-    def __init__(self, capacity: int, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        on_change: Callable[[], None] | None = None,
+        stats: ModelStats | None = None,
+    ) -> None:
         self.capacity = capacity
         self._models: OrderedDict[str, Any] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Any]] = {}
         self._on_change = on_change or (lambda: None)
+        self._stats = stats or ModelStats()  # the replica's, for /metrics
 
     def model_ids(self) -> list[str]:
         """Models loaded or being loaded: a request for one of these is best sent here."""
         return [*self._models, *(m for m in self._loading if m not in self._models)]
 
     async def get(self, model_id: str, load: Callable[[], Awaitable[Any]]) -> Any:
+        self._stats.get_model_requests += 1
         if model_id in self._models:
             self._models.move_to_end(model_id)
             return self._models[model_id]
@@ -60,7 +69,13 @@ class ModelCache:
                 and len(self._models) + len(self._loading) > self.capacity
             ):
                 await self._evict_oldest()
-            model = await load()
+            started = time.perf_counter()
+            try:
+                model = await load()
+            except BaseException:
+                self._stats.loads.observe(time.perf_counter() - started, failed=True)
+                raise
+            self._stats.loads.observe(time.perf_counter() - started, failed=False)
         except BaseException:
             del self._loading[model_id]
             self._on_change()
@@ -74,7 +89,16 @@ class ModelCache:
 
     async def _evict_oldest(self) -> None:
         _, evicted = self._models.popitem(last=False)
-        await _unload(evicted)
+        await self._unload(evicted)
+
+    async def _unload(self, model: Any) -> None:
+        started = time.perf_counter()
+        failed = True
+        try:
+            await _unload(model)
+            failed = False
+        finally:
+            self._stats.unloads.observe(time.perf_counter() - started, failed)
 
     async def clear(self) -> None:
         """Unload every model, oldest first, once the loads in flight end (the replica
@@ -84,7 +108,7 @@ class ModelCache:
         while self._models:
             model_id, model = self._models.popitem(last=False)
             try:
-                await _unload(model)
+                await self._unload(model)
             except Exception:
                 logger.exception("Unloading model %r failed", model_id)
         self._on_change()
@@ -145,6 +169,7 @@ def multiplexed(func: F | None = None, *, max_num_models_per_replica: int = 3) -
                 cache = caches[key] = ModelCache(
                     max_num_models_per_replica,
                     replica.models_changed if replica is not None else None,
+                    replica.stats.models if replica is not None else None,
                 )
             return await cache.get(model_id, lambda: loader(*args, **kwargs))
 
