@@ -84,6 +84,7 @@ def _clean_tandem() -> Iterator[None]:
     tandem.shutdown()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist, every test that uses Ray runs in one worker (one Ray): a
     second local Ray would cost its start and take memory and CPU from the other."""
