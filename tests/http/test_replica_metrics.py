@@ -56,7 +56,7 @@ def test_in_flight_healthy_and_queued_requests(backend: str) -> None:
 class Models:
     @serve.multiplexed(max_num_models_per_replica=2)
     async def get_model(self, model_id: str) -> str:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)
         return f"model {model_id}"
 
     async def __call__(self) -> str:
@@ -76,7 +76,8 @@ def test_multiplexed_models_loads_unloads_and_requests(backend: str) -> None:
     assert total(samples, "tandem_multiplexed_model_loads_total", deployment="Models") == 3
     assert total(samples, "tandem_multiplexed_model_unloads_total", deployment="Models") == 1
     assert total(samples, "tandem_multiplexed_model_load_latency_seconds_count") == 3
-    assert total(samples, "tandem_multiplexed_model_load_latency_seconds_sum") >= 0.03
+    # Three loads of 20 ms each (the loop's timers may fire a little early).
+    assert total(samples, "tandem_multiplexed_model_load_latency_seconds_sum") >= 0.04
     held = eventually(
         _metrics, lambda s: total(s, "tandem_multiplexed_models", deployment="Models") == 2
     )
@@ -129,3 +130,31 @@ def test_only_a_running_replica_is_healthy() -> None:
     assert healthy == {"r1": 1, "r2": 0, "r3": 0}
     # No multiplexed loader was called: no model families' samples.
     assert not [name for name, _ in samples if name.startswith("tandem_multiplexed")]
+
+
+@serve.deployment(num_replicas=2)
+class Counted:
+    def __call__(self) -> str:
+        return "ok"
+
+
+def test_calls_served_by_replicas_that_stopped_stay_counted(backend: str) -> None:
+    counted = serve.run(Counted.bind(), backend=backend, route_prefix="/counted")
+    for _ in range(20):
+        assert counted.remote().result(timeout_s=10) == "ok"
+
+    def served(samples: Samples) -> float:
+        return total(samples, "tandem_deployment_requests_total", deployment="Counted")
+
+    assert eventually(lambda: served(_metrics()), lambda n: n == 20) == 20
+    # One replica stops (scaled down): what it served stays in the deployment's count.
+    serve.run(Counted.options(num_replicas=1).bind(), backend=backend, route_prefix="/counted")
+    eventually(_metrics, lambda s: total(s, "tandem_replica_healthy", deployment="Counted") == 1)
+    for _ in range(5):
+        served_now = served(_metrics())
+        assert served_now == 20, served_now
+    assert counted.remote().result(timeout_s=10) == "ok"
+    assert eventually(lambda: served(_metrics()), lambda n: n == 21) == 21
+    # Deleting the application takes its counts with it.
+    serve.delete("default")
+    assert served(_metrics()) == 0

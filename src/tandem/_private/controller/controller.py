@@ -326,6 +326,7 @@ class Controller:
         for record in app.deployments.values():
             record.replicas.clear()
         del self._apps[name]
+        self._fleet.forget_served(name)
         self._rebuild_routes()
 
     def _rebuild_routes(self) -> None:
@@ -369,7 +370,17 @@ class Controller:
 
     def deployment_series(self) -> list[tuple[str, str, str, Any]]:
         """Per-method request series of every replica, for /metrics."""
-        return request_series(self._apps, self.backend) + dropped_series(self._drops())
+        listed = {
+            r.replica_id
+            for a in self._apps.values()
+            for d in a.deployments.values()
+            for r in d.replicas
+        }
+        return (
+            request_series(self._apps, self.backend)
+            + self._fleet.served_series(listed)
+            + dropped_series(self._drops())
+        )
 
     def replica_rows(self) -> list[ReplicaRow]:
         """Every replica, for /metrics."""

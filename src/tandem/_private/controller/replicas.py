@@ -11,6 +11,7 @@ caller (:func:`deploy_error`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -20,12 +21,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from tandem._private.backends.base import Backend, ReplicaStartError
-from tandem._private.calls.context import DeploymentID
+from tandem._private.calls.context import DeploymentID, ReplicaID
 from tandem._private.calls.custom_routing import RouterSpec
 from tandem._private.calls.router import ReplicaInfo, ReplicaSet
 from tandem._private.controller.records import DeploymentRecord, ReplicaRecord
 from tandem._private.controller.status import ReplicaState
+from tandem._private.queues import bounded
 from tandem._private.replica.replica import ReplicaSpec
+from tandem._private.stats import RequestStats, Series
 from tandem.exceptions import DeploymentFailedError
 
 logger = logging.getLogger("tandem")
@@ -35,6 +38,10 @@ logger = logging.getLogger("tandem")
 FIRST_RETRY_S = 0.5
 MAX_RETRY_S = 30.0
 RETRY_JITTER = 0.2
+
+
+# How long a replica that stops may take to send its last counts first.
+LAST_REPORT_S = 0.5
 
 
 class StartFailed(Exception):
@@ -67,6 +74,10 @@ class Fleet:
         self._clock = clock
         self._versions = itertools.count(1)
         self._background: set[asyncio.Task[Any]] = set()
+        # The calls served by replicas that stopped, and those stopping, so a
+        # deployment's counts in /metrics never go down (see served_series).
+        self._served_before: dict[tuple[str, str, str], Series] = {}
+        self._stopping: dict[str, ReplicaRecord] = {}
 
     async def start(self, record: DeploymentRecord, rank: int) -> ReplicaRecord:
         """Start the replica of ``rank``; returns once it serves, raises StartFailed if it
@@ -104,6 +115,7 @@ class Fleet:
     ) -> None:
         """Stop replicas (each within its graceful timeout, or ``timeout_s``), counted
         as stopping in ``record``'s status meanwhile."""
+        self._stopping.update((r.replica_id, r) for r in replicas)
         if record is not None:
             record.stopping += len(replicas)
         try:
@@ -119,15 +131,43 @@ class Fleet:
         record: DeploymentRecord | None = None,
     ) -> None:
         """:meth:`stop`, as a background task: whoever retires replicas does not wait."""
+        # Counted as stopping from now: /metrics counts what they served all along.
+        self._stopping.update((r.replica_id, r) for r in replicas)
         self.in_background(self.stop(replicas, timeout_s=timeout_s, record=record))
 
     async def _stop_one(self, replica: ReplicaRecord, timeout_s: float | None) -> None:
         replica.state = ReplicaState.STOPPING
         timeout = replica.graceful_shutdown_timeout_s if timeout_s is None else timeout_s
+        last = None
         try:
+            # What it served so far (a replica elsewhere takes its counts along as it stops).
+            with contextlib.suppress(Exception):
+                await bounded(self.backend.refresh(replica.info), LAST_REPORT_S)
+            last = self.backend.facts(replica.info).stats
             await self.backend.stop_replica(replica.info, timeout)
         except Exception:
             logger.exception("Stopping replica %s failed", replica.replica_id)
+        finally:
+            self._stopping.pop(replica.replica_id, None)
+            self._keep_served(replica, self.backend.facts(replica.info).stats or last)
+
+    def _keep_served(self, replica: ReplicaRecord, stats: RequestStats | None) -> None:
+        for app, deployment, method, series in _served(replica, stats):
+            self._served_before.setdefault((app, deployment, method), Series()).add(series)
+
+    def served_series(self, listed: set[str]) -> list[tuple[str, str, str, Series]]:
+        """What replicas no longer in the records served: those that stopped, and those
+        stopping that are not among the ``listed`` replica ids."""
+        out = [(*key, series) for key, series in self._served_before.items()]
+        for replica_id, replica in self._stopping.items():
+            if replica_id not in listed:
+                out.extend(_served(replica, self.backend.facts(replica.info).stats))
+        return out
+
+    def forget_served(self, app_name: str) -> None:
+        """The application was deleted: its counts go with it."""
+        for key in [key for key in self._served_before if key[0] == app_name]:
+            del self._served_before[key]
 
     def publish(
         self,
@@ -211,3 +251,13 @@ def _last_line(traceback_text: str) -> str:
     """The exception line of a traceback ("ValueError: ..."), for one-line messages."""
     lines = [line for line in traceback_text.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else ""
+
+
+def _served(
+    replica: ReplicaRecord, stats: RequestStats | None
+) -> list[tuple[str, str, str, Series]]:
+    if stats is None:
+        return []
+    replica_id = ReplicaID.from_full_id_str(replica.replica_id)
+    app, deployment = replica_id.deployment_id.app_name, replica_id.deployment_id.name
+    return [(app, deployment, method, series) for method, series in stats.by_method.items()]
