@@ -6,8 +6,9 @@ Tests of replicas in other processes (crashes, health checks, redeploys, ...)
 take ``remote_backend``: the process backend, and the ray backend when it runs.
 
 The ray backend runs when Ray is installed (``pip install -e .[ray]``; the
-test command installs it). The suite starts one local Ray for the whole session
-with 16 logical CPUs, so a small machine does not hold back actor scheduling.
+test command installs it). Each test process starts one local Ray, at its first
+test on Ray, with 16 logical CPUs, so a small machine does not hold back actor
+scheduling.
 $TANDEM_TEST_BACKENDS (e.g. ``local,process``) picks the backends explicitly.
 """
 
@@ -82,18 +83,3 @@ def _clean_tandem() -> Iterator[None]:
     tandem.start(http_options={"port": 0})
     yield
     tandem.shutdown()
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist, every test that uses Ray runs in one worker (one Ray): a
-    second local Ray would cost its start and take memory and CPU from the other."""
-    for item in items:
-        params = getattr(item, "callspec", None)
-        on_ray = params is not None and "ray" in (
-            params.params.get("backend"),
-            params.params.get("remote_backend"),
-        )
-        uses_ray = "local_ray" in getattr(item, "fixturenames", ())
-        if on_ray or uses_ray or item.path.name == "test_ray.py":
-            item.add_marker(pytest.mark.xdist_group("ray"))

@@ -108,10 +108,9 @@ def test_backends_without_placement_warn_once_per_deployment(
 
 
 def on_ray(test: F) -> F:
-    """A test of the ray backend: on the session's local Ray, in the workers' Ray group."""
+    """A test of the ray backend: on the test process's local Ray."""
     marks = (
         pytest.mark.skipif("ray" not in BACKENDS, reason="the ray backend is not tested here"),
-        pytest.mark.xdist_group("ray"),
         pytest.mark.usefixtures("local_ray"),
     )
     for mark in marks:

@@ -179,6 +179,7 @@ class Uneven:
         return self.rank
 
 
+@pytest.mark.parametrize("backend", ["local", "process"], indirect=True)  # nothing of Ray's own
 def test_a_call_with_a_deadline_goes_to_a_replica_likely_to_answer_in_time(
     backend: str,
 ) -> None:
@@ -228,6 +229,7 @@ class Counter:
             await asyncio.sleep(0)
 
 
+@pytest.mark.parametrize("backend", ["local", "process"], indirect=True)  # nothing of Ray's own
 def test_a_stream_past_its_deadline_ends_with_deadline_exceeded(backend: str) -> None:
     counter = serve.run(Counter.bind(), backend=backend, route_prefix=None)
     stream = counter.options(stream=True, timeout_s=0.3).count.remote(10**9)

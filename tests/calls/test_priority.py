@@ -50,6 +50,7 @@ class Front:
         return await self.log.work.remote(tag, seconds)
 
 
+@pytest.mark.parametrize("backend", ["local", "process"], indirect=True)  # nothing of Ray's own
 def test_higher_priority_calls_leave_the_queue_first(backend: str) -> None:
     log = serve.run(Log.bind(), backend=backend, route_prefix=None)
     busy = log.work.remote("busy", 0.5)  # the only slot; the rest queue in this process
@@ -89,6 +90,7 @@ def test_calls_made_while_serving_inherit_the_priority(backend: str) -> None:
     assert log.seen.remote().result(timeout_s=10) == ["busy", "urgent", "plain"]
 
 
+@pytest.mark.parametrize("backend", ["local", "process"], indirect=True)  # nothing of Ray's own
 def test_the_client_sets_the_priority_over_http(backend: str) -> None:
     serve.run(Front.bind(Log.bind()), backend=backend, route_prefix="/front")
     log = serve.get_deployment_handle("Log", "default")

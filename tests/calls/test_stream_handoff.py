@@ -11,6 +11,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 import tandem as serve
 from helpers import eventually
 from tandem.handle import DeploymentHandle
@@ -145,6 +147,7 @@ def test_the_items_do_not_pass_through_the_caller(remote_backend: str) -> None:
     assert answer["at"] < answer["unblocked"]
 
 
+@pytest.mark.parametrize("backend", ["local", "process"], indirect=True)  # nothing of Ray's own
 def test_the_caller_cannot_read_a_stream_it_passed_on(backend: str) -> None:
     composer, _ = _app(backend)
     message = composer.read_after_passing.remote().result(timeout_s=30)
@@ -163,6 +166,7 @@ def test_cancelling_the_reading_call_stops_the_producer(backend: str) -> None:
     assert _ended(source)["ended"] == ["stopped"]
 
 
+@pytest.mark.parametrize("backend", ["local", "process"], indirect=True)  # nothing of Ray's own
 def test_a_stream_made_outside_a_deployment_still_passes_through_its_caller(
     backend: str,
 ) -> None:

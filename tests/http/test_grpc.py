@@ -159,9 +159,7 @@ def _clean_tandem() -> Iterator[None]:
 
 @pytest.fixture(
     scope="module",
-    params=[
-        pytest.param(b, marks=pytest.mark.xdist_group("ray")) if b == "ray" else b for b in BACKENDS
-    ],
+    params=BACKENDS,
 )
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
