@@ -77,21 +77,14 @@ class StreamCall:
     def open(self, runtime: Runtime) -> AsyncGenerator[Any, None]:
         """Make the call from ``runtime``'s process: its items. A StreamCall among its
         arguments is handed on in turn (or opened here, if its replica is here)."""
-        args, kwargs = self.args, self.kwargs
-        for index, arg in enumerate(args):
-            if isinstance(arg, StreamCall):
-                inbound = Inbound(arg, runtime)
-                args = (*args[:index], inbound, *args[index + 1 :])
-                break
-        else:
-            for key, value in kwargs.items():
-                if isinstance(value, StreamCall):
-                    inbound = Inbound(value, runtime)
-                    kwargs = {**kwargs, key: inbound}
-                    break
-            else:
-                return runtime.stream(self.deployment_id, self.meta, args, kwargs)
-        return closing_stream(runtime.stream(self.deployment_id, self.meta, args, kwargs), inbound)
+
+        def opened(call: StreamCall) -> tuple[Inbound, Inbound]:
+            inbound = Inbound(call, runtime)
+            return inbound, inbound
+
+        args, kwargs, inbound = swap_first(self.args, self.kwargs, StreamCall, opened)
+        source = runtime.stream(self.deployment_id, self.meta, args, kwargs)
+        return source if inbound is None else closing_stream(source, inbound)
 
 
 class Inbound:
@@ -152,21 +145,32 @@ def detach(
     whose items the caller must send (a call has at most one): a handed-off
     StreamCall not opened here travels as it is (None to send); an iterator of
     this process as a ref."""
-    for index, arg in enumerate(args):
-        if isinstance(arg, Inbound):
-            sent, inbound = _travelling(arg)
-            return (*args[:index], sent, *args[index + 1 :]), kwargs, inbound
-    for key, value in kwargs.items():
-        if isinstance(value, Inbound):
-            sent, inbound = _travelling(value)
-            return args, {**kwargs, key: sent}, inbound
-    return args, kwargs, None
+    return swap_first(args, kwargs, Inbound, _travelling)
 
 
 def _travelling(inbound: Inbound) -> tuple[StreamCall | InboundRef, Inbound | None]:
     if inbound.call is not None and inbound.source is None:
         return inbound.call, None
     return InboundRef(inbound.token), inbound
+
+
+def swap_first(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    kind: type | tuple[type, ...],
+    swap: Callable[[Any], tuple[Any, Any]],
+) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """``args`` and ``kwargs`` with their first top-level value of ``kind`` replaced by
+    what ``swap`` makes of it, and the second thing ``swap`` returned (None if none)."""
+    for index, arg in enumerate(args):
+        if isinstance(arg, kind):
+            new, extra = swap(arg)
+            return (*args[:index], new, *args[index + 1 :]), kwargs, extra
+    for key, value in kwargs.items():
+        if isinstance(value, kind):
+            new, extra = swap(value)
+            return args, {**kwargs, key: new}, extra
+    return args, kwargs, None
 
 
 async def closing_call(call: Awaitable[Any], inbound: Inbound) -> Any:
@@ -359,15 +363,7 @@ class InboundQueues:
         """``args`` and ``kwargs`` with an InboundRef replaced by its queue, or a
         StreamCall by the stream it makes from here; what to :meth:`release` when the
         call ends (the queue's token, or the stream)."""
-        for index, arg in enumerate(args):
-            if isinstance(arg, _SENT):
-                stream, claimed = self._claimed(arg)
-                return (*args[:index], stream, *args[index + 1 :]), kwargs, claimed
-        for key, value in kwargs.items():
-            if isinstance(value, _SENT):
-                stream, claimed = self._claimed(value)
-                return args, {**kwargs, key: stream}, claimed
-        return args, kwargs, None
+        return swap_first(args, kwargs, _SENT, self._claimed)
 
     def _claimed(self, sent: InboundRef | StreamCall) -> tuple[Any, str | Inbound]:
         if isinstance(sent, StreamCall):
