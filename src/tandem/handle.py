@@ -8,6 +8,7 @@ loop and returns a :class:`DeploymentResponse` (or, with ``stream=True``, a
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Generic, TypeVar
 
 from tandem._private.calls.context import DeploymentID, RequestMetadata, current_request
@@ -219,10 +220,11 @@ class DeploymentHandle(Generic[T]):
             source = runtime.stream(self._id, meta, args, kwargs, pending)
             if inbound is not None:
                 source = closing_stream(source, inbound)
-            # Passed on to another call before it begins, a replica may make it instead.
+            # Passed on to another call before it begins, a replica may make it instead
+            # (the StreamCall is made then, if ever).
             handoff = None
-            if pending is None and runtime.on_loop_thread():
-                handoff = StreamCall.of(self._id, meta, args, kwargs)
+            if pending is None:
+                handoff = functools.partial(StreamCall.of, self._id, meta, args, kwargs)
             return DeploymentResponseGenerator(runtime, source, handoff, deadline)
         call = runtime.call(self._id, meta, args, kwargs, pending)
         if inbound is not None:

@@ -107,15 +107,16 @@ class Channel:
             await asyncio.wait([self.pump])
 
 
-async def gathered(channel: Channel) -> list[Any]:
+async def gathered(channel: Channel, window_s: float | None = None) -> list[Any]:
     """The channel's next items: the first (waiting for it), then those there now and
-    those that come within its ``window_s`` after it, up to STREAM_BUFFER. Ended at
-    the end; an error of the stream after the items before it."""
+    those that come within ``window_s`` (default: the channel's) after it, up to
+    STREAM_BUFFER. Ended at the end; an error of the stream after the items before it."""
+    window_s = channel.window_s if window_s is None else window_s
     items = [await channel.next()]
     items.extend(channel.take())
-    if channel.window_s > 0:
+    if window_s > 0:
         loop = asyncio.get_running_loop()
-        close_at = loop.time() + channel.window_s
+        close_at = loop.time() + window_s
         while len(items) < STREAM_BUFFER and not channel.pump.done():
             remaining = close_at - loop.time()
             if remaining <= 0:

@@ -13,7 +13,7 @@ import collections
 import concurrent.futures
 import importlib.util
 import threading
-from collections.abc import AsyncIterator, Coroutine, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any, Generic, TypeVar
 
 from tandem._private.calls.context import RequestMetadata
@@ -295,13 +295,14 @@ class DeploymentResponseGenerator(Generic[R]):
         self,
         runtime: Runtime,
         source: AsyncIterator[Any],
-        call: StreamCall | None = None,
+        handoff: Callable[[], StreamCall | None] | None = None,
         deadline: float | None = None,
     ) -> None:
         self._runtime = runtime
         self._pump: Pump | None = None
         self._closed = False
-        self._call = call  # the call itself, while it may still be handed off
+        # Makes the call itself (see hand_off), while it may still be handed off.
+        self._handoff = handoff
         # Items a reader in another thread took in one go (Pump.take), not read yet.
         self._taken: collections.deque[Any] = collections.deque()
         if runtime.on_loop_thread():
@@ -314,11 +315,12 @@ class DeploymentResponseGenerator(Generic[R]):
         """The call, for a replica that reads this stream to make itself (see
         ``calls.inbound``), if it has not begun here: this generator then yields
         nothing. None if it began, or was made outside tandem's loop."""
-        call, pump = self._call, self._pump
-        self._call = None
-        if call is None or pump is None or not self._runtime.on_loop_thread():
+        handoff, pump = self._handoff, self._pump
+        self._handoff = None
+        if handoff is None or pump is None or not self._runtime.on_loop_thread():
             return None
-        return call if pump.hand_off() else None
+        call = handoff()
+        return call if call is not None and pump.hand_off() else None
 
     # async iteration ------------------------------------------------------
 

@@ -40,6 +40,7 @@ from tandem._private.calls.router import ReplicaSet
 from tandem._private.controller.autoscaling import Autoscaler
 from tandem._private.controller.describe import (
     dropped_series,
+    each_replica,
     proxy_counts,
     render_status,
     replica_rows,
@@ -370,12 +371,7 @@ class Controller:
 
     def deployment_series(self) -> list[tuple[str, str, str, Any]]:
         """Per-method request series of every replica, for /metrics."""
-        listed = {
-            r.replica_id
-            for a in self._apps.values()
-            for d in a.deployments.values()
-            for r in d.replicas
-        }
+        listed = {replica.replica_id for _, _, replica in each_replica(self._apps)}
         return (
             request_series(self._apps, self.backend)
             + self._fleet.served_series(listed)

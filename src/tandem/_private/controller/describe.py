@@ -8,11 +8,15 @@ deployment that is not at its target is written here, so ``tandem status``,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from tandem._private.backends.base import Backend
-from tandem._private.controller.records import ApplicationRecord, DeploymentRecord
+from tandem._private.controller.records import (
+    ApplicationRecord,
+    DeploymentRecord,
+    ReplicaRecord,
+)
 from tandem._private.controller.status import (
     ApplicationState,
     ApplicationStatus,
@@ -112,41 +116,47 @@ def _deployment_status(
     )
 
 
+def each_replica(
+    apps: Mapping[str, ApplicationRecord],
+) -> Iterator[tuple[str, str, ReplicaRecord]]:
+    """(application, deployment, replica) of every replica in the records."""
+    for app_name, app in apps.items():
+        for name, record in app.deployments.items():
+            for replica in record.replicas:
+                yield app_name, name, replica
+
+
 def request_series(
     apps: Mapping[str, ApplicationRecord], backend: Backend
 ) -> list[tuple[str, str, str, Any]]:
     """(application, deployment, method, series) of every replica, for /metrics, and
     the calls that replicas' processes dropped before sending them (``caller_drops``)."""
     out = []
-    for app_name, app in apps.items():
-        for name, record in app.deployments.items():
-            for replica in record.replicas:
-                facts = backend.facts(replica.info)
-                stats = facts.stats
-                for method, series in stats.by_method.items() if stats is not None else ():
-                    out.append((app_name, name, method, series))
-                out.extend(dropped_series(facts.caller_drops or {}))
+    for app_name, name, replica in each_replica(apps):
+        facts = backend.facts(replica.info)
+        stats = facts.stats
+        for method, series in stats.by_method.items() if stats is not None else ():
+            out.append((app_name, name, method, series))
+        out.extend(dropped_series(facts.caller_drops or {}))
     return out
 
 
 def replica_rows(apps: Mapping[str, ApplicationRecord], backend: Backend) -> list[ReplicaRow]:
     """Every replica, as /metrics shows it (``http.replica_metrics``)."""
     rows = []
-    for app_name, app in apps.items():
-        for name, record in app.deployments.items():
-            for replica in record.replicas:
-                facts = backend.facts(replica.info)
-                rows.append(
-                    ReplicaRow(
-                        app_name,
-                        name,
-                        replica.replica_id,
-                        replica.state,
-                        replica.info.model_ids,
-                        facts.in_flight,
-                        facts.stats,
-                    )
-                )
+    for app_name, name, replica in each_replica(apps):
+        facts = backend.facts(replica.info)
+        rows.append(
+            ReplicaRow(
+                app_name,
+                name,
+                replica.replica_id,
+                replica.state,
+                replica.info.model_ids,
+                facts.in_flight,
+                facts.stats,
+            )
+        )
     return rows
 
 
@@ -161,9 +171,7 @@ def user_metric_reports(
     """(replica id, its latest tandem.metrics report or None) of every replica, for /metrics."""
     return [
         (replica.replica_id, backend.facts(replica.info).user_metrics)
-        for app in apps.values()
-        for record in app.deployments.values()
-        for replica in record.replicas
+        for _, _, replica in each_replica(apps)
     ]
 
 
@@ -171,8 +179,6 @@ def proxy_counts(apps: Mapping[str, ApplicationRecord], backend: Backend) -> dic
     """Replica id -> the request counts its process's own proxy reported (direct ingress)."""
     return {
         replica.replica_id: counts
-        for app in apps.values()
-        for record in app.deployments.values()
-        for replica in record.replicas
+        for _, _, replica in each_replica(apps)
         if (counts := backend.facts(replica.info).proxy_counts) is not None
     }

@@ -177,9 +177,15 @@ class GRPCProxy:
             code = grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, str(exc), trailing_metadata=trailing)
         meta = RequestMetadata(
-            request_id, app, ingress, method.name, method.server_streaming, model_id, prefix
+            request_id,
+            app,
+            ingress,
+            method.name,
+            method.server_streaming,
+            model_id,
+            prefix,
+            priority=rank,
         )
-        meta.priority = rank
         deployment = DeploymentID(name=ingress, app_name=app)
         outcome = _Outcome()
         reply: bytes | None = None

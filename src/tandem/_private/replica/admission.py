@@ -107,7 +107,8 @@ class Admission:
         if held_by_thread:
             self.in_threads -= 1
         # The slot goes straight to the first waiter (it stays counted in in_flight), so
-        # a request that arrives meanwhile cannot take it first: turns go in arrival order.
+        # a request that arrives meanwhile cannot take it first: turns go by priority,
+        # then in arrival order.
         while self._waiters:
             waiter = self._waiters.pop(0).future
             if not waiter.done():

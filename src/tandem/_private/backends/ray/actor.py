@@ -27,9 +27,8 @@ import ray
 from tandem._private.backends.process.frames import picklable_starlette
 from tandem._private.backends.ray.connection import connect
 from tandem._private.backends.ray.tracebacks import attach_traceback, with_traceback
-from tandem._private.calls.channel import Channel, Ended, batches
+from tandem._private.calls.channel import Channel, Ended, batches, gathered
 from tandem._private.calls.context import RequestMetadata
-from tandem._private.calls.flow import STREAM_BUFFER
 from tandem._private.calls.router import ReplicaSet
 from tandem._private.calls.runtime import Runtime, set_runtime
 from tandem._private.replica.host import ReplicaHost, StartSpec
@@ -92,25 +91,18 @@ class ReplicaActor:
             attach_traceback,
             window_s=meta.stream_chunk_s,
         )
-        loop = asyncio.get_running_loop()
         try:
-            first = [await channel.next()]
-            deadline = loop.time() + max(GATHER_S, channel.window_s)
-            while len(first) < STREAM_BUFFER:
-                first.extend(channel.take())
-                if channel.ended_cleanly:
-                    return first, True
-                remaining = deadline - loop.time()
-                if remaining <= 0 or channel.pump.done():
-                    break  # an error, if any, goes out with stream_rest (after these items)
-                await channel.wait(remaining)
+            # An error after these items goes out with stream_rest.
+            first = await gathered(channel, max(GATHER_S, channel.window_s))
         except Ended:
             return [], True
         except BaseException:
             await channel.close()
             raise
+        if channel.ended_cleanly:
+            return first, True
         self._open[token] = channel
-        loop.call_later(ORPHAN_S, self._abandon, token)
+        asyncio.get_running_loop().call_later(ORPHAN_S, self._abandon, token)
         return first, False
 
     async def stream_rest(self, token: str) -> AsyncGenerator[list[Any], None]:
