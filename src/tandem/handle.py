@@ -11,7 +11,12 @@ from __future__ import annotations
 import functools
 from typing import Any, Generic, TypeVar
 
-from tandem._private.calls.context import DeploymentID, RequestMetadata, current_request
+from tandem._private.calls.context import (
+    DeploymentID,
+    RequestMetadata,
+    _replica_context,
+    current_request,
+)
 from tandem._private.calls.deadlines import deadline_in
 from tandem._private.calls.inbound import (
     Inbound,
@@ -215,6 +220,7 @@ class DeploymentHandle(Generic[T]):
             deadline=deadline,
             priority=priority,
             stream_chunk_s=self._stream_chunk_s,
+            caller=_caller(self._id.app_name),
         )
         if self._stream:
             source = runtime.stream(self._id, meta, args, kwargs, pending)
@@ -319,3 +325,13 @@ def _rebuild_handle(
 
 # Arguments that .remote() must look at: responses to resolve, streams to refuse.
 _SPECIAL_ARGUMENTS = (DeploymentResponse, DeploymentResponseGenerator)
+
+
+def _caller(app_name: str) -> str:
+    """The deployment making a call from its replica (see ``RequestMetadata.caller``)."""
+    context = _replica_context.get()
+    if context is None:
+        return ""
+    if context.app_name == app_name:
+        return context.deployment
+    return f"{context.app_name}/{context.deployment}"

@@ -101,14 +101,26 @@ class ReplicaRow:
     stats: RequestStats | None
 
 
+@dataclass(frozen=True)
+class FailedRequest:
+    """The last request a replica failed: when (``time.time()``), its id, and the error."""
+
+    at: float
+    request_id: str
+    error: str
+
+
 class RequestStats:
-    """The series of one replica, by method name; its batch sizes by method; its
-    multiplexed models."""
+    """The series of one replica, by method name and by calling deployment (its
+    ``RequestMetadata.caller``: the dashboard's edges); its batch sizes by method;
+    its multiplexed models; the last request it failed."""
 
     def __init__(self) -> None:
         self.by_method: dict[str, Series] = {}
+        self.by_caller: dict[str, Series] = {}
         self.batch_sizes: dict[str, Sizes] = {}
         self.models = ModelStats()
+        self.last_failure: FailedRequest | None = None
 
     def sizes(self, method: str) -> Sizes:
         sizes = self.batch_sizes.get(method)
@@ -122,8 +134,12 @@ class RequestStats:
             series = self.by_method[method] = Series()
         return series
 
-    def record(self, method: str, seconds: float, failed: bool) -> None:
+    def record(self, method: str, seconds: float, failed: bool, caller: str = "") -> None:
         series = self.by_method.get(method)
         if series is None:
             series = self.by_method[method] = Series()
+        series.observe(seconds, failed)
+        series = self.by_caller.get(caller)
+        if series is None:
+            series = self.by_caller[caller] = Series()
         series.observe(seconds, failed)

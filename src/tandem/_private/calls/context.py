@@ -133,6 +133,12 @@ class RequestMetadata:
     # A stream's items may wait this long to cross to the caller together
     # (handle.options(stream_chunk_ms=); calls.channel).
     stream_chunk_s: float = 0.0
+    # The deployment whose replica made the call ("app/name" when in another
+    # application), or "" for the driver and the proxies: the dashboard's edges.
+    caller: str = ""
+    # The caller's span as a W3C traceparent (then "\n" and its tracestate, if any);
+    # "" when tracing is off (tandem._private.tracing).
+    trace: str = ""
     # Not sent along. A connection whose backend has a reference of its own to the
     # call's result (a Ray ObjectRef) leaves it here, or resolves the Future that
     # DeploymentResponse._to_object_ref left here to wait for it.
@@ -153,6 +159,8 @@ class RequestMetadata:
                 self.deadline,
                 self.priority,
                 self.stream_chunk_s,
+                self.caller,
+                self.trace,
             ),
         )
 

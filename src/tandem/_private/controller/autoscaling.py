@@ -48,6 +48,7 @@ logger = logging.getLogger("tandem")
 
 # Tolerance of the delay comparisons: differences of large timestamps lose a little.
 DELAY_EPS_S = 1e-6
+KEPT_DECISIONS = 50  # scaling decisions kept for the dashboard
 
 # What a replica reports of record_autoscaling_stats: (time, {metric: value}), oldest first.
 StatsWindow = Sequence[tuple[float, Mapping[str, float]]]
@@ -81,6 +82,8 @@ class Autoscaler:
         self.last_scale_up_time: float | None = None
         self.last_scale_down_time: float | None = None
         self.last_decision: ScalingDecision | None = None
+        # The latest decisions, oldest first (the dashboard's timeline).
+        self.decisions: deque[ScalingDecision] = deque(maxlen=KEPT_DECISIONS)
         self.error: str | None = None  # the policy's failure, while it keeps failing
 
     # -- what the loop samples ---------------------------------------------
@@ -201,7 +204,7 @@ class Autoscaler:
                 self.last_scale_up_time = now
             else:
                 self.last_scale_down_time = now
-            self.last_decision = ScalingDecision(now, target, bounded, reason)
+            self._decided(ScalingDecision(now, target, bounded, reason))
         return bounded
 
     def _after_delay(self, desired: int, target: int, now: float) -> int:
@@ -250,9 +253,15 @@ class Autoscaler:
                 exc_info=not isinstance(error, PolicyError),
             )  # fmt: skip
         self.error = text
-        self.last_decision = ScalingDecision(
-            ctx.current_time or 0.0, target, target, f"{what} failed ({text}); keeping {target}"
+        self._decided(
+            ScalingDecision(
+                ctx.current_time or 0.0, target, target, f"{what} failed ({text}); keeping {target}"
+            )
         )
+
+    def _decided(self, decision: ScalingDecision) -> None:
+        self.last_decision = decision
+        self.decisions.append(decision)
 
     def recovered(self, deployment_id: DeploymentID, label: str) -> None:
         if self.error is not None:

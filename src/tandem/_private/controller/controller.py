@@ -47,6 +47,8 @@ from tandem._private.controller.describe import (
     request_series,
     user_metric_reports,
 )
+from tandem._private.controller.logs import recent_logs
+from tandem._private.controller.overview import overview
 from tandem._private.controller.reconcile import Reconciler
 from tandem._private.controller.records import ApplicationRecord, DeploymentRecord, ReplicaRecord
 from tandem._private.controller.replicas import Fleet, StartFailed, deploy_error
@@ -411,5 +413,37 @@ class Controller:
         """Every replica's custom metrics (tandem.metrics) as last reported, for /metrics."""
         return user_metric_reports(self._apps, self.backend)
 
+    async def recent_logs(
+        self,
+        app: str | None = None,
+        deployment: str | None = None,
+        replica: str | None = None,
+        request_id: str | None = None,
+        limit: int = 100,
+        after: dict[str, int] | None = None,
+    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """(lines, cursors): the replicas' recent log lines (``controller.logs``)."""
+        return await recent_logs(
+            self._apps,
+            self.backend,
+            app=app,
+            deployment=deployment,
+            replica=replica,
+            request_id=request_id,
+            limit=limit,
+            after=after,
+        )
+
     def status(self) -> Status:
         return render_status(self._apps, self.backend, self._clock())
+
+    def overview(self) -> dict[str, Any]:
+        """What the dashboard shows (``controller.overview``), as of the last reports."""
+        return overview(
+            self._apps,
+            self.backend,
+            self.deployment_series(),
+            self.queued_requests(),
+            self._reconciler.retired,
+            self._clock(),
+        )

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 
 from tandem._private.calls.context import DeploymentID
@@ -29,7 +30,12 @@ from tandem._private.controller.autoscaling import ApplicationAutoscaler, Autosc
 from tandem._private.controller.autoscaling_context import AutoscalingContext
 from tandem._private.controller.describe import render_status
 from tandem._private.controller.health import HealthChecks
-from tandem._private.controller.records import ApplicationRecord, DeploymentRecord, ReplicaRecord
+from tandem._private.controller.records import (
+    ApplicationRecord,
+    DeploymentRecord,
+    ReplicaRecord,
+    RetiredReplica,
+)
 from tandem._private.controller.replicas import Fleet, retry_delay, start_failure
 from tandem._private.controller.status import ApplicationState, Status
 from tandem._private.queues import wait_event
@@ -38,6 +44,8 @@ logger = logging.getLogger("tandem")
 
 # Autoscaled deployments report their load at least this often (seconds).
 AUTOSCALE_SAMPLE_S = 0.5
+# Replicas taken out of service that the dashboard lists (the latest).
+KEPT_RETIRED = 100
 
 
 class Reconciler:
@@ -76,6 +84,8 @@ class Reconciler:
         # Counts for /metrics: (application, deployment, reason) -> events.
         self.replica_restarts: dict[tuple[str, str, str], int] = {}
         self.start_failures: dict[tuple[str, str, str], int] = {}
+        # The latest replicas taken out of service, oldest first (the dashboard's).
+        self.retired: deque[RetiredReplica] = deque(maxlen=KEPT_RETIRED)
 
     def open(self) -> None:
         self._task = asyncio.create_task(self._watch(), name="tandem-controller-watch")
@@ -219,6 +229,8 @@ class Reconciler:
         if self._closing or record.removed or replica not in record.replicas:
             return
         logger.warning("Replacing replica %s of %s: %s.", replica.replica_id, record.id, reason)
+        pid = self._backend.facts(replica.info).pid
+        self.retired.append(RetiredReplica(time.time(), record.id, replica.replica_id, pid, reason))
         record.replicas.remove(replica)
         record.restarts += 1
         key = (record.id.app_name, record.id.name, kind)

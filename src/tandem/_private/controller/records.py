@@ -33,6 +33,17 @@ class ReplicaRecord:
     reading_stats: bool = False
 
 
+@dataclass(frozen=True)
+class RetiredReplica:
+    """A replica taken out of service (it exited or failed its health checks)."""
+
+    at: float  # time.time()
+    deployment_id: DeploymentID
+    replica_id: str
+    pid: int | None
+    reason: str
+
+
 @dataclass
 class DeploymentRecord:
     id: DeploymentID

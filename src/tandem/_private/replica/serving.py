@@ -18,7 +18,10 @@ from tandem._private.calls.deadlines import passed
 from tandem._private.calls.flow import Last
 from tandem._private.replica.admission import Slot
 from tandem._private.replica.logs import ReplicaLogs
-from tandem._private.stats import RequestStats
+from tandem._private.stats import FailedRequest, RequestStats
+
+# How much of a failed request's error the replica keeps for status and the dashboard.
+_ERROR_TEXT = 300
 
 
 class Serving:
@@ -30,8 +33,8 @@ class Serving:
     """
 
     __slots__ = (
-        "_deadline",
         "_logs",
+        "_meta",
         "_name",
         "_started",
         "_stats",
@@ -57,7 +60,7 @@ class Serving:
         self.http: dict[str, Any] | None = None  # the ASGI scope of an HTTP request
         self.status: int | None = None  # the HTTP status of its response, once it started
         self._tokens = (_request.set(meta), _replica_context.set(context))
-        self._deadline = meta.deadline
+        self._meta = meta
         self._started = time.perf_counter()
 
     def saw(self, item: dict[str, Any] | Last) -> None:
@@ -82,9 +85,15 @@ class Serving:
         traceback: types.TracebackType | None,
     ) -> None:
         seconds = time.perf_counter() - self._started
-        self._stats.record(self._name, seconds, kind is not None)
-        if kind is not None and passed(self._deadline):
-            self._stats.series(self._name).timed_out += 1  # cancelled at its deadline
+        meta = self._meta
+        self._stats.record(self._name, seconds, kind is not None, meta.caller)
+        if kind is not None:
+            if passed(meta.deadline):
+                self._stats.series(self._name).timed_out += 1  # cancelled at its deadline
+            if not issubclass(kind, (asyncio.CancelledError, GeneratorExit)):
+                text = f"{kind.__name__}: {error}"
+                failure = FailedRequest(time.time(), meta.request_id, text[:_ERROR_TEXT])
+                self._stats.last_failure = failure
         logs = self._logs
         if logs is not None and logs.access_log:
             self._log_access(logs, kind, seconds)
