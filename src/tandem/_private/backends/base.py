@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet
 from tandem._private.controller.status import Status
+from tandem._private.replica.log_buffer import LogRead
 from tandem._private.replica.replica import ReplicaFacts, ReplicaSpec
 
 logger = logging.getLogger("tandem")
@@ -107,6 +108,14 @@ class Backend(ABC):
     @abstractmethod
     def facts(self, info: ReplicaInfo) -> ReplicaFacts:
         """What is known of a replica (as of the last :meth:`refresh`)."""
+
+    async def logs(
+        self, info: ReplicaInfo, after: int, limit: int, request_id: str | None = None
+    ) -> LogRead:
+        """A replica's recent log lines (``replica/log_buffer.py``): the newest ``limit``
+        numbered above ``after`` (of request ``request_id`` only, if given), and the
+        number of its newest line. Raises if the replica cannot be reached."""
+        return LogRead([], 0)
 
     # Whether ingress replicas can serve HTTP themselves (direct ingress, http/direct.py).
     serves_direct_ingress: ClassVar[bool] = False

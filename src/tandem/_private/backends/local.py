@@ -20,6 +20,7 @@ from tandem._private.backends.base import Backend, IgnoredOptions, ReplicaStartE
 from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.flow import Last, Opened
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo
+from tandem._private.replica.log_buffer import LogRead
 from tandem._private.replica.replica import Replica, ReplicaFacts, ReplicaSpec
 
 logger = logging.getLogger("tandem")
@@ -114,6 +115,11 @@ class LocalBackend(Backend):
 
     def facts(self, info: ReplicaInfo) -> ReplicaFacts:
         return _replica(info).facts()  # read directly: refresh() has nothing to do
+
+    async def logs(
+        self, info: ReplicaInfo, after: int, limit: int, request_id: str | None = None
+    ) -> LogRead:
+        return _replica(info).log_buffer.read(after, limit, request_id)
 
 
 def _replica(info: ReplicaInfo) -> Replica:

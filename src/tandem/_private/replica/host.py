@@ -33,6 +33,7 @@ from tandem._private.calls.inbound import InboundQueues
 from tandem._private.calls.router import ReplicaSet
 from tandem._private.calls.runtime import Runtime
 from tandem._private.queues import wait_event
+from tandem._private.replica.log_buffer import LogRead
 from tandem._private.replica.replica import Replica, ReplicaFacts, ReplicaSpec
 from tandem._private.user_metrics import STORE
 
@@ -247,6 +248,13 @@ class ReplicaHost:
             user_metrics=STORE.report_all(),
             caller_drops=self._runtime.deadline_drops() or None,
         )
+
+    def logs(self, after: int, limit: int, request_id: str | None) -> LogRead:
+        """The replica's recent log lines (``Backend.logs``)."""
+        replica = self._replica
+        if replica is None:
+            return LogRead([], 0)
+        return replica.log_buffer.read(after, limit, request_id)
 
     async def reconfigure(self, user_config: Any) -> None:
         await self.replica.reconfigure(user_config)

@@ -185,6 +185,16 @@ class _Router(logging.Handler):
         pass
 
 
+def routed_away(record: logging.LogRecord) -> bool:
+    """Whether a record of a ``tandem.replica`` logger was let through only because the
+    router lowered the logger's level for another replica's logging_config (a replica
+    without one does not keep it)."""
+    router = _Router._on(logging.getLogger(REPLICA_LOGGER))
+    if router is None:
+        return False
+    return record.levelno < router._fallback_level() and not _has_own_level(record.name)
+
+
 def _has_own_level(name: str) -> bool:
     """A logger under ``tandem.replica`` with a level of its own (it checked the record)."""
     manager = logging.Logger.manager

@@ -40,6 +40,7 @@ from tandem._private.replica.admission import Admission, Slot
 from tandem._private.replica.autoscaling_stats import AutoscalingStats, StatsWindow
 from tandem._private.replica.grpc_calls import WithContext, failure, take_context
 from tandem._private.replica.http_side import HTTPSide, load_bridge
+from tandem._private.replica.log_buffer import LogBuffer, capture_logs
 from tandem._private.replica.logs import ReplicaLogs
 from tandem._private.replica.routing_stats import RoutingStats
 from tandem._private.replica.running import (
@@ -130,6 +131,8 @@ class Replica:
         self._user = UserCode(spec.target, self.name, self._abandoned, self._unavailable)
         config = spec.options.logging_config
         self.logs = None if config is None else ReplicaLogs(config, self.context)
+        level = None if config is None else config.level
+        self.log_buffer = LogBuffer(self.context.app_name, self.name, self.replica_id, level)
         self.stats = RequestStats()
         is_ingress = hasattr(spec.target, "__tandem_ingress_app__")
         self._http = HTTPSide(self._user, is_ingress, self._unavailable)
@@ -210,6 +213,7 @@ class Replica:
     async def start(self) -> None:
         """Construct the user's object and apply its user_config; raises what they raise."""
         self._loop = asyncio.get_running_loop()
+        capture_logs()  # this process's records logged in a replica go to its log_buffer
         if self.logs is not None:
             self.logs.open()  # first, so the constructor's records follow logging_config
         self._user.open(threads=self._admission.capacity + 1)

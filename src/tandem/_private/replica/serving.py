@@ -17,6 +17,7 @@ from tandem._private.calls.context import (
 from tandem._private.calls.deadlines import passed
 from tandem._private.calls.flow import Last
 from tandem._private.replica.admission import Slot
+from tandem._private.replica.log_buffer import request_failed
 from tandem._private.replica.logs import ReplicaLogs
 from tandem._private.stats import FailedRequest, RequestStats
 
@@ -94,6 +95,8 @@ class Serving:
                 text = f"{kind.__name__}: {error}"
                 failure = FailedRequest(time.time(), meta.request_id, text[:_ERROR_TEXT])
                 self._stats.last_failure = failure
+        if isinstance(error, Exception):
+            request_failed(self._name, error)  # its traceback, for `tandem logs`
         logs = self._logs
         if logs is not None and logs.access_log:
             self._log_access(logs, kind, seconds)

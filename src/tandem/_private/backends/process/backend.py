@@ -38,6 +38,7 @@ from tandem._private.backends.process.worker import RAY_ADDRESS_ENV, RAY_NAMESPA
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet
 from tandem._private.replica.host import StartSpec
+from tandem._private.replica.log_buffer import LogRead
 from tandem._private.replica.replica import ReplicaFacts, ReplicaSpec
 from tandem._private.rundir import RunDir, open_run_dir
 from tandem.exceptions import ReplicaUnavailableError
@@ -279,6 +280,12 @@ class ProcessBackend(Backend):
                 child.report = await child.control.call("report", None)
             except ReplicaUnavailableError:
                 pass
+
+    async def logs(
+        self, info: ReplicaInfo, after: int, limit: int, request_id: str | None = None
+    ) -> LogRead:
+        result: LogRead = await self._child(info).control.call("logs", (after, limit, request_id))
+        return result
 
     async def reconfigure(self, info: ReplicaInfo, user_config: Any) -> None:
         await self._child(info).control.call("reconfigure", user_config)

@@ -133,6 +133,8 @@ class _Worker:
             return self._facts(await host.check_health())
         if op == "report":
             return self._facts(host.facts())
+        if op == "logs":
+            return host.logs(*payload)
         if op == "reconfigure":
             await host.reconfigure(payload)
             return None

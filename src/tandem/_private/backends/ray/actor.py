@@ -32,6 +32,7 @@ from tandem._private.calls.context import RequestMetadata
 from tandem._private.calls.router import ReplicaSet
 from tandem._private.calls.runtime import Runtime, set_runtime
 from tandem._private.replica.host import ReplicaHost, StartSpec
+from tandem._private.replica.log_buffer import LogRead
 from tandem._private.replica.replica import ReplicaFacts
 
 # A stream's first call returns the items that arrive within this long of the first.
@@ -158,6 +159,11 @@ class ReplicaActor:
 
     async def report(self) -> ReplicaFacts:
         return self._host.facts() if self._host is not None else ReplicaFacts()
+
+    async def logs(self, after: int, limit: int, request_id: str | None) -> LogRead:
+        if self._host is None:
+            return LogRead([], 0)
+        return self._host.logs(after, limit, request_id)
 
     @with_traceback
     async def reconfigure(self, user_config: Any) -> None:

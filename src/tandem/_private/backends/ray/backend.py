@@ -40,6 +40,7 @@ from tandem._private.backends.ray.session import connect_ray
 from tandem._private.calls.context import DeploymentID
 from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, ReplicaSet
 from tandem._private.replica.host import StartSpec
+from tandem._private.replica.log_buffer import LogRead
 from tandem._private.replica.replica import ReplicaFacts, ReplicaSpec
 from tandem.exceptions import ReplicaUnavailableError
 
@@ -205,6 +206,15 @@ class RayBackend(Backend):
                 actor.report = await self._control(actor, actor.handle.report.remote())
             except ReplicaUnavailableError:
                 pass
+
+    async def logs(
+        self, info: ReplicaInfo, after: int, limit: int, request_id: str | None = None
+    ) -> LogRead:
+        actor = self._actor(info)
+        result: LogRead = await self._control(
+            actor, actor.handle.logs.remote(after, limit, request_id)
+        )
+        return result
 
     async def reconfigure(self, info: ReplicaInfo, user_config: Any) -> None:
         actor = self._actor(info)
