@@ -7,6 +7,9 @@ from typing import Any
 
 import click
 
+# The data address of the server the control commands (status, deploy, ...) talk to.
+DEFAULT_ADDRESS = "http://127.0.0.1:8000"
+
 _GRPC = [
     click.option(
         "--grpc-port",
@@ -39,3 +42,25 @@ def grpc_flags(command: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(_GRPC):
         command = option(command)
     return command
+
+
+def control_options(command: Any) -> Any:
+    """--address, --control and --token-file: how the CLI reaches a server's control endpoint."""
+    command = click.option(
+        "--token-file",
+        default=None,
+        help="File holding the token of a server's TCP control port "
+        "[default: $TANDEM_CONTROL_TOKEN].",
+    )(command)
+    command = click.option(
+        "--control",
+        default=None,
+        help="The control endpoint of a server on another machine: http://HOST:PORT (its "
+        "control port, or one forwarded to its control socket) or unix:PATH.",
+    )(command)
+    return click.option(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        show_default=True,
+        help="The server's HTTP address; its control socket is found from the port.",
+    )(command)

@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 import click
 import yaml
 
-from tandem._private.cli.flags import grpc_flags
+from tandem._private.cli.flags import control_options, grpc_flags
 
 if TYPE_CHECKING:
     pass
 
-DEFAULT_ADDRESS = "http://127.0.0.1:8000"
 # Marks the server process that a --reload watcher runs (hidden; the watcher adds it).
 _RELOADED_FLAG = "--reloaded"
 
@@ -331,30 +330,8 @@ def _run_with_reload() -> None:
         pass
 
 
-def _control_options(command: Any) -> Any:
-    """--address, --control and --token-file: how the CLI reaches a server's control endpoint."""
-    command = click.option(
-        "--token-file",
-        default=None,
-        help="File holding the token of a server's TCP control port "
-        "[default: $TANDEM_CONTROL_TOKEN].",
-    )(command)
-    command = click.option(
-        "--control",
-        default=None,
-        help="The control endpoint of a server on another machine: http://HOST:PORT (its "
-        "control port, or one forwarded to its control socket) or unix:PATH.",
-    )(command)
-    return click.option(
-        "--address",
-        default=DEFAULT_ADDRESS,
-        show_default=True,
-        help="The server's HTTP address; its control socket is found from the port.",
-    )(command)
-
-
 @cli.command()
-@_control_options
+@control_options
 def status(address: str, control: str | None, token_file: str | None) -> None:
     """Print the applications of a running server, with replica details and errors."""
     data = _request(address, control, token_file, "GET", "/-/status")
@@ -362,7 +339,7 @@ def status(address: str, control: str | None, token_file: str | None) -> None:
 
 
 @cli.command()
-@_control_options
+@control_options
 def shutdown(address: str, control: str | None, token_file: str | None) -> None:
     """Stop a running server gracefully."""
     _request(address, control, token_file, "POST", "/-/shutdown")
@@ -371,7 +348,7 @@ def shutdown(address: str, control: str | None, token_file: str | None) -> None:
 
 @cli.command()
 @click.argument("name")
-@_control_options
+@control_options
 def delete(name: str, address: str, control: str | None, token_file: str | None) -> None:
     """Delete the application NAME from a running server (its replicas drain and stop)."""
     from urllib.parse import quote
@@ -382,7 +359,7 @@ def delete(name: str, address: str, control: str | None, token_file: str | None)
 
 @cli.command()
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
-@_control_options
+@control_options
 def deploy(config_file: str, address: str, control: str | None, token_file: str | None) -> None:
     """Apply CONFIG_FILE to a running server (it keeps its applications if the file is bad)."""
     from tandem._private.app.config_file import load_config
