@@ -74,6 +74,10 @@ SPELLINGS = [
     "/-/%73hutdown",
     "/-/status",
     "/%2D/status",
+    "/-/logs",
+    "/-/logs?follow=1",
+    "/%2D/logs",
+    "/-/%6Cogs",
 ]
 METHODS = ["PUT", "POST", "PATCH", "DELETE", "GET"]
 

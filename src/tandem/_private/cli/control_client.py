@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,21 +90,8 @@ def request(endpoint: ControlEndpoint, method: str, path: str, body: Any = None)
         connection.request(method, path, body=data, headers=headers)
         response = connection.getresponse()
         raw = response.read()
-    except OSError as exc:
-        if endpoint.address is not None:  # e.g. a socket left by a server that was killed
-            raise ControlError(
-                f"No tandem server of yours serves {endpoint.address} on this machine: its "
-                f"control socket {endpoint.describe()} does not answer "
-                f"({exc.strerror or exc}); start one with `tandem run`."
-            ) from None
-        raise ControlError(
-            f"No tandem control endpoint answers at {endpoint.describe()} "
-            f"({exc.strerror or exc}); is the server running?"
-        ) from None
-    except http.client.HTTPException as exc:
-        raise ControlError(
-            f"The control endpoint at {endpoint.describe()} broke off ({exc!r})."
-        ) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise _failed(endpoint, exc) from None
     finally:
         connection.close()
     try:
@@ -111,15 +99,61 @@ def request(endpoint: ControlEndpoint, method: str, path: str, body: Any = None)
     except ValueError:
         answer = None
     if response.status >= 400:
-        detail = answer.get("error") if isinstance(answer, dict) else None
-        raise ControlError(
-            f"The server's control endpoint answered {response.status}: {detail or response.reason}"
-        )
+        raise _refused(response, answer)
     return answer
 
 
+def stream(endpoint: ControlEndpoint, path: str) -> Iterator[Any]:
+    """GET a streamed answer of JSON lines (NDJSON); yield each object as it arrives,
+    until the server ends the answer. Raises ControlError as :func:`request` does."""
+    headers = {"authorization": f"Bearer {endpoint.token}"} if endpoint.token else {}
+    connection = _connection(endpoint, timeout=None)  # a followed log may be quiet for long
+    try:
+        try:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            if response.status >= 400:
+                raw = response.read()
+                try:
+                    answer = json.loads(raw or b"null")
+                except ValueError:
+                    answer = None
+                raise _refused(response, answer)
+            while line := response.readline():
+                if line.strip():
+                    yield json.loads(line)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _failed(endpoint, exc) from None
+    finally:
+        connection.close()
+
+
+def _failed(endpoint: ControlEndpoint, exc: Exception) -> ControlError:
+    """The error of a control request that got no (whole) answer."""
+    if isinstance(exc, http.client.HTTPException):
+        return ControlError(f"The control endpoint at {endpoint.describe()} broke off ({exc!r}).")
+    reason = getattr(exc, "strerror", None) or exc
+    if endpoint.address is not None:  # e.g. a socket left by a server that was killed
+        return ControlError(
+            f"No tandem server of yours serves {endpoint.address} on this machine: its "
+            f"control socket {endpoint.describe()} does not answer "
+            f"({reason}); start one with `tandem run`."
+        )
+    return ControlError(
+        f"No tandem control endpoint answers at {endpoint.describe()} "
+        f"({reason}); is the server running?"
+    )
+
+
+def _refused(response: http.client.HTTPResponse, answer: Any) -> ControlError:
+    detail = answer.get("error") if isinstance(answer, dict) else None
+    return ControlError(
+        f"The server's control endpoint answered {response.status}: {detail or response.reason}"
+    )
+
+
 class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
 
@@ -134,7 +168,9 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def _connection(endpoint: ControlEndpoint, timeout: float = 120) -> http.client.HTTPConnection:
+def _connection(
+    endpoint: ControlEndpoint, timeout: float | None = 120
+) -> http.client.HTTPConnection:
     if endpoint.unix_path is not None:
         return _UnixConnection(endpoint.unix_path, timeout)
     parsed = urllib.parse.urlsplit(str(endpoint.url))
