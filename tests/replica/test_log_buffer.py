@@ -144,3 +144,27 @@ def test_a_failed_request_leaves_its_traceback() -> None:
     [line] = buffer.read(request_id="req-3").lines
     assert line["message"] == "Request to method 'predict' failed: KeyError: 'missing'"
     assert line["level"] == "ERROR" and "Traceback" in line["exception"]
+
+
+def test_a_replica_without_logging_config_ignores_levels_lowered_for_another() -> None:
+    # Local backend: one replica's log_level DEBUG lowers tandem.replica's level for all.
+    from tandem._private.app.logging_config import LoggingConfig
+    from tandem._private.replica.logs import ReplicaLogs
+
+    chatty = LogBuffer("app", "Chatty", "app#Chatty#c1", level=logging.DEBUG)
+    plain = LogBuffer("app", "Plain", "app#Plain#p1")
+    context = ReplicaContext("app", "Chatty", "app#Chatty#c1", ReplicaRank.of(0), 1)
+    user.setLevel(logging.NOTSET)  # as a user's logger is: tandem.replica decides
+    routing = ReplicaLogs(LoggingConfig(log_level="DEBUG"), context)
+    routing.open()
+    try:
+        for buffer in (chatty, plain):
+            tokens = _in_replica(buffer)
+            try:
+                user.debug("debug in %s", buffer.deployment)
+            finally:
+                _leave(tokens)
+    finally:
+        routing.close()
+    assert [line["message"] for line in chatty.read().lines] == ["debug in Chatty"]
+    assert plain.read().lines == []
