@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Generic, TypeVar
 
+from tandem._private import tracing
 from tandem._private.calls.context import (
     DeploymentID,
     RequestMetadata,
@@ -226,6 +227,8 @@ class DeploymentHandle(Generic[T]):
             source = runtime.stream(self._id, meta, args, kwargs, pending)
             if inbound is not None:
                 source = closing_stream(source, inbound)
+            if tracing.SPANS is not None:
+                source = tracing.SPANS.client_stream(source, meta)
             # Passed on to another call before it begins, a replica may make it instead
             # (the StreamCall is made then, if ever).
             handoff = None
@@ -235,6 +238,8 @@ class DeploymentHandle(Generic[T]):
         call = runtime.call(self._id, meta, args, kwargs, pending)
         if inbound is not None:
             call = closing_call(call, inbound)
+        if tracing.SPANS is not None:
+            call = tracing.SPANS.client_call(call, meta)
         return DeploymentResponse(runtime, call, meta)
 
     def _call_options(self) -> tuple[Any, ...]:

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
-from tandem._private import proxies
+from tandem._private import proxies, tracing
 from tandem._private.app import routes
 from tandem._private.app.deployment import Application, Deployment
 from tandem._private.app.graph import build_application
@@ -162,6 +162,7 @@ def open_runtime(backend: str | Backend | None) -> Runtime:
 def _new_runtime(backend: Backend) -> Runtime:
     """A runtime with its controller, on ``backend`` (not yet this process's runtime)."""
     backend.prepare()
+    tracing.configure()  # from the environment as it is now, before anything is served
     # At exit, stop the replicas before the libraries they use (Ray registers its
     # own handler when imported; handlers run last-in first-out).
     atexit.unregister(shutdown)
@@ -306,6 +307,7 @@ def shutdown() -> None:
             _close(runtime, before_close=lambda: set_runtime(None))
         finally:
             set_runtime(None)
+            tracing.flush()  # the spans of the last requests, before the process may exit
 
 
 def _close(runtime: Runtime, before_close: Callable[[], None] = lambda: None) -> None:
@@ -453,9 +455,8 @@ async def shutdown_async() -> None:
     await asyncio.to_thread(shutdown)
 
 
-def get_trace_context() -> dict[str, str] | None:
-    """The tracing context of the request being served, for child spans.
-
-    None while tracing is off, as in Ray Serve; tandem does not trace requests yet.
-    """
-    return None
+def get_trace_context() -> Any:
+    """The OpenTelemetry context of the request being served: spans started with it
+    (``tracer.start_as_current_span(name, context=tandem.get_trace_context())``) are
+    children of the request's span. None while tracing is off, as in Ray Serve."""
+    return tracing.get_trace_context()

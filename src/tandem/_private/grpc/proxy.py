@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from tandem._private import tracing
 from tandem._private.calls import priority
 from tandem._private.calls.context import DeploymentID, RequestMetadata
 from tandem._private.calls.deadlines import passed
@@ -191,7 +192,14 @@ class GRPCProxy:
         reply: bytes | None = None
         self.metrics.started(app)
         try:
-            reply = await self._call(deployment, meta, request, context, method, outcome)
+            spans = tracing.SPANS
+            if spans is None:
+                reply = await self._call(deployment, meta, request, context, method, outcome)
+            else:
+                with spans.grpc(metadata, method.path, meta) as span:
+                    reply = await self._call(deployment, meta, request, context, method, outcome)
+                    failure = outcome.error not in (None, "cancelled")
+                    span.outcome(outcome.code.value[0], outcome.error, failure)
         finally:
             seconds = time.perf_counter() - started
             self.metrics.observe(

@@ -31,6 +31,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tandem._private import tracing
 from tandem._private.app.backpressure import BackpressureConfig
 from tandem._private.calls.context import HTTP_METHOD, DeploymentID, RequestMetadata
 from tandem._private.calls.deadlines import passed
@@ -137,9 +138,14 @@ class Proxy:
                 if self._options.access_log:
                     log_access(scope["method"], path, status, seconds, request_id, app)
 
-            status, error = await self._forward(
-                scope, receive, send, request_id, prefix, app, ingress, record, writes
-            )
+            forward = (scope, receive, send, request_id, prefix, app, ingress, record, writes)
+            spans = tracing.SPANS
+            if spans is None:
+                status, error = await self._forward(*forward)
+            else:
+                with spans.http(scope, request_id, app, ingress, prefix) as span:
+                    status, error = await self._forward(*forward, span.traceparent)
+                    span.outcome(status, error, status >= 500 or error == "timeout")
             record(status, error)
         finally:
             writes.release()
@@ -155,11 +161,13 @@ class Proxy:
         ingress: str,
         on_complete: Callable[[int, str | None], None],
         writes: HeldWrites | Unheld,
+        trace: str = "",
     ) -> tuple[int, str | None]:
         """Send one request to the ingress; return (status, error kind or None).
 
         ``on_complete`` is called once the last message of a response is sent,
-        which may come a moment before the replica's stream ends.
+        which may come a moment before the replica's stream ends. ``trace``: the
+        proxy's span, while tracing is on (``RequestMetadata.trace``).
         """
         self.metrics.started(app)  # in flight from here: every way out is counted
         try:
@@ -192,6 +200,7 @@ class Proxy:
             prefix,
             deadline,
             priority,
+            trace=trace,
         )
         data = HTTPRequestData.from_scope(scope, body, prefix)
         exchange = _Exchange(receive, timeout_s)

@@ -27,6 +27,7 @@ from typing import Any
 
 import cloudpickle
 
+from tandem._private import tracing
 from tandem._private.calls.context import HTTP_METHOD, DeploymentID, RequestMetadata
 from tandem._private.calls.flow import Credit, Last
 from tandem._private.calls.inbound import InboundQueues
@@ -118,6 +119,7 @@ class ReplicaHost:
     async def start(self, spec: StartSpec) -> None:
         """Build the replica and start it; raises what its constructor raises."""
         add_driver_path(spec.sys_path, spec.driver_path_first)
+        tracing.configure()  # after the driver's path: exporters may come from there
         for replica_set in spec.directory:
             self._runtime.publish(replica_set)
         replica = self._replica = Replica(pickle.loads(spec.replica))
@@ -133,6 +135,8 @@ class ReplicaHost:
             await asyncio.gather(reporting, return_exceptions=True)
         if self._replica is not None:
             await self._replica.stop(timeout_s)
+        if tracing.SPANS is not None:  # this process may end without its exit handlers
+            await asyncio.to_thread(tracing.flush)
 
     # -- requests ----------------------------------------------------------
 

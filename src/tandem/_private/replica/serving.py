@@ -8,6 +8,7 @@ import time
 import types
 from typing import Any
 
+from tandem._private import tracing
 from tandem._private.calls.context import (
     ReplicaContext,
     RequestMetadata,
@@ -37,6 +38,7 @@ class Serving:
         "_logs",
         "_meta",
         "_name",
+        "_span",
         "_started",
         "_stats",
         "_tokens",
@@ -61,6 +63,8 @@ class Serving:
         self.http: dict[str, Any] | None = None  # the ASGI scope of an HTTP request
         self.status: int | None = None  # the HTTP status of its response, once it started
         self._tokens = (_request.set(meta), _replica_context.set(context))
+        # While tracing is on, the request's span (current while the user's code runs).
+        self._span = None if tracing.SPANS is None else tracing.SPANS.serve(meta, context)
         self._meta = meta
         self._started = time.perf_counter()
 
@@ -103,6 +107,8 @@ class Serving:
         slot = self.slot
         if not slot.held_by_thread:
             slot.release()
+        if self._span is not None:
+            self._span.end(error, self.status)
         request, context = self._tokens
         try:
             _replica_context.reset(context)

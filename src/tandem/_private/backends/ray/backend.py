@@ -30,6 +30,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from tandem._private import tracing
 from tandem._private.backends import RayOptions
 from tandem._private.backends.base import Backend, BackendEvents, ReplicaStartError
 from tandem._private.backends.process.frames import RemoteTraceback, picklable_starlette
@@ -285,6 +286,11 @@ def _actor_options(spec: ReplicaSpec) -> dict[str, Any]:
     per_node = placement.per_node_resource(spec)
     if per_node:
         options["resources"] = {**options.get("resources", {}), **per_node}
+    traced = tracing.worker_env()
+    if traced:  # an actor on another node sets up tracing as the driver did
+        runtime_env = dict(options.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**traced, **(runtime_env.get("env_vars") or {})}
+        options["runtime_env"] = runtime_env
     return options
 
 
