@@ -40,6 +40,18 @@ class ControlPlane(Protocol):
 
     def status(self) -> Status: ...
 
+    def overview(self) -> dict[str, Any]: ...  # what the dashboard draws
+
+    async def recent_logs(
+        self,
+        app: str | None = None,
+        deployment: str | None = None,
+        replica: str | None = None,
+        request_id: str | None = None,
+        limit: int = 100,
+        after: dict[str, int] | None = None,
+    ) -> tuple[list[dict[str, Any]], dict[str, int]]: ...  # (lines, cursors)
+
     def app_names(self) -> list[str]: ...
 
     def ingress(self, app_name: str) -> str | None: ...

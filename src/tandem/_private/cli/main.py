@@ -1,4 +1,4 @@
-"""The ``tandem`` command: run, status, shutdown, build, deploy, delete.
+"""The ``tandem`` command: run, status, shutdown, build, deploy, delete, logs.
 
 Thin by design: parse the command line, build a config, hand it to a
 :class:`ServeSession` (``run``) or to a running server's control endpoint.
@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 import click
 import yaml
 
+from tandem._private.cli.dashboard import dashboard
 from tandem._private.cli.flags import control_options, grpc_flags
+from tandem._private.cli.logs import logs
 
 if TYPE_CHECKING:
     pass
@@ -461,6 +463,10 @@ def _request(
         return request(find_control(address, control, token_file), method, path, body)
     except ControlError as exc:
         raise _Failure(str(exc)) from None
+
+
+cli.add_command(logs)
+cli.add_command(dashboard)
 
 
 def main() -> None:

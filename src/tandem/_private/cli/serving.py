@@ -96,6 +96,10 @@ class ServeSession:
             await controller.refresh_reports()
             return _StatusWithProxies(controller.status(), api.grpc_address())
 
+        async def overview() -> dict[str, Any]:
+            await controller.refresh_reports()
+            return controller.overview()
+
         async def delete(name: str) -> bool:
             if name not in controller.app_names():
                 return False
@@ -110,6 +114,8 @@ class ServeSession:
             delete=delete,
             shutdown=self.request_stop,
             scale=controller.scale,
+            logs=controller.recent_logs,
+            overview=overview,
         )
         socket_path = control_socket_path(port)
         token_path = socket_path.with_suffix(".token") if self._control_tcp else None

@@ -15,6 +15,11 @@ It answers (JSON):
     PUT  /-/applications   apply a config file's content; applications it omits are deleted
     DELETE /-/applications/NAME   delete one application
     POST /-/shutdown       stop the server gracefully
+    GET  /-/logs           the replicas' recent log lines (?app=, deployment=, replica=,
+                           request_id=, limit=N; follow=1 streams new ones as NDJSON;
+                           see :mod:`.control_logs`)
+    GET  /-/dashboard      the dashboard page (its state: /-/dashboard/state;
+                           ``tandem dashboard`` shows it in a browser)
     POST /api/v1/applications/APP/deployments/NAME/scale
                            set a deployment's replica count (Ray Serve's external
                            scaler API: {"target_num_replicas": N}; only for
@@ -48,6 +53,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tandem._private.app.external_scaler import ExternalScalerDisabledError, ScaleDeploymentRequest
 from tandem._private.app.options import validation_problems
+from tandem._private.dashboard.routes import dashboard_routes
+from tandem._private.http.control_logs import ReadLogs, logs_response
 from tandem._private.http.limits import ConnectionLimits, Refusals, protocol_class
 from tandem._private.http.server import bind_socket
 
@@ -80,11 +87,15 @@ class ControlActions:
     delete: Callable[[str], Awaitable[bool]]  # False if there is no such application
     shutdown: Callable[[], None]
     scale: Callable[[str, str, int], Awaitable[None]] | None = None
+    # Controller.recent_logs (controller/logs.py); None: no GET /-/logs.
+    logs: ReadLogs | None = None
+    # What the dashboard draws (Controller.overview); None: this server has no dashboard.
+    overview: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
 
 _KNOWN = (
     "GET /-/healthz, GET /-/status, GET /-/routes, PUT /-/applications, "
-    "DELETE /-/applications/NAME, POST /-/shutdown and "
+    "DELETE /-/applications/NAME, POST /-/shutdown, GET /-/logs, GET /-/dashboard and "
     "POST /api/v1/applications/APP/deployments/NAME/scale"
 )
 
@@ -95,6 +106,7 @@ class ControlApp:
 
     def __init__(self, actions: ControlActions) -> None:
         self._actions = actions
+        self.closing = asyncio.Event()  # set as the server stops: followed logs end
         self._router = Router(
             [
                 Route("/-/healthz", self._healthz, methods=["GET"]),
@@ -103,11 +115,13 @@ class ControlApp:
                 Route("/-/applications", self._apply, methods=["PUT"]),
                 Route("/-/applications/{name:path}", self._delete, methods=["DELETE"]),
                 Route("/-/shutdown", self._shutdown, methods=["POST"]),
+                Route("/-/logs", self._logs, methods=["GET"]),
                 Route(
                     "/api/v1/applications/{app}/deployments/{deployment}/scale",
                     self._scale,
                     methods=["POST"],
                 ),
+                *(dashboard_routes(actions.overview) if actions.overview is not None else ()),
             ],
             redirect_slashes=False,
             default=_not_a_control_request,
@@ -126,6 +140,11 @@ class ControlApp:
 
     async def _routes(self, request: Request) -> Response:
         return JSONResponse(self._actions.routes())
+
+    async def _logs(self, request: Request) -> Response:
+        if self._actions.logs is None:
+            return JSONResponse({"error": "This server keeps no logs."}, status_code=404)
+        return await logs_response(request, self._actions.logs, self.closing)
 
     async def _shutdown(self, request: Request) -> Response:
         self._actions.shutdown()
@@ -348,6 +367,7 @@ class ControlServer:
             await asyncio.sleep(0.005)
 
     async def stop(self) -> None:
+        self._app.closing.set()
         for server, _task, _sock in self._servers:
             server.should_exit = True
         for server, task, sock in self._servers:

@@ -1,0 +1,1 @@
+"""The dashboard: a page that shows a running server's applications, live."""
