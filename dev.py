@@ -5,14 +5,16 @@
     python3 dev.py test    run the whole test suite (arguments go to pytest)
 
 Each task first makes sure ``.venv`` exists and has tandem installed (editable,
-with its development extras and the ray extra, so the suite also runs on the
-ray backend); it reinstalls only when pyproject.toml changed.
+with its development extras, the ray extra, so the suite also runs on the ray
+backend, and the tracing extra, so it tests traces); it reinstalls only when
+pyproject.toml changed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,8 +40,34 @@ def ensure_venv() -> None:
     print("Installing tandem and its development dependencies into .venv ...", flush=True)
     pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[dev,ray]"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[dev,ray,tracing]"], check=True)
     STAMP.write_text(wanted)
+
+
+def ensure_chromium() -> None:
+    """The dashboard's page test drives a real Chromium: Debian's package. Install it
+    where we may (root with apt-get, as on CI); elsewhere the test says what is missing."""
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        return
+    if not shutil.which("apt-get") or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        print(
+            "Chromium is missing: the dashboard's page test will be skipped "
+            "(install Debian's chromium package to run it).",
+            flush=True,
+        )
+        return
+    print(
+        "Installing Chromium (Debian's chromium package) for the dashboard's page test ...",
+        flush=True,
+    )
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    for attempt in ([], ["apt-get", "update", "-q"]):
+        if attempt:
+            subprocess.run(attempt, stdout=subprocess.DEVNULL, env=env)
+        if subprocess.run(install, stdout=subprocess.DEVNULL, env=env).returncode == 0:
+            return
+    print("Installing Chromium failed: the dashboard's page test will be skipped.", flush=True)
 
 
 def run_server(command: list[str], env: dict[str, str]) -> int:
@@ -63,6 +91,7 @@ def main() -> int:
     if task == "serve":
         command = [str(BIN / "tandem"), "run", "hello:language_classifier", *rest]
         return run_server(command, env)
+    ensure_chromium()
     if not rest:
         # The whole suite, in two workers, each taking the next test as it is free.
         # Each starts a local Ray of its own at its first test on the ray backend:
