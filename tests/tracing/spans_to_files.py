@@ -37,6 +37,7 @@ def record(span: ReadableSpan) -> dict[str, object]:
         "kind": span.kind.name,
         "trace_id": f"{context.trace_id:032x}",
         "span_id": f"{context.span_id:016x}",
+        "trace_state": context.trace_state.to_header(),
         "parent_id": f"{span.parent.span_id:016x}" if span.parent is not None else None,
         "attributes": dict(span.attributes or {}),
         "status": span.status.status_code.name,

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 from spans_to_files import DIR_ENV, read_spans
-from traced_app import CLIENT_SPAN_ID, CLIENT_TRACE_ID
+from traced_app import CLIENT_SPAN_ID, CLIENT_TRACE_ID, CLIENT_TRACE_STATE
 
 from conftest import BACKENDS
 
@@ -88,6 +88,7 @@ def _check_trace(spans: list[Span], backend: str) -> None:
             assert call["pid"] != served["pid"]
     served = _one(spans, "Inner.double", "SERVER", trace_id)
     assert _one(spans, "user double", "INTERNAL", trace_id)["parent_id"] == served["span_id"]
+    assert served["trace_state"] == CLIENT_TRACE_STATE  # the client's, carried every hop
     assert _one(spans, "Inner.count", "CLIENT", trace_id)["attributes"]["tandem.stream"] is True
 
     # The failing request: its own trace, the error on every span on its way back.
@@ -163,3 +164,41 @@ def test_grpc_spans_honour_traceparent_metadata_in_the_users_own_provider(
     assert failed["attributes"]["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]
     served = _one(spans, "Greeter.Fail", "SERVER", failed["trace_id"])
     assert served["status"] == "ERROR" and served["parent_id"] == failed["span_id"]
+
+
+CONFIGURE_TWICE = """
+import logging, sys
+logging.basicConfig(format="%(levelname)s %(message)s")
+if sys.argv[1] == "no-sdk":
+    sys.modules["opentelemetry.sdk"] = None  # as if the SDK were not installed
+from tandem._private import tracing
+tracing.configure()
+tracing.configure()
+print(tracing.SPANS is not None)
+"""
+
+
+def _configure_twice(case: str, exporter: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["OTEL_TRACES_EXPORTER"] = exporter
+    return subprocess.run(
+        [sys.executable, "-c", CONFIGURE_TWICE, case],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_an_exporter_asked_for_without_the_sdk_says_what_to_install_once() -> None:
+    result = _configure_twice("no-sdk", "otlp")
+    assert result.stdout.strip() == "False", result.stderr
+    assert result.stderr.count("pip install 'tandem-serve[tracing]'") == 1, result.stderr
+    assert "OTEL_TRACES_EXPORTER=otlp" in result.stderr
+
+
+def test_an_exporter_name_nothing_provides_is_named_in_a_warning() -> None:
+    result = _configure_twice("sdk", "otlp,no_such_exporter")
+    assert result.stdout.strip() == "True", result.stderr
+    assert "'no_such_exporter', which no installed package provides" in result.stderr
+    assert "'otlp'" not in result.stderr  # the tracing extra's OTLP/HTTP exporter is found

@@ -19,6 +19,7 @@ from tandem.handle import DeploymentHandle
 
 CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN_ID = "00f067aa0ba902b7"
+CLIENT_TRACE_STATE = "tandemtest=t61rcWkgMzE"
 
 
 def opentelemetry_modules() -> list[str]:
@@ -75,7 +76,8 @@ def main() -> None:
     serve.run(Front.bind(Inner.bind()), backend=sys.argv[1])
     url = http_url()
     traceparent = f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"
-    ok = httpx.get(f"{url}/?x=3", headers={"traceparent": traceparent}, timeout=30)
+    headers = {"traceparent": traceparent, "tracestate": CLIENT_TRACE_STATE}
+    ok = httpx.get(f"{url}/?x=3", headers=headers, timeout=30)
     failed = httpx.get(f"{url}/?x=-1", timeout=30)
     inner = serve.get_deployment_handle("Inner", "default")
     seen = {
