@@ -37,7 +37,7 @@ class Front:
 
     async def __call__(self, request: Any) -> str:
         text = request.query_params["text"]
-        LOGGER.warning("front got %r", text)
+        LOGGER.info("front got %r", text)  # no logging_config: INFO, as Ray Serve
         return str(await self._scorer.score.remote(text))
 
 

@@ -16,7 +16,9 @@ replica costs one context-variable lookup. The replica context variable is
 inherited by worker threads and tasks, so records of sync methods count too.
 
 With a ``logging_config``, records below its ``log_level`` are not kept;
-without one, the buffer keeps what the loggers let through.
+without one, the buffer keeps what the loggers let through, and
+``tandem.replica`` logs at INFO unless something set its level (Ray Serve's
+default ``log_level``), in the driver and in replica processes alike.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any, NamedTuple
 from tandem._private.calls.context import _replica_context, _request
 from tandem._private.replica.logs import REPLICA_LOGGER, routed_away
 
+# The level of ``tandem.replica`` where nothing set one (logging_config's default).
+DEFAULT_REPLICA_LEVEL = logging.INFO
 # How many lines a replica keeps; older ones are dropped as new ones come.
 MAX_LINES = 1000
 # A message or traceback longer than this is cut (a line must not hold megabytes).
@@ -188,6 +192,11 @@ def capture_logs() -> None:
 
         logging.setLogRecordFactory(make_record)
         _installed = True
+        replica_logger = logging.getLogger(REPLICA_LOGGER)
+        if replica_logger.level == logging.NOTSET:
+            # Ray Serve's default log_level: a replica's INFO lines are made (kept, and
+            # shown where tandem's logs go) without a logging_config, on every backend.
+            replica_logger.setLevel(DEFAULT_REPLICA_LEVEL)
 
 
 def request_failed(method: str, error: BaseException) -> None:
