@@ -223,6 +223,11 @@ def test_page_in_chromium_shows_the_graph_live_calls_a_killed_replica_and_logs(
             expect(running).to_have_count(2, timeout=30_000)
             expect(page.locator('[data-deployment="Doubler"]')).to_contain_text("1 restart ")
 
+            # Percentiles come from bucket counts, interpolated within a bucket.
+            assert page.evaluate("quantile(0.5, [0, 10, 0], [0.001, 0.002])") == 0.0015
+            assert page.evaluate("quantile(0.99, [10, 0, 0], [0.001, 0.002])") == 0.00099
+            assert page.evaluate("quantile(0.5, [0, 0, 0], [0.001, 0.002])") is None
+
             shot = Path(os.environ.get("TANDEM_SCREENSHOTS", tmp_path)) / "dashboard.png"
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)

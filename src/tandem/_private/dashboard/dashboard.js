@@ -77,20 +77,25 @@ function quantile(q, buckets, bounds) {
   return bounds[bounds.length - 1];
 }
 
-// The change of a series between the reading WINDOW_S ago (or the oldest) and now.
+// The change of a series between the reading WINDOW_S ago (or the oldest) and now;
+// counts that went down (their replicas were replaced) start the window over.
 function windowed(pick) {
   const now = readings[readings.length - 1];
-  let then = readings[0];
-  for (const r of readings) {
-    if (now.time - r.time >= WINDOW_S) then = r;
-  }
   const a = pick(now.state);
-  const b = then === now ? null : pick(then.state);
   if (!a) return null;
-  if (!b || a.requests < b.requests) return { rate: null, p50: null, p99: null, errors: null };
+  let then = now;
+  let b = a;
+  for (let i = readings.length - 2; i >= 0; i--) {
+    const older = pick(readings[i].state);
+    if (!older || older.requests > b.requests) break;
+    then = readings[i];
+    b = older;
+    if (now.time - then.time >= WINDOW_S) break;
+  }
+  if (then === now) return { rate: null, p50: null, p99: null, errors: null };
   const seconds = Math.max(now.time - then.time, 1e-9);
   const requests = a.requests - b.requests;
-  const buckets = a.buckets.map((n, i) => n - b.buckets[i]);
+  const buckets = a.buckets.map((n, i) => Math.max(0, n - b.buckets[i]));
   const bounds = now.state.latency_buckets;
   return {
     rate: requests / seconds,
