@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import types
+import weakref
 from collections.abc import AsyncGenerator, Coroutine, Mapping
 from typing import Any
 
@@ -101,7 +102,11 @@ class Spans:
         self, call: Coroutine[Any, Any, Any], meta: RequestMetadata
     ) -> Coroutine[Any, Any, Any]:
         """``call`` inside a client span, child of the span current here and now."""
-        return self._client_call(call, meta, otel_context.get_current())
+        traced = self._client_call(call, meta, otel_context.get_current())
+        # A call cancelled before it started is closed unstarted: ``call`` with it,
+        # or Python would warn that ``call`` was never awaited.
+        weakref.finalize(traced, call.close)
+        return traced
 
     async def _client_call(
         self, call: Coroutine[Any, Any, Any], meta: RequestMetadata, parent: Context
