@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 from spans_to_files import DIR_ENV, read_spans
-from traced_app import CLIENT_SPAN_ID, CLIENT_TRACE_ID, CLIENT_TRACE_STATE
+from traced_app import CLIENT_SPAN_ID, CLIENT_TRACE_ID, CLIENT_TRACE_STATE, SESSION_TRACE_ID
 
 from conftest import BACKENDS
 
@@ -105,12 +105,19 @@ def _check_trace(spans: list[Span], backend: str) -> None:
     inner = _one(failing, "Inner.double", "SERVER", proxy["trace_id"])
     assert inner["status"] == "ERROR" and inner["events"] == ["exception"]
 
+    # A WebSocket session: the proxy's span for it, the replica's for the session.
+    session = _one(spans, "GET /ws", "SERVER", SESSION_TRACE_ID)
+    assert session["parent_id"] == CLIENT_SPAN_ID
+    assert session["attributes"]["http.response.status_code"] == 101
+    served = _one(spans, "Sockets.__call__", "SERVER", SESSION_TRACE_ID)
+    assert served["parent_id"] == session["span_id"]
+
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", [b for b in ("local", "process") if b in BACKENDS])
 def test_one_trace_across_the_proxy_and_composed_deployments(tmp_path: Path, backend: str) -> None:
     seen = _run(tmp_path, backend, traced=True)
-    assert seen["ok"]["doubled"] == 6 and seen["failed"] == 500
+    assert seen["ok"]["doubled"] == 6 and seen["failed"] == 500 and seen["shouted"] == "HOLA"
     spans = read_spans(tmp_path / "spans")
     _check_trace(spans, backend)
     # get_trace_context() in the replica: the request's own span.

@@ -11,7 +11,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+from starlette.applications import Starlette
 from starlette.requests import Request
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.sync.client import connect
 
 import tandem as serve
 from tandem._private.api import http_url
@@ -20,6 +24,7 @@ from tandem.handle import DeploymentHandle
 CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN_ID = "00f067aa0ba902b7"
 CLIENT_TRACE_STATE = "tandemtest=t61rcWkgMzE"
+SESSION_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 
 
 def opentelemetry_modules() -> list[str]:
@@ -71,18 +76,36 @@ class Front:
         return {"doubled": doubled, "items": items, "context_span": context_span}
 
 
+async def shout(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_text((await websocket.receive_text()).upper())
+    await websocket.close()
+
+
+@serve.deployment
+@serve.ingress(Starlette(routes=[WebSocketRoute("/", shout)]))
+class Sockets:
+    pass
+
+
 def main() -> None:
     serve.start(http_options={"port": 0})
     serve.run(Front.bind(Inner.bind()), backend=sys.argv[1])
+    serve.run(Sockets.bind(), name="ws", route_prefix="/ws", backend=sys.argv[1])
     url = http_url()
     traceparent = f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"
     headers = {"traceparent": traceparent, "tracestate": CLIENT_TRACE_STATE}
     ok = httpx.get(f"{url}/?x=3", headers=headers, timeout=30)
     failed = httpx.get(f"{url}/?x=-1", timeout=30)
+    session = {"traceparent": f"00-{SESSION_TRACE_ID}-{CLIENT_SPAN_ID}-01"}
+    with connect(url.replace("http", "ws", 1) + "/ws/", additional_headers=session) as ws:
+        ws.send("hola")
+        shouted = ws.recv()
     inner = serve.get_deployment_handle("Inner", "default")
     seen = {
         "ok": ok.json(),
         "failed": failed.status_code,
+        "shouted": shouted,
         "replica_modules": inner.modules.remote().result(),
         "driver_modules": opentelemetry_modules(),
     }

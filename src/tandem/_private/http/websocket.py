@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
@@ -30,6 +31,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from tandem._private import tracing
 from tandem._private.calls.context import HTTP_METHOD, DeploymentID, RequestMetadata
 from tandem._private.calls.inbound import Inbound, InboundQueue
 from tandem._private.calls.runtime import Runtime
@@ -72,6 +74,10 @@ class WebSocketSessions:
             return
         prefix, app, ingress = route
         meta = RequestMetadata(rid, app, ingress, HTTP_METHOD, True, model_id(scope), prefix)
+        spans = tracing.SPANS
+        span = None if spans is None else spans.http(scope, rid, app, ingress, prefix)
+        if span is not None:  # the session's span, while tracing is on
+            meta.trace = span.traceparent
         session = _Session(scope, receive, send, rid)
         self._metrics.started(app)
         outcome: tuple[int, str | None] = (500, "server_error")  # unless the relay returns
@@ -85,6 +91,9 @@ class WebSocketSessions:
             outcome = await session.relay(stream, app)
         finally:
             status, error = outcome
+            if span is not None:
+                span.outcome(status, error, status >= 500)
+                span.__exit__(*sys.exc_info())
             self._metrics.observe(
                 app, ingress, METHOD, status, time.perf_counter() - started, error
             )

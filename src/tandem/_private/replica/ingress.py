@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -84,6 +85,10 @@ async def _serving_instance() -> Any:
 
 
 def _bind_method_routes(app: Any, cls: type) -> None:
+    if "fastapi" not in sys.modules:
+        # Not a FastAPI app (nothing imported FastAPI); importing it to find out
+        # would cost time, and recent FastAPI imports OpenTelemetry.
+        return
     try:
         from fastapi import Depends, FastAPI
         from fastapi.routing import APIRoute, APIWebSocketRoute

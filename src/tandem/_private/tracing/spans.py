@@ -188,15 +188,16 @@ class Spans:
     def http(
         self, scope: Mapping[str, Any], request_id: str, app: str, ingress: str, route: str
     ) -> ProxySpan:
-        """A server span for an HTTP request to ``app`` (served under the prefix
-        ``route``), child of its ``traceparent`` header."""
+        """A server span for an HTTP request (or WebSocket session) to ``app`` (served
+        under the prefix ``route``), child of its ``traceparent`` header."""
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        method = scope.get("method", "GET")  # a WebSocket session's handshake is a GET
         span = self._tracer.start_span(
-            f"{scope['method']} {route}",
+            f"{method} {route}",
             context=propagate.extract(carrier, context=Context()),
             kind=SpanKind.SERVER,
             attributes={
-                "http.request.method": scope["method"],
+                "http.request.method": method,
                 "url.path": scope["path"],
                 "http.route": route,
                 "tandem.application": app,
