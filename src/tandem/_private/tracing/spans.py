@@ -59,7 +59,7 @@ def context_of(trace_value: str) -> Context:
     if len(parent) != 55 or not parent.startswith("00-"):  # not as traceparent() writes it
         carrier = {"traceparent": parent, "tracestate": state} if state else {"traceparent": parent}
         return _W3C.extract(carrier, context=Context())
-    try:  # a third of what the propagator's general parse costs, on every request
+    try:  # half what the propagator's general parse costs, on every request
         context = SpanContext(
             int(parent[3:35], 16),
             int(parent[36:52], 16),
