@@ -105,6 +105,12 @@ greeter = Greeter.bind()
 """
 
 
+def default_ctrl_c() -> None:
+    """A child's Ctrl-C as in a terminal (pass as ``preexec_fn``): a process started with
+    SIGINT ignored keeps ignoring it, and test workers may ignore it (Ray's do)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

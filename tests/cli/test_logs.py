@@ -13,7 +13,16 @@ from typing import Any
 
 import pytest
 
-from helpers import TANDEM_MODULE, Server, Servers, assert_clear_failure, env, free_port, tandem
+from helpers import (
+    TANDEM_MODULE,
+    Server,
+    Servers,
+    assert_clear_failure,
+    default_ctrl_c,
+    env,
+    free_port,
+    tandem,
+)
 
 ECHO = """
 import logging
@@ -81,6 +90,7 @@ def test_logs_prints_lines_filters_by_request_and_follows(server: Server, tmp_pa
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=default_ctrl_c,
     ) as follower:
         printed: queue.Queue[str] = queue.Queue()
         output = follower.stdout
@@ -95,8 +105,13 @@ def test_logs_prints_lines_filters_by_request_and_follows(server: Server, tmp_pa
             assert later.rstrip().endswith("echo later")
         finally:
             follower.send_signal(signal.SIGINT)
-            code = follower.wait(timeout=20)
-            reader.join(timeout=5)
+            try:
+                code = follower.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                follower.kill()  # else leaving the with block waits for it forever
+                raise
+            finally:
+                reader.join(timeout=5)
     assert code == 0, list(printed.queue)
 
 

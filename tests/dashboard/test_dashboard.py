@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers import TANDEM_MODULE, Servers, env, free_port, wait_for
+from helpers import TANDEM_MODULE, Servers, default_ctrl_c, env, free_port, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -71,6 +71,7 @@ class Dashboard:
             env=env(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            preexec_fn=default_ctrl_c,
         )
         found = wait_for(self._printed_url, timeout_s=20)
         self.url = found
