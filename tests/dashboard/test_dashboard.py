@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from helpers import TANDEM_MODULE, Servers, default_ctrl_c, env, free_port, wait_for
+from tandem._private.rundir import control_socket_path
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -62,11 +63,11 @@ app = Front.bind(Adder.bind(), Doubler.bind())
 class Dashboard:
     """A ``tandem dashboard`` process; ``url`` is the address it printed (with its token)."""
 
-    def __init__(self, server_url: str, cwd: Path, log: Path) -> None:
+    def __init__(self, where: list[str], cwd: Path, log: Path) -> None:
         self._log_path = log
         self._log = log.open("w")
         self.proc = subprocess.Popen(
-            [*TANDEM_MODULE, "dashboard", "--address", server_url, "--port", "0", "--no-browser"],
+            [*TANDEM_MODULE, "dashboard", *where, "--port", "0", "--no-browser"],
             cwd=cwd,
             env=env(),
             stdout=self._log,
@@ -103,7 +104,7 @@ def served(tmp_path: Path) -> Iterator[tuple[Any, Dashboard]]:
     server = servers.start(command, port)
     dashboard = None
     try:
-        dashboard = Dashboard(server.url, tmp_path, tmp_path / "dashboard.log")
+        dashboard = Dashboard(["--address", server.url], tmp_path, tmp_path / "dashboard.log")
         yield server, dashboard
     finally:
         if dashboard is not None:
@@ -141,6 +142,43 @@ def test_only_the_printed_address_opens_it_and_only_read_only_routes_pass(
     assert server.get("/-/dashboard").status_code == 404
     assert server.get("/-/dashboard/state").status_code == 404
     assert server.get("/").status_code != 200 or "tandem dashboard" not in server.get("/").text
+
+
+def test_a_server_elsewhere_through_its_control_port_and_token(tmp_path: Path) -> None:
+    (tmp_path / "graph_app.py").write_text(APP)
+    servers = Servers(tmp_path, tmp_path)
+    port, control_port = free_port(), free_port()
+    command = [*TANDEM_MODULE, "run", "graph_app:app", "--port", str(port)]
+    server = servers.start([*command, "--control-port", str(control_port)], port)
+    dashboard = None
+    try:
+        token_file = control_socket_path(server.port).with_suffix(".token")
+        control = ["--control", f"http://127.0.0.1:{control_port}"]
+        bad = tmp_path / "bad.token"
+        bad.write_text("not-the-token\n")
+        refused = subprocess.run(
+            [*TANDEM_MODULE, "dashboard", *control, "--token-file", str(bad), "--no-browser"],
+            cwd=tmp_path,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert refused.returncode != 0 and "refused the token" in refused.stderr
+        where = [*control, "--token-file", str(token_file)]
+        dashboard = Dashboard(where, tmp_path, tmp_path / "dashboard.log")
+        with httpx.Client() as browser:
+            browser.get(dashboard.url)
+            state = browser.get(dashboard.base + "/-/dashboard/state").json()
+        assert [d["name"] for d in state["applications"][0]["deployments"]] == [
+            "Adder",
+            "Doubler",
+            "Front",
+        ]
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
+        servers.kill_all()
 
 
 def test_dashboard_without_a_server_fails_clearly(tmp_path: Path) -> None:
