@@ -17,6 +17,7 @@ from tandem._private.calls.router import ReplicaConnection, ReplicaInfo, Replica
 from tandem._private.controller.controller import Controller
 from tandem._private.controller.status import ApplicationState, DeploymentState
 from tandem._private.replica.replica import ReplicaFacts, ReplicaSpec
+from tandem._private.stats import RequestStats
 
 
 class FakeBackend(Backend):
@@ -114,6 +115,58 @@ def test_a_replica_the_backend_reports_dead_is_replaced_even_after_failed_starts
             assert sum(controller.replica_restarts.values()) == 1
             assert sum(controller.start_failures.values()) == 1
         finally:
+            await controller.close()
+
+    asyncio.run(scenario())
+
+
+class ForgetfulBackend(FakeBackend):
+    """Forgets a replica's facts as it stops, before stop_replica returns (as the process
+    backend does when the process exits while it waits), and holds the stop there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats: dict[str, RequestStats] = {}
+        self.stopping = asyncio.Event()
+        self.finish_stop = asyncio.Event()
+
+    async def start_replica(self, spec: ReplicaSpec) -> ReplicaInfo:
+        info = await super().start_replica(spec)
+        self.stats[spec.replica_id] = RequestStats()
+        for _ in range(10):
+            self.stats[spec.replica_id].record("__call__", 0.001, False)
+        return info
+
+    async def stop_replica(self, info: ReplicaInfo, timeout_s: float) -> None:
+        self.stats.pop(info.replica_id, None)
+        self.stopping.set()
+        await self.finish_stop.wait()
+        await super().stop_replica(info, timeout_s)
+
+    def facts(self, info: ReplicaInfo) -> ReplicaFacts:
+        return ReplicaFacts(pid=4242, stats=self.stats.get(info.replica_id))
+
+
+def test_a_stopping_replica_counts_while_its_backend_already_forgot_it() -> None:
+    def served(controller: Controller) -> int:
+        return sum(series.requests for *_, series in controller.deployment_series())
+
+    async def scenario() -> None:
+        backend = ForgetfulBackend()
+        controller = Controller(backend, lambda _: None)
+        await controller.open()
+        try:
+            await controller.deploy(build_application(Model.bind(), "app", None))
+            assert served(controller) == 20
+            one = Model.options(num_replicas=1)
+            await controller.deploy(build_application(one.bind(), "app", None))
+            await asyncio.wait_for(backend.stopping.wait(), 5)
+            assert served(controller) == 20  # the backend no longer knows it: still 20
+            backend.finish_stop.set()
+            await _until(lambda: len(backend.running) == 1)
+            assert served(controller) == 20
+        finally:
+            backend.finish_stop.set()
             await controller.close()
 
     asyncio.run(scenario())

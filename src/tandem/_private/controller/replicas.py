@@ -78,6 +78,8 @@ class Fleet:
         # deployment's counts in /metrics never go down (see served_series).
         self._served_before: dict[tuple[str, str, str], Series] = {}
         self._stopping: dict[str, ReplicaRecord] = {}
+        # The stats of replicas being stopped, as they were just before the stop began.
+        self._last_stats: dict[str, RequestStats | None] = {}
 
     async def start(self, record: DeploymentRecord, rank: int) -> ReplicaRecord:
         """Start the replica of ``rank``; returns once it serves, raises StartFailed if it
@@ -144,11 +146,15 @@ class Fleet:
             with contextlib.suppress(Exception):
                 await bounded(self.backend.refresh(replica.info), LAST_REPORT_S)
             last = self.backend.facts(replica.info).stats
+            # The backend may forget the replica's facts as its process exits, before
+            # stop_replica returns: /metrics counts these meanwhile.
+            self._last_stats[replica.replica_id] = last
             await self.backend.stop_replica(replica.info, timeout)
         except Exception:
             logger.exception("Stopping replica %s failed", replica.replica_id)
         finally:
             self._stopping.pop(replica.replica_id, None)
+            self._last_stats.pop(replica.replica_id, None)
             self._keep_served(replica, self.backend.facts(replica.info).stats or last)
 
     def _keep_served(self, replica: ReplicaRecord, stats: RequestStats | None) -> None:
@@ -161,7 +167,8 @@ class Fleet:
         out = [(*key, series) for key, series in self._served_before.items()]
         for replica_id, replica in self._stopping.items():
             if replica_id not in listed:
-                out.extend(_served(replica, self.backend.facts(replica.info).stats))
+                stats = self.backend.facts(replica.info).stats
+                out.extend(_served(replica, stats or self._last_stats.get(replica_id)))
         return out
 
     def forget_served(self, app_name: str) -> None:
