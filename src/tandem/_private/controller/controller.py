@@ -231,6 +231,11 @@ class Controller:
         started: dict[str, list[ReplicaRecord]],
     ) -> None:
         retired: list[ReplicaRecord] = []
+
+        def retire(replicas: list[ReplicaRecord]) -> None:
+            retired.extend(replicas)
+            self._fleet.leaving(replicas)  # counted in /metrics through the awaits below
+
         for record in fresh:
             record.replicas = sorted(started.get(record.spec.name, []), key=lambda r: r.rank)
             record.refresh_state()
@@ -238,7 +243,7 @@ class Controller:
             prev = old.deployments.get(record.spec.name) if old else None
             if prev is not None:
                 prev.removed = True
-                retired.extend(prev.replicas)
+                retire(prev.replicas)
         problems: list[str] = []
         for prev, dspec in kept:
             prev.message = ""
@@ -251,7 +256,7 @@ class Controller:
             prev.replicas.extend(sorted(started.get(dspec.name, []), key=lambda r: r.rank))
             resized = bool(started.get(dspec.name)) or len(prev.replicas) > prev.target
             if len(prev.replicas) > prev.target:
-                retired.extend(prev.replicas[prev.target :])
+                retire(prev.replicas[prev.target :])
                 del prev.replicas[prev.target :]
             if resized:
                 # The deployment changed size: every replica learns its place anew.
@@ -280,7 +285,7 @@ class Controller:
                 if name not in app.deployments:
                     record.removed = True
                     self._fleet.publish(record, replicas=(), state="deleted")
-                    retired.extend(record.replicas)
+                    retire(record.replicas)
         app.status = ApplicationState.UNHEALTHY if problems else ApplicationState.RUNNING
         app.message = " ".join(problems)
         self._rebuild_routes()

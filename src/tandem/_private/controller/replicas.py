@@ -117,7 +117,7 @@ class Fleet:
     ) -> None:
         """Stop replicas (each within its graceful timeout, or ``timeout_s``), counted
         as stopping in ``record``'s status meanwhile."""
-        self._stopping.update((r.replica_id, r) for r in replicas)
+        self.leaving(replicas)
         if record is not None:
             record.stopping += len(replicas)
         try:
@@ -126,6 +126,11 @@ class Fleet:
             if record is not None:
                 record.stopping -= len(replicas)
 
+    def leaving(self, replicas: list[ReplicaRecord]) -> None:
+        """``replicas`` left the records and will be stopped: /metrics counts what they
+        served from now until their counts are kept."""
+        self._stopping.update((r.replica_id, r) for r in replicas)
+
     def stop_later(
         self,
         replicas: list[ReplicaRecord],
@@ -133,8 +138,7 @@ class Fleet:
         record: DeploymentRecord | None = None,
     ) -> None:
         """:meth:`stop`, as a background task: whoever retires replicas does not wait."""
-        # Counted as stopping from now: /metrics counts what they served all along.
-        self._stopping.update((r.replica_id, r) for r in replicas)
+        self.leaving(replicas)
         self.in_background(self.stop(replicas, timeout_s=timeout_s, record=record))
 
     async def _stop_one(self, replica: ReplicaRecord, timeout_s: float | None) -> None:
