@@ -3,6 +3,7 @@ itself in headless Chromium (the graph, live calls, a killed replica, log lines)
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
@@ -133,6 +134,16 @@ def test_only_the_printed_address_opens_it_and_only_read_only_routes_pass(
         assert browser.get(base + "/-/logs?limit=5").status_code == 200
         # Nothing that changes the server or shows more than the dashboard does.
         assert browser.get(base + "/-/status").status_code == 404
+        cookie = browser.cookies.jar
+        raw = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
+        raw.putrequest("GET", "/-/logs/../status", skip_host=True)
+        raw.putheader("host", base.removeprefix("http://"))
+        raw.putheader("cookie", "; ".join(f"{c.name}={c.value}" for c in cookie))
+        raw.endheaders()
+        try:
+            assert raw.getresponse().status == 404  # as sent: no path tricks pass
+        finally:
+            raw.close()
         assert browser.post(base + "/-/shutdown").status_code == 501
         assert browser.put(base + "/-/applications", content=b"{}").status_code == 501
         assert browser.get(base + "/-/logs?follow=1").status_code == 400

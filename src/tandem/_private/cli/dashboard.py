@@ -40,7 +40,8 @@ from tandem._private.dashboard.routes import PAGE_PATH
 
 DEFAULT_PORT = 8265
 # What the browser may ask the control endpoint for (all GET, none changes anything).
-_PASSED = (PAGE_PATH + "/", "/-/logs")
+_PASSED = {PAGE_PATH, PAGE_PATH + "/state", "/-/logs"}
+_ASSETS = PAGE_PATH + "/assets/"
 _HOSTS = ("127.0.0.1", "localhost")
 _PASSED_HEADERS = (
     "content-type",
@@ -98,7 +99,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             )
             return
         path = PAGE_PATH if target.path == "/" else target.path
-        if path != PAGE_PATH and not path.startswith(_PASSED):
+        asset = path.startswith(_ASSETS) and "/" not in path[len(_ASSETS) :]
+        if path not in _PASSED and not asset:
             self._answer(404, f"The dashboard has no page {target.path}.")
             return
         if "follow" in urllib.parse.parse_qs(target.query):

@@ -224,6 +224,7 @@ function renderGraph(state, app) {
   const box = document.getElementById("graph");
   if (!app) { box.replaceChildren(); return; }
   const names = app.deployments.map((d) => d.name);
+  if (!names.length) { box.replaceChildren(); return; }
   const nodes = [...names];
   for (const e of app.edges) {
     for (const end of [e.from, e.to]) if (!nodes.includes(end)) nodes.push(end);
