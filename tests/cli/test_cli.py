@@ -6,6 +6,7 @@ start-up and an import of the user's module.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import textwrap
@@ -101,6 +102,9 @@ def test_run_module_app_serves_until_ctrl_c_and_finishes_in_flight_requests(
     status = yaml.safe_load(result.stdout)
     assert status["applications"]["default"]["status"] == "RUNNING"
     assert set(status["applications"]["default"]["deployments"]) == {"Front", "Responder"}
+    as_json = tandem("status", "--json", "--address", server.url, cwd=app_dir)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == status
 
     # Ctrl-C while a 1 s request is in flight: the request finishes, then tandem exits 0.
     answers: list[Any] = []
@@ -316,6 +320,7 @@ def test_bad_num_replicas_names_its_field_path(app_dir: Path, tmp_path: Path) ->
 
 
 ENV_APP = """
+import json
 import os
 import tandem as serve
 

@@ -6,6 +6,7 @@ Thin by design: parse the command line, build a config, hand it to a
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -334,10 +335,14 @@ def _run_with_reload() -> None:
 
 @cli.command()
 @control_options
-def status(address: str, control: str | None, token_file: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of YAML.")
+def status(address: str, control: str | None, token_file: str | None, as_json: bool) -> None:
     """Print the applications of a running server, with replica details and errors."""
     data = _request(address, control, token_file, "GET", "/-/status")
-    click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
 
 
 @cli.command()
