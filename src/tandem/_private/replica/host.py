@@ -36,6 +36,7 @@ from tandem._private.calls.runtime import Runtime
 from tandem._private.queues import wait_event
 from tandem._private.replica.log_buffer import LogRead
 from tandem._private.replica.replica import Replica, ReplicaFacts, ReplicaSpec
+from tandem._private.replica.source_files import restore, source_file
 from tandem._private.user_metrics import STORE
 
 # How often the host looks for changes in the requests waiting in its routers.
@@ -58,13 +59,20 @@ class StartSpec:
     sys_path: list[str]  # the driver's
     directory: list[ReplicaSet]  # every deployment's replica set, for the replica's handles
     driver_path_first: bool  # see add_driver_path
+    source_file: str | None = None  # where the deployment's class is (source_files.py)
 
     @classmethod
     def of(
         cls, spec: ReplicaSpec, directory: Iterable[ReplicaSet], driver_path_first: bool
     ) -> StartSpec:
         """The start spec of ``spec``, taken in the driver."""
-        return cls(cloudpickle.dumps(spec), list(sys.path), list(directory), driver_path_first)
+        return cls(
+            cloudpickle.dumps(spec),
+            list(sys.path),
+            list(directory),
+            driver_path_first,
+            source_file(spec.target),
+        )
 
 
 def add_driver_path(path: list[str], first: bool) -> None:
@@ -122,7 +130,9 @@ class ReplicaHost:
         tracing.configure()  # after the driver's path: exporters may come from there
         for replica_set in spec.directory:
             self._runtime.publish(replica_set)
-        replica = self._replica = Replica(pickle.loads(spec.replica))
+        replica_spec: ReplicaSpec = pickle.loads(spec.replica)
+        restore(replica_spec.target, spec.source_file)
+        replica = self._replica = Replica(replica_spec)
         replica.on_models_changed = lambda _ids: self._changed()
         await replica.start()
         self._reporting = asyncio.ensure_future(self._report_queues())
