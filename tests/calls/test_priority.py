@@ -13,6 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI, WebSocket
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 import tandem as serve
 from tandem._private.api import http_url
@@ -136,3 +139,62 @@ def test_priority_must_be_a_whole_number_in_range() -> None:
     assert pickle.loads(pickle.dumps(kept))._priority == 4
     assert kept.options(priority=None)._priority is None  # back to the request's
     assert kept != handle
+
+
+sessions = FastAPI()
+
+
+@serve.deployment(max_ongoing_requests=100)
+@serve.ingress(sessions)
+class Sessions:
+    """A WebSocket session calls Log as it starts; its calls take the session's priority."""
+
+    def __init__(self, log: DeploymentHandle) -> None:
+        self.log = log
+
+    @sessions.get("/busy")
+    async def busy(self) -> str:
+        return str(await self.log.work.remote("busy", 1.0))
+
+    @sessions.websocket("/ws/{tag}")
+    async def session(self, ws: WebSocket, tag: str) -> None:
+        await ws.accept()
+        await ws.send_text(await self.log.work.remote(tag))
+        await ws.close()
+
+
+@pytest.mark.parametrize("backend", ["local", "process"], indirect=True)  # nothing of Ray's own
+def test_a_websocket_session_takes_the_clients_priority(backend: str) -> None:
+    serve.run(Sessions.bind(Log.bind()), backend=backend, route_prefix="/s")
+    log = serve.get_deployment_handle("Log", "default")
+    base = http_url()
+    assert base is not None
+    ws_base = base.replace("http://", "ws://") + "/s/ws/"
+    for headers, words in (
+        ({"X-Request-Priority": "high"}, "X-Request-Priority must be a whole number"),
+        ({"X-Request-Deadline-Ms": "500"}, "not to WebSocket sessions"),
+    ):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(ws_base + "refused", additional_headers=headers, open_timeout=10)
+        assert refused.value.response.status_code == 400
+        assert words in refused.value.response.body.decode()
+    answers: dict[str, str] = {}
+
+    def session(tag: str, priority: str | None = None) -> None:
+        headers = {} if priority is None else {"X-Request-Priority": priority}
+        with connect(ws_base + tag, additional_headers=headers, open_timeout=10) as ws:
+            answers[tag] = str(ws.recv(timeout=10))
+
+    busy = threading.Thread(target=lambda: httpx.get(base + "/s/busy", timeout=10))
+    threads = [
+        busy,  # Log's only slot
+        threading.Thread(target=session, args=("plain",)),
+        threading.Thread(target=session, args=("urgent", "3")),
+    ]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.3)  # each waits in the ingress's queue for Log before the next
+    for thread in threads:
+        thread.join(10)
+    assert answers == {"plain": "plain", "urgent": "urgent"}
+    assert log.seen.remote().result(timeout_s=10) == ["busy", "urgent", "plain"]

@@ -40,7 +40,14 @@ from tandem._private.http.failures import PUBLIC_TEXT, classify
 from tandem._private.http.logs import log_access
 from tandem._private.http.metrics import RequestCounts
 from tandem._private.http.options import HTTPOptions
-from tandem._private.http.scope import RouteTable, match_route, model_id, request_id, route_path
+from tandem._private.http.scope import (
+    RouteTable,
+    client_hints,
+    match_route,
+    model_id,
+    request_id,
+    route_path,
+)
 from tandem._private.queues import uncancel
 
 logger = logging.getLogger("tandem.proxy")
@@ -73,7 +80,15 @@ class WebSocketSessions:
             self._log(path, 404, started, rid, None)
             return
         prefix, app, ingress = route
-        meta = RequestMetadata(rid, app, ingress, HTTP_METHOD, True, model_id(scope), prefix)
+        try:
+            rank = _priority(scope)
+        except ValueError as exc:
+            await _deny(scope, send, 400, f"Bad Request: {exc}", rid)
+            self._log(path, 400, started, rid, app)
+            return
+        meta = RequestMetadata(
+            rid, app, ingress, HTTP_METHOD, True, model_id(scope), prefix, priority=rank
+        )
         spans = tracing.SPANS
         span = None if spans is None else spans.http(scope, rid, app, ingress, prefix)
         if span is not None:  # the session's span, while tracing is on
@@ -229,6 +244,19 @@ class _Session:
             reason = f"{HTTPStatus(status).phrase} (request id {self._rid})"
             await self._deliver({"type": "websocket.close", "code": code, "reason": reason})
         return self.status, kind
+
+
+def _priority(scope: Scope) -> int:
+    """A session's ``X-Request-Priority`` (it orders the session's start, and the calls it
+    makes, as a request's). ValueError for a bad one, and for ``X-Request-Deadline-Ms``:
+    a session is not answered, so it has no deadline to keep."""
+    budget_s, rank = client_hints(scope)
+    if budget_s is not None:
+        raise ValueError(
+            "X-Request-Deadline-Ms applies to requests, not to WebSocket sessions; "
+            "leave it out of the handshake"
+        )
+    return rank
 
 
 async def _deny(scope: Scope, send: Any, status: int, text: str, rid: str) -> None:
