@@ -82,9 +82,9 @@ def find_control(
 def request(endpoint: ControlEndpoint, method: str, path: str, body: Any = None) -> Any:
     """Send one control request; return its JSON answer or raise ControlError."""
     data = None if body is None else json.dumps(body).encode()
-    headers = {"content-type": "application/json"} if data is not None else {}
-    if endpoint.token:
-        headers["authorization"] = f"Bearer {endpoint.token}"
+    headers = _auth(endpoint)
+    if data is not None:
+        headers["content-type"] = "application/json"
     connection = _connection(endpoint)
     try:
         connection.request(method, path, body=data, headers=headers)
@@ -103,14 +103,29 @@ def request(endpoint: ControlEndpoint, method: str, path: str, body: Any = None)
     return answer
 
 
+def fetch(
+    endpoint: ControlEndpoint, path: str, timeout: float = 30
+) -> tuple[http.client.HTTPResponse, bytes]:
+    """GET ``path``: the response (its status and headers) and its body, whatever the
+    status. Raises ControlError if no whole answer came."""
+    connection = _connection(endpoint, timeout)
+    try:
+        connection.request("GET", path, headers=_auth(endpoint))
+        response = connection.getresponse()
+        return response, response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise _failed(endpoint, exc) from None
+    finally:
+        connection.close()
+
+
 def stream(endpoint: ControlEndpoint, path: str) -> Iterator[Any]:
     """GET a streamed answer of JSON lines (NDJSON); yield each object as it arrives,
     until the server ends the answer. Raises ControlError as :func:`request` does."""
-    headers = {"authorization": f"Bearer {endpoint.token}"} if endpoint.token else {}
     connection = _connection(endpoint, timeout=None)  # a followed log may be quiet for long
     try:
         try:
-            connection.request("GET", path, headers=headers)
+            connection.request("GET", path, headers=_auth(endpoint))
             response = connection.getresponse()
             if response.status >= 400:
                 raw = response.read()
@@ -126,6 +141,11 @@ def stream(endpoint: ControlEndpoint, path: str) -> Iterator[Any]:
             raise _failed(endpoint, exc) from None
     finally:
         connection.close()
+
+
+def _auth(endpoint: ControlEndpoint) -> dict[str, str]:
+    """The headers every control request carries: the token, for a control port."""
+    return {"authorization": f"Bearer {endpoint.token}"} if endpoint.token else {}
 
 
 def _failed(endpoint: ControlEndpoint, exc: Exception) -> ControlError:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import hmac
-import http.client
 import http.server
 import secrets
 import threading
@@ -30,10 +29,8 @@ import click
 from tandem._private.cli.control_client import (
     ControlEndpoint,
     ControlError,
+    fetch,
     find_control,
-)
-from tandem._private.cli.control_client import (
-    _connection as connection,
 )
 from tandem._private.cli.flags import control_options
 from tandem._private.dashboard.routes import PAGE_PATH
@@ -109,18 +106,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._forward(path + (f"?{target.query}" if target.query else ""))
 
     def _forward(self, path: str) -> None:
-        endpoint = self.server.endpoint
-        headers = {"authorization": f"Bearer {endpoint.token}"} if endpoint.token else {}
-        upstream = connection(endpoint, timeout=30)
         try:
-            upstream.request("GET", path, headers=headers)
-            response = upstream.getresponse()
-            body = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            self._answer(502, f"The server's control endpoint does not answer ({exc}).")
+            response, body = fetch(self.server.endpoint, path)
+        except ControlError as exc:
+            self._answer(502, str(exc))
             return
-        finally:
-            upstream.close()
         self.send_response(response.status)
         for name in _PASSED_HEADERS:
             value = response.getheader(name)
@@ -197,19 +187,7 @@ def dashboard(
 
 def _check(endpoint: ControlEndpoint) -> None:
     """Raise ControlError unless the server answers and has a dashboard."""
-    upstream = connection(endpoint, timeout=10)
-    headers = {"authorization": f"Bearer {endpoint.token}"} if endpoint.token else {}
-    try:
-        upstream.request("GET", PAGE_PATH + "/state", headers=headers)
-        response = upstream.getresponse()
-        response.read()
-    except (OSError, http.client.HTTPException) as exc:
-        raise ControlError(
-            f"No tandem control endpoint answers at {endpoint.describe()} ({exc}); is the "
-            "server running?"
-        ) from None
-    finally:
-        upstream.close()
+    response, _ = fetch(endpoint, PAGE_PATH + "/state", timeout=10)
     if response.status == 401:
         raise ControlError("The control port refused the token (see --token-file).")
     if response.status != 200:

@@ -59,19 +59,19 @@ def overview(
         deployments = []
         for name, record in app.deployments.items():
             described = app_status.deployments[name]
-            facts = {r.replica_id: backend.facts(r.info) for r in record.replicas}
+            # Status lists the replicas in the records' order, with their facts.
             replicas = [
                 {
-                    "replica_id": r.replica_id,
-                    "state": str(r.state),
-                    "rank": r.rank,
-                    "pid": facts[r.replica_id].pid,
-                    "node": facts[r.replica_id].node,
-                    "in_flight": facts[r.replica_id].in_flight,
+                    "replica_id": shown.replica_id,
+                    "state": str(shown.state),
+                    "rank": shown.rank,
+                    "pid": shown.pid,
+                    "node": shown.node,
+                    "in_flight": shown.in_flight,
                     "models": sorted(r.info.model_ids),
-                    "last_failure": _failure(facts[r.replica_id].stats),
+                    "last_failure": _failure(backend.facts(r.info).stats),
                 }
-                for r in record.replicas
+                for r, shown in zip(record.replicas, described.replicas, strict=True)
             ]
             autoscaler = record.autoscaler
             deployments.append(

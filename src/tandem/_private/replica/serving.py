@@ -95,12 +95,11 @@ class Serving:
         if kind is not None:
             if passed(meta.deadline):
                 self._stats.series(self._name).timed_out += 1  # cancelled at its deadline
-            if not issubclass(kind, (asyncio.CancelledError, GeneratorExit)):
+            if isinstance(error, Exception):  # failed, not cancelled (nor closed)
                 text = f"{kind.__name__}: {error}"
                 failure = FailedRequest(time.time(), meta.request_id, text[:_ERROR_TEXT])
                 self._stats.last_failure = failure
-        if isinstance(error, Exception):
-            request_failed(self._name, error)  # its traceback, for `tandem logs`
+                request_failed(self._name, error)  # its traceback, for `tandem logs`
         logs = self._logs
         if logs is not None and logs.access_log:
             self._log_access(logs, kind, seconds)
