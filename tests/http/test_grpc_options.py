@@ -126,7 +126,11 @@ def test_start_restarts_grpc_with_new_options_and_shutdown_frees_the_port() -> N
         assert stub.__call__(pb().Ask(blob=b"x")).greeting == "1 bytes"
     serve.shutdown()
     with socket.socket() as sock:  # nothing listens there any more
+        # As a server binds (grpc does too): a connection the server closed first may
+        # still be in TIME_WAIT on the port, which only a listener would conflict with.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
+        sock.listen()
 
 
 def test_a_taken_port_is_a_warning_and_http_and_handles_still_serve(
