@@ -388,14 +388,17 @@ function showRequest(requestId) {
   logFilter = { deployment: "", request_id: requestId };
   document.getElementById("log-deployment").value = "";
   document.getElementById("log-request").value = requestId;
-  pollLogs(false);
+  document.querySelector("#logs tbody").replaceChildren(); // not another filter's lines
+  pollLogs();
   document.getElementById("logs").scrollIntoView({ behavior: "smooth" });
 }
 
 let logTimer = null;
+let logRead = 0; // the latest read: an older one's answer (another filter) is dropped
 
-async function pollLogs(again = true) {
+async function pollLogs() {
   if (logTimer !== null) { clearTimeout(logTimer); logTimer = null; }
+  const mine = ++logRead;
   const note = document.getElementById("log-note");
   const params = new URLSearchParams({ limit: "200" });
   if (chosenApp !== null) params.set("app", chosenApp);
@@ -404,6 +407,7 @@ async function pollLogs(again = true) {
   try {
     const response = await fetch(`/-/logs?${params}`, { cache: "no-store" });
     const body = await response.json().catch(() => ({}));
+    if (mine !== logRead) return; // a newer read took over (and polls on)
     if (!response.ok) {
       note.textContent = body.error || `The server answered ${response.status}.`;
     } else {
@@ -412,6 +416,7 @@ async function pollLogs(again = true) {
       note.textContent = lines.length ? "" : "No log lines match.";
     }
   } catch (error) {
+    if (mine !== logRead) return;
     note.textContent = `Could not read the logs (${error.message}).`;
   }
   logTimer = setTimeout(pollLogs, LOG_POLL_MS);
